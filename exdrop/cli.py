@@ -1,0 +1,103 @@
+"""Command line: ``python -m exdrop {train,data,bench} ...``.
+
+    exdrop data cifar10 SOURCE [--out data/cifar10]     convert once into Datum LMDBs
+    exdrop train SOLVER [--data SOURCE] [--max-iter N] [--out DIR] [--device auto|cpu|cuda]
+                        [--snapshot X.solverstate] [--weights X.caffemodel]
+    exdrop bench [--iters N] [--batch B] [--device ...]  seconds per iteration, Standard vs ED
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_data(args) -> int:
+    from .data import prepare_cifar10, prepare_image_dataset
+    if args.dataset == "cifar10":
+        info = prepare_cifar10(args.source, args.out or "data/cifar10", val_size=args.val_size,
+                               seed=args.seed, limit_per_class=args.limit_per_class)
+    else:
+        resize = tuple(int(v) for v in args.resize.split("x")) if args.resize else None
+        info = prepare_image_dataset(args.source, args.out, val_size=args.val_size, seed=args.seed, resize=resize)
+    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2, default=str))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, TrainingDiverged, train
+    if args.data:
+        from .data import prepare_cifar10
+        prepare_cifar10(args.data, args.data_dir, val_size=args.val_size, seed=0,
+                        limit_per_class=args.limit_per_class)
+    cfg = TrainConfig(solver=args.solver, out=args.out, max_iter=args.max_iter, device=args.device,
+                      resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
+                      test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
+                      seed=args.seed, progress=not args.quiet)
+    try:
+        res = train(cfg)
+    except TrainingDiverged:
+        return 2
+    acc = res.get("test_accuracy")
+    print(f"final: {res['iterations']} iterations in {res['seconds']:.1f} s on {res['device']}; "
+          f"test accuracy {acc:.4f}" if acc is not None else f"final: {res['iterations']} iterations")
+    print(f"run folder: {Path(cfg.out or '.').resolve() if cfg.out else 'models/'} ({res['budget']})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="exdrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="convert a dataset into Caffe Datum LMDBs")
+    d.add_argument("dataset", choices=["cifar10", "images"])
+    d.add_argument("source", help="cifar-10-python.tar.gz, an image folder tree, a .tgz of one, or a list file")
+    d.add_argument("--out", help="output folder (default data/cifar10)")
+    d.add_argument("--val-size", type=int, default=None, help="stratified validation images (default 5000 when no test split)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--limit-per-class", type=int, default=None)
+    d.add_argument("--resize", help="HxW, e.g. 128x128 (images only)")
+    d.set_defaults(fn=_cmd_data)
+
+    t = sub.add_parser("train", help="train from a solver prototxt (like `caffe train`)")
+    t.add_argument("solver")
+    t.add_argument("--data", help="CIFAR-10 source to convert into --data-dir first")
+    t.add_argument("--data-dir", default="data/cifar10")
+    t.add_argument("--val-size", type=int, default=None)
+    t.add_argument("--limit-per-class", type=int, default=None)
+    t.add_argument("--max-iter", type=int)
+    t.add_argument("--out", help="run folder (log.csv, results.json, snapshots/)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--snapshot", help="resume from a .solverstate")
+    t.add_argument("--weights", help="initialise from a .caffemodel")
+    t.add_argument("--test-interval", type=int)
+    t.add_argument("--test-iter", type=int)
+    t.add_argument("--display", type=int)
+    t.add_argument("--snapshot-every", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=_cmd_train)
+
+    b = sub.add_parser("bench", help="seconds per training iteration: Standard vs Excitation Dropout")
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--batch", type=int, default=100)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", help="write the figures here too")
+    b.set_defaults(fn=_cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"exdrop: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,144 @@
+"""CIFAR-10 to Caffe LMDBs.
+
+Accepted sources: the official ``cifar-10-python.tar.gz`` (or its extracted
+``cifar-10-batches-py`` folder), an image tree ``<class>/<image>`` (or a .tar/.tgz of one, e.g.
+``train/<class>/<n>.jpg``), or a ``path label`` list file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from .images import RawDataset, RawSplit, _prepare, _scan_tar, _tar_dataset, _unpickle, open_image_source
+
+__all__ = ["CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "download_cifar10", "md5sum",
+           "read_cifar10_python", "prepare_cifar10"]
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_HINT = ("Get CIFAR-10 with exdrop.data.download_cifar10(<dir>) (needs network; fetches "
+                f"{CIFAR10_URL}), or point to an image tree / .tgz such as "
+                "shared/data/cifar10-jpg/train.tgz (`make data-cifar10`).")
+
+
+def md5sum(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(chunk), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def download_cifar10(dest, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, progress: bool = True) -> Path:
+    """Download ``cifar-10-python.tar.gz`` into the folder ``dest`` (kept if already there with
+    the right md5) and return its path.  A wrong checksum raises ``ValueError``."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / "cifar-10-python.tar.gz"
+    if out.is_file() and md5sum(out) == md5:
+        return out
+    part = out.with_name(out.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="cifar-10", disable=None)
+            while True:
+                b = r.read(1 << 20)
+                if not b:
+                    break
+                f.write(b)
+                if bar is not None:
+                    bar.update(len(b))
+            if bar is not None:
+                bar.close()
+        got = md5sum(part)
+        if got != md5:
+            raise ValueError(f"md5 mismatch for {url}: got {got}, expected {md5}")
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    return out
+
+
+def _from_pickles(pickles: dict[str, bytes], where: str) -> RawDataset:
+    def batch(name):
+        d = _unpickle(pickles[name])
+        data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)[:, ::-1]   # RGB rows -> BGR CHW
+        labels = np.asarray(d[b"labels"], np.int64)
+        names = [f.decode() if isinstance(f, bytes) else str(f) for f in d.get(b"filenames", [])]
+        return np.ascontiguousarray(data), labels, names
+
+    train_names = sorted((k for k in pickles if k.startswith("data_batch_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if not train_names:
+        raise ValueError(f"no data_batch_* files in {where}")
+    classes = CIFAR10_CLASSES
+    if "batches.meta" in pickles:
+        classes = [c.decode() if isinstance(c, bytes) else c for c in _unpickle(pickles["batches.meta"])[b"label_names"]]
+    ds = RawDataset(classes=list(classes), fmt="cifar-python")
+    for split, names in (("train", train_names), ("test", ["test_batch"] if "test_batch" in pickles else [])):
+        if not names:
+            continue
+        parts = [batch(n) for n in names]
+        data = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        fnames = sum((p[2] for p in parts), [])
+        if len(fnames) != len(data):
+            fnames = [f"{split}_{i}" for i in range(len(data))]
+        ds.splits[split] = RawSplit(fnames, labels, (lambda a: lambda i: a[i])(data))
+    return ds
+
+
+def read_cifar10_python(source) -> RawDataset:
+    """Read the official pickled CIFAR-10 (``cifar-10-python.tar.gz`` or the extracted folder)."""
+    source = Path(source)
+    if source.is_dir():
+        d = source / "cifar-10-batches-py" if (source / "cifar-10-batches-py").is_dir() else source
+        pickles = {p.name: p.read_bytes() for p in d.iterdir()
+                   if p.name.startswith(("data_batch_", "test_batch", "batches.meta"))}
+    else:
+        _, pickles = _scan_tar(source, progress=False)
+    return _from_pickles(pickles, str(source))
+
+
+def _read_any(source: Path, progress=True) -> RawDataset:
+    if source.is_dir():
+        if (source / "data_batch_1").is_file() or (source / "cifar-10-batches-py" / "data_batch_1").is_file():
+            return read_cifar10_python(source)
+        return open_image_source(source, progress=progress)
+    if tarfile.is_tarfile(source):
+        images, pickles = _scan_tar(source, progress)
+        if any(k.startswith("data_batch_") for k in pickles):
+            return _from_pickles(pickles, str(source))
+        return _tar_dataset(source, images)
+    return open_image_source(source, progress=progress)
+
+
+def _check(ds: RawDataset):
+    if len(ds.classes) != 10:
+        raise ValueError(f"CIFAR-10 source has {len(ds.classes)} classes ({ds.classes[:12]}), expected 10")
+
+
+def prepare_cifar10(source, out_dir, val_size: int | None = None, seed: int = 0,
+                    limit_per_class: int | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Convert CIFAR-10 once into ``out_dir/train_lmdb``, ``val_lmdb``, ``test_lmdb`` + ``meta.json``.
+
+    Without a test split in the source (e.g. the 50k training JPEGs), ``val_size`` images
+    (default 5000 = 10%, an equal share per class, seeded) are carved out of the training data:
+    45k train / 5k val.  With the official pickled archive, the 10k test batch becomes
+    ``test_lmdb``, nothing is carved by default (``val`` then points at the test LMDB), unless
+    ``val_size`` is given.  The train LMDB is shuffled once with ``seed``.  Idempotent: a second
+    call with the same source and parameters returns at once.  Returns dict(train, val, test,
+    classes, counts, shape, meta, out_dir).
+    """
+    return _prepare(source, out_dir, lambda s: _read_any(s, progress), val_size=val_size, seed=seed,
+                    limit_per_class=limit_per_class, resize=None, kind="CIFAR-10", force=force,
+                    progress=progress, check=_check, missing_hint=CIFAR10_HINT)

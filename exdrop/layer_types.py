@@ -1,0 +1,609 @@
+"""Caffe layer types on PyTorch: one class per type, registered by Caffe's name.
+
+Each class is built from its ``LayerParameter`` and the shapes of its bottoms,
+creates its learnable blobs in Caffe's order (weights, then bias) with Caffe's
+fillers, reports its top shapes, runs ``forward`` on tensors, and knows its
+Excitation Backprop rule (``excite``). Errors name the layer.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import eb
+from .proto import caffe_pb2
+from .pylayer import TRAIN, load_layer_class, parse_param_str
+
+REGISTRY: dict[str, type["Layer"]] = {}
+
+
+class LayerError(ValueError):
+    """A problem with one layer of a net: the message names the layer."""
+
+
+def register(*names):
+    def deco(cls):
+        for n in names:
+            REGISTRY[n] = cls
+        return cls
+    return deco
+
+
+# ----------------------------------------------------------------- fillers
+def fill(shape: tuple[int, ...], filler, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Caffe's fillers (src/caffe/filler.hpp): constant, gaussian, uniform, xavier, msra."""
+    t = torch.empty(shape, dtype=torch.float32)
+    kind = filler.type if filler.HasField("type") else "constant"
+    count = t.numel()
+    fan_in = count // shape[0] if shape else 1
+    fan_out = count // shape[1] if len(shape) > 1 else 1
+    norm = filler.variance_norm
+    n = {caffe_pb2.FillerParameter.FAN_IN: fan_in,
+         caffe_pb2.FillerParameter.FAN_OUT: fan_out}.get(norm, (fan_in + fan_out) / 2.0)
+    if kind == "constant":
+        t.fill_(filler.value)
+    elif kind == "gaussian":
+        t.normal_(filler.mean, filler.std, generator=generator)
+        if filler.sparse >= 0:
+            raise ValueError("gaussian filler with `sparse` is not supported")
+    elif kind == "uniform":
+        t.uniform_(filler.min, filler.max, generator=generator)
+    elif kind == "xavier":
+        scale = math.sqrt(3.0 / n)
+        t.uniform_(-scale, scale, generator=generator)
+    elif kind == "msra":
+        t.normal_(0.0, math.sqrt(2.0 / n), generator=generator)
+    else:
+        raise ValueError(f"unknown filler type '{kind}' (constant, gaussian, uniform, xavier, msra)")
+    return t
+
+
+# ----------------------------------------------------------------- base
+class Layer(nn.Module):
+    """One Caffe layer. Subclasses set ``self.top_shapes`` in ``__init__``."""
+
+    n_bottom: tuple[int, int] = (1, 1)  # min, max number of bottoms
+    is_dropout = False
+    is_loss = False
+
+    def __init__(self, lp, bottom_shapes: list[tuple], phase: int):
+        super().__init__()
+        self.lp, self.phase = lp, phase
+        self.name, self.type = lp.name, lp.type
+        lo, hi = self.n_bottom
+        if not lo <= len(bottom_shapes) <= hi:
+            self.fail(f"takes {lo}..{hi} bottoms, got {len(bottom_shapes)}")
+        self.blobs = nn.ParameterList()
+        self.top_shapes: list[tuple] = []
+
+    def fail(self, msg: str):
+        raise LayerError(f"layer '{self.name}' (type {self.type}): {msg}")
+
+    def add_blob(self, shape: tuple[int, ...], filler) -> None:
+        self.blobs.append(nn.Parameter(fill(tuple(shape), filler)))
+
+    def param_spec(self, i: int):
+        """(lr_mult, decay_mult, name) of learnable blob i, Caffe's defaults 1, 1."""
+        if i < len(self.lp.param):
+            p = self.lp.param[i]
+            return p.lr_mult, p.decay_mult, p.name
+        return 1.0, 1.0, ""
+
+    def excite(self, bottoms, tops, signals):
+        """EB: the bottoms' signals from the tops' signals (None where a top has none)."""
+        self.fail("Excitation Backprop has no rule for this layer type")
+
+
+# ----------------------------------------------------------------- helpers
+def _hw(param, single: str, h: str, w: str, default: int | None):
+    """Caffe's repeated-or-(h, w) geometry fields, e.g. kernel_size / kernel_h, kernel_w."""
+    if param.HasField(h) or param.HasField(w):
+        return int(getattr(param, h)), int(getattr(param, w))
+    raw = getattr(param, single)
+    if isinstance(raw, int):  # PoolingParameter's fields are scalars
+        vals = [raw] if param.HasField(single) else []
+    else:
+        vals = list(raw)
+    if not vals:
+        if default is None:
+            raise ValueError(f"{single} is required")
+        return default, default
+    if len(vals) == 1:
+        return int(vals[0]), int(vals[0])
+    if len(vals) == 2:
+        return int(vals[0]), int(vals[1])
+    raise ValueError(f"{single}: only 2-D geometry is supported, got {vals}")
+
+
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Caffe's pooling output size: rounded up, the last window starting inside the image."""
+    out = int(math.ceil((size + 2 * pad - kernel) / stride)) + 1
+    if pad > 0 and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def conv_out_size(size, kernel, stride, pad, dilation):
+    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+# ----------------------------------------------------------------- vision layers
+@register("Convolution")
+class Convolution(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.convolution_param
+        shape = bottom_shapes[0]
+        if len(shape) != 4 or p.axis != 1:
+            self.fail(f"only 2-D convolution on (N, C, H, W) is supported, got bottom {shape}")
+        try:
+            self.kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
+            self.stride = _hw(p, "stride", "stride_h", "stride_w", 1)
+            self.pad = _hw(p, "pad", "pad_h", "pad_w", 0)
+        except ValueError as exc:
+            self.fail(str(exc))
+        dil = list(p.dilation) or [1]
+        self.dilation = (dil[0], dil[-1])
+        self.groups = p.group
+        c = shape[1]
+        if p.num_output <= 0:
+            self.fail("num_output must be positive")
+        if c % self.groups or p.num_output % self.groups:
+            self.fail(f"channels ({c}) and num_output ({p.num_output}) must be divisible by group ({self.groups})")
+        self.add_blob((p.num_output, c // self.groups) + self.kernel, p.weight_filler)
+        self.bias_term = p.bias_term
+        if self.bias_term:
+            self.add_blob((p.num_output,), p.bias_filler)
+        h, w = (conv_out_size(shape[2 + i], self.kernel[i], self.stride[i], self.pad[i], self.dilation[i]) for i in range(2))
+        if h <= 0 or w <= 0:
+            self.fail(f"input {shape[2:]} is smaller than the kernel {self.kernel}")
+        self.top_shapes = [(shape[0], p.num_output, h, w)]
+
+    def forward(self, x):
+        bias = self.blobs[1] if self.bias_term else None
+        return F.conv2d(x, self.blobs[0], bias, self.stride, self.pad, self.dilation, self.groups)
+
+    def excite(self, bottoms, tops, signals):
+        return [eb.eb_conv2d(bottoms[0], self.blobs[0], signals[0], self.stride, self.pad, self.dilation, self.groups)]
+
+
+@register("InnerProduct")
+class InnerProduct(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.inner_product_param
+        shape = bottom_shapes[0]
+        self.axis = p.axis % len(shape)
+        k = int(np.prod(shape[self.axis:]))
+        self.transpose = p.transpose
+        self.add_blob((k, p.num_output) if self.transpose else (p.num_output, k), p.weight_filler)
+        self.bias_term = p.bias_term
+        if self.bias_term:
+            self.add_blob((p.num_output,), p.bias_filler)
+        self.top_shapes = [tuple(shape[: self.axis]) + (p.num_output,)]
+
+    def weight(self):
+        return self.blobs[0].t() if self.transpose else self.blobs[0]
+
+    def forward(self, x):
+        bias = self.blobs[1] if self.bias_term else None
+        return F.linear(x.flatten(self.axis), self.weight(), bias)
+
+    def excite(self, bottoms, tops, signals):
+        if self.axis != 1:
+            self.fail("Excitation Backprop supports InnerProduct with axis 1 only")
+        return [eb.eb_linear(bottoms[0], self.weight(), signals[0])]
+
+
+@register("Pooling")
+class Pooling(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.pooling_param
+        shape = bottom_shapes[0]
+        if len(shape) != 4:
+            self.fail(f"needs a (N, C, H, W) bottom, got {shape}")
+        self.method = p.pool
+        if self.method == caffe_pb2.PoolingParameter.STOCHASTIC:
+            self.fail("STOCHASTIC pooling is not supported")
+        if p.global_pooling:
+            self.kernel, self.stride, self.pad = tuple(shape[2:]), (1, 1), (0, 0)
+        else:
+            try:
+                self.kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
+            except ValueError:
+                self.fail("kernel_size (or kernel_h and kernel_w) is required")
+            self.stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
+            self.pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
+        for k, pd in zip(self.kernel, self.pad):
+            if pd >= k:
+                self.fail(f"pad {self.pad} must be smaller than kernel {self.kernel}")
+            if 2 * pd > k:
+                self.fail(f"pad {self.pad} larger than half the kernel {self.kernel} is not supported")
+        h, w = (caffe_pooled_size(shape[2 + i], self.kernel[i], self.stride[i], self.pad[i]) for i in range(2))
+        self.top_shapes = [(shape[0], shape[1], h, w)]
+
+    def forward(self, x):
+        if self.method == caffe_pb2.PoolingParameter.MAX:
+            return F.max_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=True)
+        return F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=True, count_include_pad=True)
+
+    def excite(self, bottoms, tops, signals):
+        if self.method == caffe_pb2.PoolingParameter.MAX:
+            return [eb.eb_max_pool2d(bottoms[0], signals[0], self.kernel, self.stride, self.pad)]
+        return [eb.eb_avg_pool2d(bottoms[0], signals[0], self.kernel, self.stride, self.pad)]
+
+
+@register("LRN")
+class LRN(Layer):
+    """Caffe's local response normalisation; EB passes through it unchanged."""
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.lrn_param
+        if p.local_size % 2 == 0:
+            self.fail("local_size must be odd")
+        self.size, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
+        self.within = p.norm_region == caffe_pb2.LRNParameter.WITHIN_CHANNEL
+        self.top_shapes = [tuple(bottom_shapes[0])]
+
+    def forward(self, x):
+        if not self.within:
+            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        # Caffe: x * (1 + alpha * avgpool(x^2))^-beta over a size x size window (pad (size-1)/2).
+        pad = (self.size - 1) // 2
+        avg = F.avg_pool2d(x * x, self.size, 1, pad, ceil_mode=True, count_include_pad=True)
+        return x * (1.0 + self.alpha * avg).pow(-self.beta)
+
+    def excite(self, bottoms, tops, signals):
+        return [signals[0]]
+
+
+# ----------------------------------------------------------------- activations & dropout
+@register("ReLU")
+class ReLU(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.slope = lp.relu_param.negative_slope
+        self.top_shapes = [tuple(bottom_shapes[0])]
+
+    def forward(self, x):
+        return F.relu(x) if self.slope == 0 else F.leaky_relu(x, self.slope)
+
+    def excite(self, bottoms, tops, signals):
+        return [eb.eb_relu(bottoms[0], signals[0], self.slope)]
+
+
+@register("Dropout")
+class Dropout(Layer):
+    """Caffe's Dropout: an independent Bernoulli(1 - ratio) draw per element, scale 1/(1 - ratio)."""
+
+    is_dropout = True
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.ratio = lp.dropout_param.dropout_ratio
+        if not 0.0 <= self.ratio < 1.0:
+            self.fail(f"dropout_ratio must be in [0, 1), got {self.ratio}")
+        self.top_shapes = [tuple(bottom_shapes[0])]
+
+    def forward(self, x):
+        return F.dropout(x, self.ratio, training=self.training and self.phase == TRAIN)
+
+    def excite(self, bottoms, tops, signals):
+        return [signals[0]]
+
+
+@register("Softmax")
+class Softmax(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.axis = lp.softmax_param.axis
+        self.top_shapes = [tuple(bottom_shapes[0])]
+
+    def forward(self, x):
+        return F.softmax(x, dim=self.axis)
+
+
+# ----------------------------------------------------------------- shape layers
+@register("Flatten")
+class Flatten(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p, shape = lp.flatten_param, bottom_shapes[0]
+        a, e = p.axis % len(shape), p.end_axis % len(shape)
+        self.top_shapes = [tuple(shape[:a]) + (int(np.prod(shape[a:e + 1])),) + tuple(shape[e + 1:])]
+        self.a, self.e = a, e
+
+    def forward(self, x):
+        return x.flatten(self.a, self.e)
+
+    def excite(self, bottoms, tops, signals):
+        return [signals[0].reshape(bottoms[0].shape)]
+
+
+@register("Reshape")
+class Reshape(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p, shape = lp.reshape_param, list(bottom_shapes[0])
+        start = p.axis % (len(shape) + 1) if p.axis < 0 else p.axis
+        end = len(shape) if p.num_axes == -1 else start + p.num_axes
+        dims = list(p.shape.dim)
+        new = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
+        rest = shape[:start] + new + shape[end:]
+        if -1 in rest:
+            known = int(np.prod([d for d in rest if d != -1]))
+            rest[rest.index(-1)] = int(np.prod(shape)) // known
+        if int(np.prod(rest)) != int(np.prod(shape)):
+            self.fail(f"cannot reshape {tuple(shape)} to {tuple(rest)}")
+        self.top_shapes = [tuple(rest)]
+
+    def forward(self, x):
+        return x.reshape((x.shape[0],) + self.top_shapes[0][1:])
+
+    def excite(self, bottoms, tops, signals):
+        return [signals[0].reshape(bottoms[0].shape)]
+
+
+@register("Concat")
+class Concat(Layer):
+    n_bottom = (1, 1 << 20)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.concat_param
+        self.axis = p.concat_dim if p.HasField("concat_dim") else p.axis
+        first = bottom_shapes[0]
+        self.axis %= len(first)
+        for s in bottom_shapes[1:]:
+            if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != self.axis):
+                self.fail(f"bottom shapes {bottom_shapes} differ outside the concat axis {self.axis}")
+        out = list(first)
+        out[self.axis] = sum(s[self.axis] for s in bottom_shapes)
+        self.sizes = [s[self.axis] for s in bottom_shapes]
+        self.top_shapes = [tuple(out)]
+
+    def forward(self, *xs):
+        return torch.cat(xs, dim=self.axis)
+
+    def excite(self, bottoms, tops, signals):
+        return list(torch.split(signals[0], self.sizes, dim=self.axis))
+
+
+@register("Eltwise")
+class Eltwise(Layer):
+    n_bottom = (2, 1 << 20)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.eltwise_param
+        if any(tuple(s) != tuple(bottom_shapes[0]) for s in bottom_shapes):
+            self.fail(f"bottoms must have equal shapes, got {bottom_shapes}")
+        self.op = p.operation
+        self.coeff = list(p.coeff) or [1.0] * len(bottom_shapes)
+        if len(self.coeff) != len(bottom_shapes):
+            self.fail("needs one coeff per bottom")
+        self.top_shapes = [tuple(bottom_shapes[0])]
+
+    def forward(self, *xs):
+        if self.op == caffe_pb2.EltwiseParameter.PROD:
+            out = xs[0]
+            for x in xs[1:]:
+                out = out * x
+            return out
+        if self.op == caffe_pb2.EltwiseParameter.MAX:
+            return torch.stack(xs).amax(0)
+        return sum(c * x for c, x in zip(self.coeff, xs))
+
+    def excite(self, bottoms, tops, signals):
+        if self.op != caffe_pb2.EltwiseParameter.SUM:
+            self.fail("Excitation Backprop supports Eltwise SUM only")
+        return eb.eb_eltwise_sum(list(bottoms), signals[0], self.coeff)
+
+
+@register("Split")
+class Split(Layer):
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.top_shapes = [tuple(bottom_shapes[0])] * len(lp.top)
+
+    def forward(self, x):
+        return tuple(x for _ in self.top_shapes)
+
+    def excite(self, bottoms, tops, signals):
+        got = [s for s in signals if s is not None]
+        return [sum(got) if got else None]
+
+
+@register("Silence")
+class Silence(Layer):
+    n_bottom = (1, 1 << 20)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+
+    def forward(self, *xs):
+        return ()
+
+
+# ----------------------------------------------------------------- loss & metrics
+def _check_labels(layer: Layer, logits_shape, label_shape, axis):
+    outer = int(np.prod(logits_shape[:axis])) * int(np.prod(logits_shape[axis + 1:]))
+    if int(np.prod(label_shape)) != outer:
+        layer.fail(f"label count {int(np.prod(label_shape))} does not match prediction count {outer} "
+                   f"(bottom shapes {tuple(logits_shape)} and {tuple(label_shape)})")
+
+
+def _class_last(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """(N, C, ...) -> (M, C) rows, one per prediction."""
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+
+
+@register("SoftmaxWithLoss")
+class SoftmaxWithLoss(Layer):
+    n_bottom = (2, 2)
+    is_loss = True
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.axis = lp.softmax_param.axis % len(bottom_shapes[0])
+        _check_labels(self, bottom_shapes[0], bottom_shapes[1], self.axis)
+        lp_loss = lp.loss_param
+        self.ignore = lp_loss.ignore_label if lp_loss.HasField("ignore_label") else None
+        norm = lp_loss.normalization
+        if lp_loss.HasField("normalize") and not lp_loss.HasField("normalization"):
+            norm = caffe_pb2.LossParameter.VALID if lp_loss.normalize else caffe_pb2.LossParameter.BATCH_SIZE
+        self.norm = norm
+        self.batch = bottom_shapes[0][0]
+        self.top_shapes = [()] + ([tuple(bottom_shapes[0])] if len(lp.top) > 1 else [])
+
+    def forward(self, logits, label):
+        rows = _class_last(logits, self.axis).float()
+        target = label.reshape(-1).long()
+        ignore = -100 if self.ignore is None else self.ignore
+        total = F.cross_entropy(rows, target, ignore_index=ignore, reduction="sum")
+        N = caffe_pb2.LossParameter
+        if self.norm == N.VALID:
+            denom = (target != ignore).sum().clamp_min(1) if self.ignore is not None else rows.shape[0]
+        elif self.norm == N.FULL:
+            denom = rows.shape[0]
+        elif self.norm == N.BATCH_SIZE:
+            denom = self.batch
+        else:
+            denom = 1
+        loss = total / denom
+        if len(self.top_shapes) > 1:
+            return loss, F.softmax(logits, dim=self.axis)
+        return loss
+
+
+@register("Accuracy")
+class Accuracy(Layer):
+    n_bottom = (2, 2)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        p = lp.accuracy_param
+        self.k, self.axis = p.top_k, p.axis % len(bottom_shapes[0])
+        self.ignore = p.ignore_label if p.HasField("ignore_label") else None
+        _check_labels(self, bottom_shapes[0], bottom_shapes[1], self.axis)
+        self.top_shapes = [()]
+
+    def forward(self, scores, label):
+        rows = _class_last(scores, self.axis)
+        target = label.reshape(-1).long()
+        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore is None else target != self.ignore
+        true_score = rows.gather(1, target.clamp_min(0).view(-1, 1))
+        # Caffe counts a hit when fewer than top_k classes score strictly higher.
+        hits = ((rows > true_score).sum(1) < self.k) & valid
+        return hits.sum().float() / valid.sum().clamp_min(1).float()
+
+
+# ----------------------------------------------------------------- Python layers
+class _NumpyBlob:
+    """What a Caffe Python layer sees: ``.data``, ``.diff``, ``.shape``, ``.reshape``."""
+
+    def __init__(self, arr: np.ndarray | None = None, shape=()):
+        self.data = arr if arr is not None else np.zeros(shape, np.float32)
+        self.diff = np.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def count(self):
+        return self.data.size
+
+    @property
+    def num(self):
+        return self.data.shape[0]
+
+    def reshape(self, *shape):
+        if tuple(self.data.shape) != tuple(shape):
+            self.data = np.zeros(shape, np.float32)
+            self.diff = np.zeros(shape, np.float32)
+
+
+@register("Python")
+class Python(Layer):
+    """``python_param { module layer param_str }``: a layer from ``layers/``.
+
+    A layer class with a ``torch_module`` factory runs as a torch module (on
+    any device, autograd included); any other Caffe Python layer runs through
+    its numpy forward/backward, exactly as in Caffe.
+    """
+
+    n_bottom = (0, 1 << 20)
+
+    def __init__(self, lp, bottom_shapes, phase, search_paths=None):
+        super().__init__(lp, bottom_shapes, phase)
+        pp = lp.python_param
+        try:
+            cls = load_layer_class(pp.module, pp.layer, self.name, search_paths)
+        except ImportError as exc:
+            raise LayerError(str(exc)) from None
+        self.cls = cls
+        self.module = None
+        factory = getattr(cls, "torch_module", None)
+        if factory is not None:
+            try:
+                params = cls.parse(pp.param_str) if hasattr(cls, "parse") else parse_param_str(pp.param_str)
+            except ValueError as exc:
+                self.fail(str(exc))
+            self.params = params
+            self.module = factory(params, "TRAIN" if phase == TRAIN else "TEST")
+            self.is_dropout = bool(getattr(self.module, "is_dropout", False))
+            self.saliency = getattr(self.module, "saliency", None)
+            if len(bottom_shapes) != 1:
+                self.fail("a guided dropout layer takes exactly one bottom")
+            self.top_shapes = [tuple(bottom_shapes[0])]
+        else:
+            self.saliency = None
+            self.params = parse_param_str(pp.param_str)
+            self._init_numpy_layer(pp.param_str, bottom_shapes, phase)
+
+    # -- numpy bridge for ordinary Caffe Python layers
+    def _init_numpy_layer(self, param_str, bottom_shapes, phase):
+        try:
+            obj = self.cls()
+        except TypeError as exc:
+            self.fail(f"cannot instantiate {self.cls.__name__} outside Caffe ({exc}); give it a torch_module factory")
+        obj.param_str, obj.phase = param_str, phase
+        bottoms = [_NumpyBlob(shape=s) for s in bottom_shapes]
+        tops = [_NumpyBlob() for _ in self.lp.top]
+        obj.setup(bottoms, tops)
+        obj.reshape(bottoms, tops)
+        self.obj = obj
+        self.top_shapes = [t.shape for t in tops]
+
+    def forward(self, *xs, saliency=None):
+        if self.module is not None:
+            return self.module(xs[0], saliency)
+        return _NumpyLayerFn.apply(self, *xs)
+
+
+class _NumpyLayerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer, *xs):
+        obj = layer.obj
+        bottoms = [_NumpyBlob(x.detach().cpu().numpy().astype(np.float32, copy=True)) for x in xs]
+        tops = [_NumpyBlob() for _ in layer.lp.top]
+        obj.reshape(bottoms, tops)
+        obj.forward(bottoms, tops)
+        ctx.layer, ctx.blobs, ctx.device = layer, (bottoms, tops), xs[0].device if xs else "cpu"
+        outs = tuple(torch.from_numpy(np.array(t.data, dtype=np.float32)).to(ctx.device) for t in tops)
+        return outs if len(outs) != 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        bottoms, tops = ctx.blobs
+        for t, g in zip(tops, grads):
+            t.diff = g.detach().cpu().numpy().astype(np.float32) if g is not None else np.zeros_like(t.data)
+        ctx.layer.obj.backward(tops, [True] * len(bottoms), bottoms)
+        return (None,) + tuple(torch.from_numpy(np.array(b.diff, dtype=np.float32)).to(ctx.device) for b in bottoms)

@@ -1,0 +1,427 @@
+"""NetParameter -> a PyTorch graph with Caffe's semantics.
+
+``Net(net_param, phase)`` keeps the layers that Caffe would keep for that
+phase (include/exclude rules), builds them in order with shape inference, and
+runs them over a dictionary of named blobs, so in-place layers (``top ==
+bottom``) overwrite the name exactly as in Caffe: after ``relu1`` the blob
+``ip1`` holds the post-ReLU activation.
+
+Training with a guided dropout layer follows the paper's Fig. 1 inside
+``forward``: when the loop reaches the layer, the head above it is run once
+without gradient and in test mode, Excitation Backprop goes from a one-hot top
+signal at the logits down to the layer's bottom (p_EB), the layer masks its
+bottom with it, and the forward continues with gradient. The backward is the
+ordinary autograd backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import eb
+from .layer_types import REGISTRY, LayerError, Python
+from .proto import caffe_pb2
+from .pylayer import TEST, TRAIN
+
+DATA_TYPES = {"Data", "ImageData"}
+
+
+@dataclass
+class ParamEntry:
+    """One learnable blob with Caffe's per-parameter multipliers."""
+
+    tensor: nn.Parameter
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+    name: str = ""
+
+
+def state_meets_rule(state, rule) -> bool:
+    """Caffe's Net::StateMeetsRule (phase, level bounds, stages)."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_layers(net_param, phase: int, stages=(), level: int = 0) -> list:
+    """Caffe's Net::FilterNet: the layers included in this phase, in order."""
+    state = caffe_pb2.NetState(phase=phase, level=level, stage=list(stages))
+    kept = []
+    for lp in net_param.layer:
+        if lp.include and lp.exclude:
+            raise LayerError(f"layer '{lp.name}': specify include or exclude rules, not both")
+        if lp.include:
+            ok = any(state_meets_rule(state, r) for r in lp.include)
+        else:
+            ok = not any(state_meets_rule(state, r) for r in lp.exclude)
+        if ok:
+            kept.append(lp)
+    return kept
+
+
+class Net(nn.Module):
+    """A Caffe net for one phase.
+
+    Args:
+        net_param: a parsed ``caffe_pb2.NetParameter``.
+        phase: ``TRAIN`` (0) or ``TEST`` (1), or the strings.
+        device: where parameters and data live.
+        source: file name used in error messages.
+        batch_size: overrides every data layer's batch size (benchmarks, tests).
+    """
+
+    def __init__(self, net_param, phase=TRAIN, device=None, source: str = "<net>",
+                 stages=(), batch_size: int | None = None, search_paths: list[Path] | None = None):
+        super().__init__()
+        if net_param.layers:
+            raise LayerError(f"{source}: V1 'layers' nets are not supported; upgrade with Caffe's upgrade_net_proto_text")
+        self.phase = {"TRAIN": TRAIN, "TEST": TEST}.get(phase, phase)
+        self.source, self.name = source, net_param.name
+        self.device = torch.device(device or "cpu")
+        self.layer_params = filter_layers(net_param, self.phase, stages)
+        self.layer_list = nn.ModuleList()
+        self.sources = {}
+        self.input_names: list[str] = []
+        shapes: dict[str, tuple] = {}
+        self._legacy_inputs(net_param, shapes, batch_size)
+        producer: dict[str, str] = {}
+        for lp in self.layer_params:
+            if lp.type in DATA_TYPES or lp.type == "Input":
+                layer = self._data_layer(lp, batch_size)
+            else:
+                missing = [b for b in lp.bottom if b not in shapes]
+                if missing:
+                    raise LayerError(f"{source}: layer '{lp.name}' (type {lp.type}): bottom blob "
+                                     f"'{missing[0]}' is not produced by any earlier layer")
+                cls = REGISTRY.get(lp.type)
+                if cls is None:
+                    raise LayerError(f"{source}: layer '{lp.name}': unknown layer type '{lp.type}' "
+                                     f"(known: {', '.join(sorted(REGISTRY) + ['Data', 'ImageData', 'Input'])})")
+                bshapes = [shapes[b] for b in lp.bottom]
+                try:
+                    layer = cls(lp, bshapes, self.phase, search_paths) if cls is Python else cls(lp, bshapes, self.phase)
+                except LayerError as exc:
+                    raise LayerError(f"{source}: {exc}") from None
+                if len(layer.top_shapes) != len(lp.top) and lp.type != "SoftmaxWithLoss":
+                    raise LayerError(f"{source}: layer '{lp.name}' (type {lp.type}) produces "
+                                     f"{len(layer.top_shapes)} tops, the prototxt names {len(lp.top)}")
+            for t, s in zip(lp.top, layer.top_shapes):
+                shapes[t] = tuple(s)
+                producer[t] = lp.name
+            self.layer_list.append(layer)
+        self.blob_shapes = shapes
+        self._share_named_params()
+        self.outputs = self._find_outputs()
+        self.loss_weights = self._loss_weights()
+        self.to(self.device)
+        self.blobs: dict[str, torch.Tensor] = {}
+        self.records = None
+
+    # ------------------------------------------------------------- building
+    def _legacy_inputs(self, net_param, shapes, batch_size):
+        for i, name in enumerate(net_param.input):
+            if i < len(net_param.input_shape):
+                dims = tuple(net_param.input_shape[i].dim)
+            else:
+                dims = tuple(net_param.input_dim[4 * i: 4 * i + 4])
+            if batch_size:
+                dims = (batch_size,) + dims[1:]
+            shapes[name] = dims
+            self.input_names.append(name)
+
+    def _data_layer(self, lp, batch_size):
+        if lp.type == "Input":
+            p = lp.input_param
+            layer = _InputLayer(lp, [tuple(p.shape[min(i, len(p.shape) - 1)].dim) for i in range(len(lp.top))], batch_size)
+            self.input_names += list(lp.top)
+            return layer
+        from .data import make_source  # the data package is only needed by nets that read data
+        try:
+            if batch_size:
+                lp = _with_batch_size(lp, batch_size)
+            src = make_source(lp, self.phase, self.device)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise LayerError(f"{self.source}: layer '{lp.name}' (type {lp.type}): {exc}") from exc
+        self.sources[lp.name] = src
+        return _DataLayer(lp, src)
+
+    def _share_named_params(self):
+        """ParamSpec.name shares one blob between layers (Caffe's param sharing)."""
+        owners: dict[str, tuple[Layer, int]] = {}
+        for layer in self.layer_list:
+            for i in range(len(layer.blobs)):
+                _, _, pname = layer.param_spec(i)
+                if not pname:
+                    continue
+                if pname in owners:
+                    owner, j = owners[pname]
+                    if owner.blobs[j].shape != layer.blobs[i].shape:
+                        raise LayerError(f"{self.source}: layer '{layer.name}': shared param '{pname}' has shape "
+                                         f"{tuple(layer.blobs[i].shape)}, owner '{owner.name}' has {tuple(owner.blobs[j].shape)}")
+                    layer.blobs[i] = owner.blobs[j]
+                else:
+                    owners[pname] = (layer, i)
+
+    def _find_outputs(self) -> list[str]:
+        """Caffe's net outputs: tops that no later layer consumes."""
+        consumed, outputs = set(), []
+        for layer in reversed(self.layer_list):
+            for t in layer.lp.top:
+                if t not in consumed and t not in outputs and t not in layer.lp.bottom:
+                    outputs.append(t)
+            consumed.update(layer.lp.bottom)
+        return list(reversed(outputs))
+
+    def _loss_weights(self) -> dict[str, float]:
+        weights = {}
+        for layer in self.layer_list:
+            lp = layer.lp
+            for i, t in enumerate(lp.top):
+                w = lp.loss_weight[i] if i < len(lp.loss_weight) else (1.0 if getattr(layer, "is_loss", False) and i == 0 else 0.0)
+                if w:
+                    weights[t] = float(w)
+        return weights
+
+    # ------------------------------------------------------------- parameters
+    def learnable(self) -> list[ParamEntry]:
+        """Every learnable blob once, with lr_mult / decay_mult, in Caffe's order."""
+        seen, out = set(), []
+        for layer in self.layer_list:
+            for i, p in enumerate(layer.blobs):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                lr, decay, _ = layer.param_spec(i)
+                out.append(ParamEntry(p, lr, decay, f"{layer.name}.{i}"))
+        return out
+
+    def layer(self, name: str):
+        for layer in self.layer_list:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named '{name}' in {self.source} ({self.phase_name})")
+
+    @property
+    def phase_name(self) -> str:
+        return "TRAIN" if self.phase == TRAIN else "TEST"
+
+    def share_weights_from(self, other: "Net") -> None:
+        """Use the same parameter tensors as ``other`` for layers of the same name (Caffe's test nets)."""
+        theirs = {l.name: l for l in other.layer_list if len(l.blobs)}
+        for layer in self.layer_list:
+            src = theirs.get(layer.name)
+            if src is None or not len(layer.blobs):
+                continue
+            if [tuple(p.shape) for p in layer.blobs] != [tuple(p.shape) for p in src.blobs]:
+                raise LayerError(f"layer '{layer.name}': blob shapes differ between the {other.phase_name} and {self.phase_name} nets")
+            layer.blobs = src.blobs
+
+    # ------------------------------------------------------------- forward
+    def forward(self, feed: dict[str, torch.Tensor] | None = None, record: bool = False) -> dict[str, torch.Tensor]:
+        """Run the net; returns the blob dictionary (outputs included).
+
+        ``feed`` fills Input blobs (and replaces data-layer tops when given).
+        ``record`` keeps every layer's input and output tensors for
+        :meth:`excitation` (analysis at test time).
+        """
+        blobs: dict[str, torch.Tensor] = dict(feed or {})
+        records = [] if record else None
+        for i, layer in enumerate(self.layer_list):
+            lp = layer.lp
+            if isinstance(layer, (_DataLayer, _InputLayer)):
+                if all(t in blobs for t in lp.top):
+                    continue
+                if isinstance(layer, _InputLayer):
+                    raise ValueError(f"input blob(s) {list(lp.top)} of layer '{lp.name}' must be fed")
+                tops = layer()
+            else:
+                bottoms = [blobs[b] for b in lp.bottom]
+                saliency = None
+                if self.training and getattr(layer, "saliency", None):
+                    saliency = self._saliency(i, layer, blobs)
+                tops = layer(*bottoms, saliency=saliency) if isinstance(layer, Python) else layer(*bottoms)
+                if records is not None:
+                    records.append((i, bottoms, tops if isinstance(tops, tuple) else (tops,)))
+            if not isinstance(tops, tuple):
+                tops = (tops,)
+            for t, v in zip(lp.top, tops):
+                blobs[t] = v
+        self.blobs = blobs
+        self.records = records
+        return blobs
+
+    def loss(self, blobs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        blobs = self.blobs if blobs is None else blobs
+        terms = [w * blobs[t] for t, w in self.loss_weights.items() if t in blobs]
+        if not terms:
+            raise ValueError(f"{self.source}: the {self.phase_name} net has no loss output")
+        return sum(terms)
+
+    # ------------------------------------------------------------- excitation backprop
+    def loss_layer(self):
+        for layer in self.layer_list:
+            if layer.type == "SoftmaxWithLoss":
+                return layer
+        return None
+
+    def _signal_blobs(self, layer) -> tuple[str, str | None]:
+        params = getattr(layer, "params", {}) or {}
+        loss = self.loss_layer()
+        logits = params.get("logits") or (loss.lp.bottom[0] if loss is not None else None)
+        label = params.get("label") or (loss.lp.bottom[1] if loss is not None else None)
+        if logits is None:
+            raise LayerError(f"{self.source}: layer '{layer.name}' needs the logits blob for Excitation Backprop: "
+                             "add a SoftmaxWithLoss layer or set 'logits' in param_str")
+        return logits, label
+
+    def head_layers(self, start: int, logits: str) -> list[int]:
+        """Indices of the layers after ``start`` that the logits blob depends on."""
+        needed, picked = {logits}, []
+        for j in range(len(self.layer_list) - 1, start, -1):
+            lp = self.layer_list[j].lp
+            if any(t in needed for t in lp.top):
+                picked.append(j)
+                needed.difference_update(t for t in lp.top if t not in lp.bottom)
+                needed.update(lp.bottom)
+        return picked[::-1]
+
+    @torch.no_grad()
+    def _saliency(self, i: int, layer, blobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What guided dropout layer ``i`` needs: p_EB of its bottom, or the bottom itself."""
+        x = blobs[layer.lp.bottom[0]]
+        if layer.saliency == "activation":
+            return x.detach()
+        logits_name, label_name = self._signal_blobs(layer)
+        target = x.detach()
+        head = dict(blobs)
+        head[layer.lp.bottom[0]] = target
+        for t in layer.lp.top:
+            head[t] = target  # the dropout layer itself is the identity for EB (test mode)
+        records = []
+        for j in self.head_layers(i, logits_name):
+            hl = self.layer_list[j]
+            bottoms = [head[b] for b in hl.lp.bottom]
+            tops = bottoms[0] if hl.is_dropout else hl(*bottoms)
+            tops = tops if isinstance(tops, tuple) else (tops,)
+            records.append((j, bottoms, tops))
+            for t, v in zip(hl.lp.top, tops):
+                head[t] = v
+        logits = head[logits_name]
+        classes = self._classes(layer, logits, blobs, label_name)
+        return self._walk(records, {id(logits): eb.one_hot_signal(logits, classes)}, target)
+
+    def _classes(self, layer, logits, blobs, label_name) -> torch.Tensor:
+        signal = (getattr(layer, "params", {}) or {}).get("signal", "gt")
+        if signal == "gt":
+            if label_name is None or label_name not in blobs:
+                raise LayerError(f"{self.source}: layer '{layer.name}': no label blob for the ground-truth top signal")
+            return blobs[label_name].reshape(-1).long()
+        if signal == "pred":
+            return logits.flatten(1).argmax(1)
+        return torch.full((logits.shape[0],), int(signal), dtype=torch.long, device=logits.device)
+
+    def _walk(self, records, signals: dict[int, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Reverse pass over recorded layers applying each layer's EB rule; p_EB at ``target``."""
+        for j, bottoms, tops in reversed(records):
+            top_sig = [signals.pop(id(t), None) for t in tops]
+            if all(s is None for s in top_sig):
+                continue
+            layer = self.layer_list[j]
+            if layer.is_dropout:
+                bottom_sig = [top_sig[0]]
+            else:
+                bottom_sig = layer.excite(bottoms, tops, top_sig)
+            for b, s in zip(bottoms, bottom_sig):
+                if s is None:
+                    continue
+                key = id(b)
+                signals[key] = signals[key] + s if key in signals else s
+        out = signals.get(id(target))
+        return out if out is not None else torch.zeros_like(target, dtype=torch.float32)
+
+    @torch.no_grad()
+    def excitation(self, bottom: str, top: str | None = None, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """p_EB at blob ``bottom`` after a ``forward(record=True)``.
+
+        The top signal is a one-hot at blob ``top`` (default: the logits of the
+        net's SoftmaxWithLoss) of ``classes`` (default: the label blob).
+        """
+        if self.records is None:
+            raise ValueError("call forward(record=True) before excitation()")
+        loss = self.loss_layer()
+        top = top or (loss.lp.bottom[0] if loss is not None else None)
+        if top is None or top not in self.blobs:
+            raise KeyError(f"top blob {top!r} not found")
+        if bottom not in self.blobs:
+            raise KeyError(f"blob {bottom!r} not found in {self.source}")
+        logits = self.blobs[top]
+        if classes is None:
+            classes = self.blobs[loss.lp.bottom[1]].reshape(-1).long()
+        target = self.blobs[bottom]
+        # Walk only the layers after the last producer of the bottom blob.
+        last = max((k for k, (j, _, tops) in enumerate(self.records) if any(t is target for t in tops)), default=-1)
+        return self._walk(self.records[last + 1:], {id(logits): eb.one_hot_signal(logits, classes)}, target)
+
+    # ------------------------------------------------------------- data
+    def data_state(self) -> dict:
+        return {name: src.state_dict() for name, src in self.sources.items()}
+
+    def load_data_state(self, state: dict) -> None:
+        for name, st in state.items():
+            if name in self.sources:
+                self.sources[name].load_state_dict(st)
+
+
+class _InputLayer(nn.Module):
+    is_dropout = False
+
+    def __init__(self, lp, shapes, batch_size):
+        super().__init__()
+        self.lp, self.name, self.type = lp, lp.name, lp.type
+        self.blobs = nn.ParameterList()
+        self.top_shapes = [((batch_size,) + tuple(s[1:])) if batch_size else tuple(s) for s in shapes]
+
+    def param_spec(self, i):
+        return 1.0, 1.0, ""
+
+
+class _DataLayer(nn.Module):
+    is_dropout = False
+
+    def __init__(self, lp, source):
+        super().__init__()
+        self.lp, self.name, self.type = lp, lp.name, lp.type
+        self.source = source
+        self.blobs = nn.ParameterList()
+        self.top_shapes = [tuple(s) for s in source.top_shapes()][: len(lp.top)]
+
+    def param_spec(self, i):
+        return 1.0, 1.0, ""
+
+    def forward(self):
+        return tuple(self.source.next_batch()[: len(self.lp.top)])
+
+
+def _with_batch_size(lp, batch_size: int):
+    lp2 = caffe_pb2.LayerParameter()
+    lp2.CopyFrom(lp)
+    if lp2.type == "Data":
+        lp2.data_param.batch_size = batch_size
+    elif lp2.type == "ImageData":
+        lp2.image_data_param.batch_size = batch_size
+    return lp2
+
+
+Layer = nn.Module  # for type hints above

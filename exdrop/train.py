@@ -1,0 +1,359 @@
+"""The training loop: Caffe's Solver::Solve on the engine, one obvious path.
+
+solver prototxt -> TRAIN net (+ TEST net sharing its weights) -> for each
+iteration: test when due, forward (guided dropout runs its EB step inside the
+net's forward), backward, the solver's update, display, snapshot -> the run
+folder: ``log.csv`` (every display and test point), ``results.json`` and
+``snapshots/`` (``.caffemodel`` + ``.solverstate`` + the engine's RNG/data
+state for an exact resume).
+
+The step never syncs with the host: losses stay on the device until a display
+or test point.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import io as cio
+from .net import Net
+from .proto import caffe_pb2
+from .pylayer import TEST, TRAIN
+from .snapshot import load_weights, save_weights
+from .solver import make_solver
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    solver: str
+    out: str | None = None
+    max_iter: int | None = None
+    device: str = "auto"
+    resume: str | None = None          # a .solverstate, as `caffe train --snapshot`
+    weights: str | None = None         # a .caffemodel to start from, as `caffe train --weights`
+    test_interval: int | None = None
+    test_iter: int | None = None
+    display: int | None = None
+    snapshot: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+    progress: bool = True
+    overrides: dict = field(default_factory=dict)
+
+
+def pick_device(requested: str, solver_mode: int) -> torch.device:
+    """``auto``: CUDA when there is one (solver_mode GPU or CPU alike), else CPU."""
+    if requested and requested != "auto":
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_solver(cfg: TrainConfig):
+    sp = cio.read_solver_prototxt(cfg.solver)
+    for key, value in (("max_iter", cfg.max_iter), ("test_interval", cfg.test_interval),
+                       ("display", cfg.display), ("snapshot", cfg.snapshot), ("random_seed", cfg.seed)):
+        if value is not None:
+            setattr(sp, key, value)
+    if cfg.test_iter is not None:
+        del sp.test_iter[:]
+        sp.test_iter.append(cfg.test_iter)
+    for key, value in cfg.overrides.items():
+        setattr(sp, key, value)
+    return sp
+
+
+def _net_params(sp, solver_path: str):
+    """(train NetParameter, [test NetParameters]) from net / net_param / train_net / test_net."""
+    def read(path):
+        return cio.read_net_prototxt(_resolve(path, solver_path)), path
+
+    if sp.HasField("net"):
+        train = read(sp.net)
+    elif sp.HasField("net_param"):
+        train = (sp.net_param, f"{solver_path}:net_param")
+    elif sp.HasField("train_net"):
+        train = read(sp.train_net)
+    elif sp.HasField("train_net_param"):
+        train = (sp.train_net_param, f"{solver_path}:train_net_param")
+    else:
+        raise ValueError(f"{solver_path}: the solver names no net (net, net_param or train_net)")
+    tests = [read(p) for p in sp.test_net] + [(p, f"{solver_path}:test_net_param") for p in sp.test_net_param]
+    if not tests and len(sp.test_iter) and (sp.HasField("net") or sp.HasField("net_param")):
+        tests = [train]
+    return train, tests
+
+
+def _resolve(path: str, relative_to: str) -> str:
+    """Caffe resolves paths against the working directory; fall back to the solver's folder."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    alt = Path(relative_to).parent / p
+    return str(alt) if alt.exists() else str(p)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.sp = sp = load_solver(cfg)
+        self.device = pick_device(cfg.device, sp.solver_mode)
+        if sp.random_seed >= 0:
+            torch.manual_seed(sp.random_seed)
+        (train_param, train_src), tests = _net_params(sp, cfg.solver)
+        self.train_net = Net(train_param, TRAIN, self.device, train_src, batch_size=cfg.batch_size)
+        self.test_nets = []
+        for param, src in tests:
+            tn = Net(param, TEST, self.device, src, batch_size=cfg.batch_size)
+            tn.share_weights_from(self.train_net)
+            self.test_nets.append(tn)
+        if len(self.test_nets) and len(sp.test_iter) not in (1, len(self.test_nets)):
+            raise ValueError(f"{cfg.solver}: give one test_iter per test net")
+        if cfg.weights:
+            load_weights(self.train_net, cfg.weights)
+        self.solver = make_solver(sp, self.train_net.learnable())
+        self.out = Path(cfg.out or Path("models") / Path(sp.snapshot_prefix or "run").parent.name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "snapshots").mkdir(exist_ok=True)
+        prefix = Path(sp.snapshot_prefix).name if sp.snapshot_prefix else "snapshot"
+        self.prefix = str(self.out / "snapshots" / prefix)
+        names = set(self.train_net.outputs)
+        for tn in self.test_nets:
+            names.update(tn.outputs)
+        self.columns = ["iter", "phase", "lr", "elapsed_s"] + sorted(names)
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        if cfg.resume:
+            self._restore(cfg.resume)
+        self._open_log()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        sp, net, solver = self.sp, self.train_net, self.solver
+        avg_n = max(1, sp.average_loss)
+        recent: list[torch.Tensor] = []
+        outputs_sum: dict[str, torch.Tensor] = {}
+        outputs_n = 0
+        status, error = "finished", None
+        bar = _progress(self.cfg.progress, solver.iter, sp.max_iter)
+        stop = {"flag": False}
+        old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
+        t0 = time.perf_counter() - self.elapsed
+        try:
+            while solver.iter < sp.max_iter and not stop["flag"]:
+                it = solver.iter
+                if self._due(sp.test_interval, it) and (it > 0 or sp.test_initialization):
+                    self.test(bar, time.perf_counter() - t0)
+                for p in net.parameters():
+                    p.grad = None
+                loss_total = None
+                for _ in range(max(1, sp.iter_size)):
+                    blobs = net()
+                    loss = net.loss(blobs)
+                    loss.backward()
+                    loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+                    for name in net.outputs:
+                        v = blobs[name].detach()
+                        outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
+                    outputs_n += 1
+                recent.append(loss_total / max(1, sp.iter_size))
+                if len(recent) > avg_n:
+                    recent.pop(0)
+                rate = solver.learning_rate()
+                if sp.display and it % sp.display == 0:
+                    row = {"iter": it, "phase": "train", "lr": rate, "elapsed_s": time.perf_counter() - t0}
+                    row.update({k: (v / outputs_n).item() for k, v in outputs_sum.items()})
+                    row["loss"] = (sum(recent) / len(recent)).item()  # Caffe's smoothed loss
+                    outputs_sum, outputs_n = {}, 0
+                    if not math.isfinite(row["loss"]):
+                        raise TrainingDiverged(
+                            f"{self.cfg.solver}: loss is {row['loss']} at iteration {it} "
+                            f"(net {net.source}); lower base_lr or check the data")
+                    self._log(row, bar)
+                solver.step_update()
+                if bar is not None:
+                    bar.update(1)
+                if sp.snapshot and solver.iter % sp.snapshot == 0:
+                    self.snapshot(time.perf_counter() - t0)
+            if stop["flag"]:
+                status = "interrupted"
+        except TrainingDiverged as exc:
+            status, error = "diverged", str(exc)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+            if bar is not None:
+                bar.close()
+        self.elapsed = time.perf_counter() - t0
+        if status == "finished":
+            if sp.snapshot_after_train and (not sp.snapshot or solver.iter % sp.snapshot):
+                self.snapshot(self.elapsed)
+            if sp.test_interval and solver.iter % sp.test_interval == 0 or self.test_nets:
+                self.test(None, self.elapsed)
+        elif status == "interrupted":
+            self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
+        results = self._results(status, error)
+        if error:
+            print(error)
+            raise TrainingDiverged(error)
+        return results
+
+    @staticmethod
+    def _due(interval: int, it: int) -> bool:
+        return bool(interval) and it % interval == 0
+
+    @torch.no_grad()
+    def test(self, bar=None, elapsed: float = 0.0) -> list[dict]:
+        rows = []
+        for k, tn in enumerate(self.test_nets):
+            n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(n_iter):
+                blobs = tn()
+                for name in tn.outputs:
+                    v = blobs[name].detach().float()
+                    sums[name] = sums[name] + v if name in sums else v
+            row = {"iter": self.solver.iter, "phase": "test" if len(self.test_nets) == 1 else f"test{k}",
+                   "lr": self.solver.learning_rate(), "elapsed_s": elapsed}
+            row.update({name: (v / n_iter).mean().item() for name, v in sums.items()})
+            self._log(row, bar)
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------ records
+    def _open_log(self):
+        path = self.out / "log.csv"
+        keep = []
+        if self.cfg.resume and path.exists():
+            with open(path, newline="") as f:
+                keep = [r for r in csv.DictReader(f) if int(r["iter"]) < self.solver.iter
+                        or (int(r["iter"]) == self.solver.iter and r["phase"] != "train")]
+        self.log_file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.log_file, fieldnames=self.columns, extrasaction="ignore")
+        self.writer.writeheader()
+        for r in keep:
+            self.writer.writerow(r)
+            self.history.append(r)
+        self.log_file.flush()
+
+    def _log(self, row: dict, bar) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.log_file.flush()
+        self.history.append(row)
+        shown = {k: f"{v:.4f}" for k, v in row.items() if k not in ("iter", "phase", "lr", "elapsed_s")}
+        text = f"[{row['phase']} @ {row['iter']}] " + " ".join(f"{k}={v}" for k, v in shown.items())
+        if bar is not None:
+            if row["phase"] == "train":
+                bar.set_postfix(shown, refresh=False)
+            else:
+                bar.write(text)
+        elif self.cfg.progress:
+            print(text, flush=True)
+
+    def snapshot(self, elapsed: float) -> Path:
+        base = f"{self.prefix}_iter_{self.solver.iter}"
+        model = Path(base + ".caffemodel")
+        save_weights(self.train_net, model)
+        self.solver.save_solverstate(base + ".solverstate", str(model))
+        torch.save({"iter": self.solver.iter, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "solver": self.solver.state_dict(),
+                    "data": {"train": self.train_net.data_state(),
+                             "test": [tn.data_state() for tn in self.test_nets]}},
+                   base + ".engine.pt.tmp")
+        os.replace(base + ".engine.pt.tmp", base + ".engine.pt")
+        self.last_snapshot = model
+        return model
+
+    def _restore(self, state_path: str) -> None:
+        """Continue a run from ``X.solverstate`` (weights from its learned_net)."""
+        if not Path(state_path).exists():
+            raise FileNotFoundError(f"snapshot {state_path} not found")
+        learned = self.solver.restore_solverstate(state_path)
+        model = Path(learned) if learned else Path(state_path).with_suffix(".caffemodel")
+        if not model.exists():
+            model = Path(state_path).with_suffix(".caffemodel")
+        load_weights(self.train_net, model)
+        extra = Path(str(state_path).removesuffix(".solverstate") + ".engine.pt")
+        if extra.exists():
+            st = torch.load(extra, map_location="cpu", weights_only=False)
+            self.solver.load_state_dict(st["solver"])
+            torch.set_rng_state(st["torch_rng"])
+            if st.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(st["cuda_rng"])
+            self.train_net.load_data_state(st["data"]["train"])
+            for tn, ds in zip(self.test_nets, st["data"]["test"]):
+                tn.load_data_state(ds)
+            self.elapsed = st.get("elapsed", 0.0)
+
+    def _results(self, status: str, error: str | None) -> dict:
+        tests = [r for r in self.history if str(r["phase"]).startswith("test")]
+        trains = [r for r in self.history if r["phase"] == "train"]
+        last_test = tests[-1] if tests else {}
+        solver_max = cio.read_solver_prototxt(self.cfg.solver).max_iter
+        res = {
+            "status": status,
+            "solver": str(self.cfg.solver),
+            "net": self.train_net.source,
+            "iterations": self.solver.iter,
+            "max_iter": self.sp.max_iter,
+            "budget": ("full" if self.sp.max_iter >= solver_max
+                       else f"reduced: {self.sp.max_iter} of the solver's {solver_max} iterations"),
+            "test_accuracy": _num(last_test.get("accuracy")),
+            "test_loss": _num(last_test.get("loss")),
+            "best_test_accuracy": max((_num(r.get("accuracy")) for r in tests if r.get("accuracy") not in (None, "")), default=None),
+            "train_loss": _num(trains[-1]["loss"]) if trains else None,
+            "seconds": round(self.elapsed, 2),
+            "seconds_per_iter": round(self.elapsed / max(1, self.solver.iter), 4),
+            "device": str(self.device) + (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda" else ""),
+            "torch": torch.__version__,
+            "host": platform.node(),
+            "snapshot": str(getattr(self, "last_snapshot", "")),
+            "test_source": [tn.source for tn in self.test_nets],
+        }
+        if error:
+            res["error"] = error
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, self.out / "results.json")
+        self.log_file.close()
+        return res
+
+
+def _num(v):
+    if v in (None, ""):
+        return None
+    return float(v)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, smoothing=0.05)
+
+
+def train(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).run()
