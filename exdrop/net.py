@@ -15,7 +15,6 @@ ordinary autograd backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,18 +24,9 @@ from . import eb
 from .layer_types import REGISTRY, LayerError, Python
 from .proto import caffe_pb2
 from .pylayer import TEST, TRAIN
+from .solver import ParamEntry
 
 DATA_TYPES = {"Data", "ImageData"}
-
-
-@dataclass
-class ParamEntry:
-    """One learnable blob with Caffe's per-parameter multipliers."""
-
-    tensor: nn.Parameter
-    lr_mult: float = 1.0
-    decay_mult: float = 1.0
-    name: str = ""
 
 
 def state_meets_rule(state, rule) -> bool:
@@ -126,6 +116,7 @@ class Net(nn.Module):
         self.outputs = self._find_outputs()
         self.loss_weights = self._loss_weights()
         self.to(self.device)
+        self.train(self.phase == TRAIN)
         self.blobs: dict[str, torch.Tensor] = {}
         self.records = None
 
@@ -159,7 +150,7 @@ class Net(nn.Module):
 
     def _share_named_params(self):
         """ParamSpec.name shares one blob between layers (Caffe's param sharing)."""
-        owners: dict[str, tuple[Layer, int]] = {}
+        owners: dict[str, tuple[nn.Module, int]] = {}
         for layer in self.layer_list:
             for i in range(len(layer.blobs)):
                 _, _, pname = layer.param_spec(i)
@@ -423,5 +414,3 @@ def _with_batch_size(lp, batch_size: int):
         lp2.image_data_param.batch_size = batch_size
     return lp2
 
-
-Layer = nn.Module  # for type hints above

@@ -186,7 +186,7 @@ cmake -S "$SRC_DIR" -B "$CMAKE_DIR" \
 
 log "building pycaffe with make -j$JOBS (several minutes; log: $LOG_DIR/make.log)"
 if ! make -C "$CMAKE_DIR" -j"$JOBS" pycaffe >"$LOG_DIR/make.log" 2>&1; then
-  grep -E "error|Error|undefined reference|cannot find" "$LOG_DIR/make.log" | head -20 >&2 || true
+  grep -E "error:|Error [0-9]|undefined reference|cannot find -l" "$LOG_DIR/make.log" | head -20 >&2 || true
   die "compiling/linking Caffe failed (see $LOG_DIR/make.log)"
 fi
 [[ -e "$PY_DIR/caffe/_caffe.so" ]] || die "make finished but $PY_DIR/caffe/_caffe.so is missing"

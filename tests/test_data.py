@@ -119,6 +119,16 @@ def test_lmdb_roundtrip_keys_and_formats(tmp_path):
     f = rng.standard_normal((2, 1, 3, 3)).astype(np.float32)
     x3, _ = DatumLMDB(write_datum_lmdb(tmp_path / "c", f, [0, 1])).read_all()
     assert x3.dtype == np.float32 and np.allclose(x3, f)
+    # an interrupted write leaves neither a half LMDB nor its temp folder (stale ones are swept)
+    (tmp_path / ".e.tmp-999999999").mkdir()
+
+    def broken():
+        yield imgs[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_datum_lmdb(tmp_path / "e", broken(), [0, 1])
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.tmp*"))
     # map_size grows when it fills up
     big = rng.integers(0, 256, (50, 3, 64, 64), dtype=np.uint8)
     x4, _ = DatumLMDB(write_datum_lmdb(tmp_path / "d", big, range(50), map_size=1 << 16)).read_all()
@@ -384,6 +394,10 @@ def test_source_errors(tmp_path, monkeypatch, small_lmdb):
     rel = os.path.relpath(p, tmp_path)   # relative paths resolve against the current directory
     assert len(make_source(layer("Data", source=rel, batch_size=2, backend=caffe_pb2.DataParameter.LMDB),
                            caffe_pb2.TRAIN, "cpu")) == 7
+    lp = caffe_pb2.LayerParameter(name="in", type="Input")
+    lp.input_param.shape.add().dim.extend([4, 3, 8, 10])
+    src = make_source(lp, caffe_pb2.TEST, "cpu", source=rel)
+    assert src.top_shapes() == [(4, 3, 8, 10), (4,)] and src.next_batch()[1].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="LMDB"):
         make_source(layer("Data", source=rel, batch_size=2, backend=caffe_pb2.DataParameter.LEVELDB),
                     caffe_pb2.TRAIN, "cpu")

@@ -255,7 +255,12 @@ def read_image_list(list_file, root: str | None = None) -> tuple[list[str], np.n
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     paths, labels = [], []
-    for ln, line in enumerate(list_file.read_text().splitlines(), 1):
+    try:
+        text = list_file.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{list_file} is neither a folder, a .tar/.tgz archive nor a 'path label' "
+                         "list file") from None
+    for ln, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

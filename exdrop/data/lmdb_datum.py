@@ -97,6 +97,24 @@ def datum_to_array(d, force_color: bool = False, force_gray: bool = False) -> np
 # ----------------------------------------------------------------------------------------------
 # Writer
 # ----------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_tmp(path: Path):
+    """Remove temp folders of earlier, killed conversions of ``path`` (and our own leftover)."""
+    for t in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = t.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            shutil.rmtree(t, ignore_errors=True)
+
+
 def write_datum_lmdb(path, images, labels, encoded: bool = False, names: Sequence[str] | None = None,
                      map_size: int | None = None, progress: bool | str = False,
                      total: int | None = None) -> Path:
@@ -115,8 +133,7 @@ def write_datum_lmdb(path, images, labels, encoded: bool = False, names: Sequenc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _remove_stale_tmp(path)
     labels = list(labels) if not isinstance(labels, np.ndarray) else labels
     n_expected = total if total is not None else (len(images) if hasattr(images, "__len__") else len(labels))
     if map_size is None:

@@ -123,20 +123,24 @@ class DataTransformer:
                 h_off = torch.full((b,), (h - cs) // 2, device=dev, dtype=torch.long)
                 w_off = torch.full((b,), (w - cs) // 2, device=dev, dtype=torch.long)
         if not self.crop and mirror is None:
-            x = data[idx].float()
+            x = data.index_select(0, idx).float()
             if self.mean is not None:
                 x = x - self.mean
         else:
+            # one flat index per output element: image*CHW + (c*H + row)*W + col, with the crop
+            # offset and the mirror folded into row/col; a 1-D index_select is far faster than
+            # multi-tensor advanced indexing on CPU
             rows = (h_off[:, None] + self._ar_h) if self.crop else self._ar_h.expand(b, -1)
             cols = self._ar_w.expand(b, -1)
             if mirror is not None:
                 cols = torch.where(mirror[:, None], cols.flip(1), cols)
             if self.crop:
                 cols = w_off[:, None] + cols
-            ri, ci = rows[:, None, :, None], cols[:, None, None, :]
-            x = data[idx.view(b, 1, 1, 1), self._ar_c, ri, ci].float()
+            pix = (self._ar_c * h + rows[:, None, :, None]) * w + cols[:, None, None, :]   # (B,C,oh,ow)
+            flat = idx.view(b, 1, 1, 1) * (c * h * w) + pix
+            x = data.reshape(-1).index_select(0, flat.reshape(-1)).view(pix.shape).float()
             if self.mean is not None:   # mean taken at the same (cropped, flipped) source pixels
-                x = x - self.mean[self._ar_c, ri, ci]
+                x = x - self.mean.reshape(-1).index_select(0, pix.reshape(-1)).view(pix.shape)
         if self.mean_values is not None:
             x = x - self.mean_values
         if self.scale != 1.0:
@@ -163,7 +167,7 @@ class BatchSource:
         self.shuffle = bool(shuffle)
         device = torch.device(device)
         self.device = device
-        self.images = torch.as_tensor(images).to(device)
+        self.images = torch.as_tensor(images).to(device).contiguous()
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         if self.images.ndim != 4 or self.images.shape[0] != self.labels.shape[0] or self.images.shape[0] == 0:
             raise ValueError(f"layer '{name}': need images (N,C,H,W) with N>0 matching labels, "
@@ -293,8 +297,9 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
             img = cv2.resize(img, (new_width, new_height))
         return img
 
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
-        imgs = list(ex.map(load, entries, chunksize=64))
+    chunks = [entries[i:i + 256] for i in range(0, len(entries), 256)]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:   # cv2 releases the GIL
+        imgs = [im for part in ex.map(lambda ch: [load(e) for e in ch], chunks) for im in part]
     shape = imgs[0].shape
     for (p, _), im in zip(entries, imgs):
         if im.shape != shape:

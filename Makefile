@@ -1,0 +1,63 @@
+# exdrop: Excitation Dropout on Caffe prototxts. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch; override (e.g. TORCH_SPEC='torch>=2.4') to pick another build.
+TORCH_SPEC ?= torch==2.13.0
+
+# train-cifar10 knobs
+VARIANT  ?= ed
+SOLVER   ?= prototxt/cnn2/cifar10/solver_$(VARIANT).prototxt
+DATA     ?= data/cifar-10-python.tar.gz
+DATA_DIR ?= data/cifar10
+MAX_ITER ?=
+OUT      ?= models/cnn2_cifar10_$(VARIANT)
+DEVICE   ?= auto
+BACKEND  ?= engine
+RESUME   ?=
+ITERS    ?= 20
+
+train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
+	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME))
+
+.PHONY: help setup test test-fast caffe data-cifar10 train-cifar10 bench clean-venv
+
+help:
+	@echo "make setup                 create $(VENV) and install everything (CPU torch)"
+	@echo "make test                  run the test suite (pycaffe tests run where 'make caffe' built it)"
+	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 with the paper's solver"
+	@echo "     DATA=<cifar-10-python.tar.gz | image folder | .tgz | list>  MAX_ITER=<n>  OUT=<run folder>"
+	@echo "     VARIANT=ed|standard|none|activation|maskimg|ed_authors  DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
+	@echo "make data-cifar10          convert DATA into $(DATA_DIR)/{train,val}_lmdb once"
+	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100)"
+	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+setup: $(PY)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import torch, cv2, lmdb, google.protobuf, exdrop.proto; print('exdrop ready: torch', torch.__version__)"
+
+test:
+	$(PY) -m pytest -q -rs
+
+caffe:
+	PYTHON=$(PY) bash scripts/build_caffe.sh build/caffe
+
+data-cifar10:
+	$(PY) -m exdrop data cifar10 $(DATA) --out $(DATA_DIR)
+
+train-cifar10:
+ifeq ($(BACKEND),caffe)
+	$(PY) -m exdrop data cifar10 $(DATA) --out $(DATA_DIR)
+	$(PY) scripts/train_caffe.py $(train_args)
+else
+	$(PY) -m exdrop train $(train_args) --data $(DATA) --data-dir $(DATA_DIR)
+endif
+
+bench:
+	$(PY) -m exdrop bench --iters $(ITERS) --device $(DEVICE) --json models/bench/cnn2_cifar10.json

@@ -1,0 +1,118 @@
+"""Seconds per training iteration of prototxt variants, measured side by side.
+
+One full iteration = forward (with the EB step for guided layers), backward
+and the solver's update. The variants are timed in interleaved rounds in one
+process (A, B, A, B, ...) so that machine load drifts hit them alike; each
+ratio is computed from the same run. Data layers are replaced by an Input fed
+with fixed random images, so the figure is the network's cost alone.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import io as cio
+from .net import Net
+from .proto import caffe_pb2
+from .pylayer import TRAIN
+from .solver import make_solver
+
+CNN2_CIFAR10 = {
+    "Standard": "prototxt/cnn2/cifar10/train_val_standard.prototxt",
+    "Excitation": "prototxt/cnn2/cifar10/train_val_ed.prototxt",
+}
+
+
+def with_input_layer(net_param, phase: int, batch: int, image_shape: tuple[int, int, int]):
+    """A copy of ``net_param`` whose data layers of ``phase`` become one Input (data, label)."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net_param)
+    del out.layer[:]
+    added = False
+    from .net import filter_layers
+    for lp in filter_layers(net_param, phase):
+        if lp.type in ("Data", "ImageData", "Input"):
+            if not added:
+                inp = out.layer.add()
+                inp.name, inp.type = "input", "Input"
+                inp.top.extend(list(lp.top)[:2])
+                inp.input_param.shape.add().dim.extend([batch, *image_shape])
+                inp.input_param.shape.add().dim.extend([batch])
+                added = True
+            continue
+        out.layer.add().CopyFrom(lp)
+    return out
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Variant:
+    """One prototxt ready to train on fixed random data."""
+
+    def __init__(self, name: str, prototxt: str, solver_param, batch: int, image_shape, classes: int, device):
+        param = with_input_layer(cio.read_net_prototxt(prototxt), TRAIN, batch, image_shape)
+        torch.manual_seed(0)
+        self.name, self.device = name, device
+        self.net = Net(param, TRAIN, device, prototxt)
+        self.solver = make_solver(solver_param, self.net.learnable())
+        g = torch.Generator().manual_seed(1)
+        self.feed = {"data": (torch.randn(batch, *image_shape, generator=g) * 60).to(device),
+                     "label": torch.randint(0, classes, (batch,), generator=g).to(device)}
+
+    def step(self):
+        for p in self.net.parameters():
+            p.grad = None
+        self.net.loss(self.net(self.feed)).backward()
+        self.solver.step_update()
+
+
+def time_variants(variants: dict[str, str], *, solver: str, iters: int, warmup: int, batch: int,
+                  image_shape=(3, 32, 32), classes: int = 10, device="cpu") -> dict:
+    device = torch.device(device)
+    sp = cio.read_solver_prototxt(solver)
+    built = {k: Variant(k, v, sp, batch, image_shape, classes, device) for k, v in variants.items()}
+    times = {k: [] for k in built}
+    for _ in range(warmup):
+        for v in built.values():
+            v.step()
+    _sync(device)
+    for _ in range(iters):
+        for k, v in built.items():
+            _sync(device)
+            t = time.perf_counter()
+            v.step()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    first = next(iter(built))
+    base = statistics.mean(times[first])
+    rows = {k: {"mean_s": statistics.mean(ts), "std_s": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                "median_s": statistics.median(ts), "ratio_to_" + first: statistics.mean(ts) / base,
+                "prototxt": variants[k]} for k, ts in times.items()}
+    return {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
+            "image_shape": list(image_shape), "iters": iters, "warmup": warmup, "variants": rows}
+
+
+def main(args) -> int:
+    from .train import pick_device
+    device = pick_device(args.device, 0)
+    res = time_variants(CNN2_CIFAR10, solver="prototxt/cnn2/cifar10/solver_ed.prototxt", iters=args.iters,
+                        warmup=args.warmup, batch=args.batch, device=device)
+    print(f"CNN-2, batch {res['batch']}, 32x32, one training iteration on {res['device']} "
+          f"({res['iters']} timed after {res['warmup']} warm-up, interleaved):")
+    for k, r in res["variants"].items():
+        print(f"  {k:<12} {r['mean_s']:.4f} +- {r['std_s']:.4f} s   (median {r['median_s']:.4f})")
+    ed, st = res["variants"]["Excitation"], res["variants"]["Standard"]
+    print(f"  ratio Excitation / Standard = {ed['mean_s'] / st['mean_s']:.3f} "
+          f"(medians: {ed['median_s'] / st['median_s']:.3f})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
