@@ -13,9 +13,20 @@ import sys
 from pathlib import Path
 
 
+def _cifar10_source(source: str) -> str:
+    """The official archive is fetched (with its checksum) when the default path is missing."""
+    path = Path(source)
+    if not path.exists() and path.name == "cifar-10-python.tar.gz":
+        from .data import download_cifar10
+        print(f"{path} not found: downloading the official CIFAR-10 archive (needs a network) ...")
+        return str(download_cifar10(path.parent))
+    return source
+
+
 def _cmd_data(args) -> int:
     from .data import prepare_cifar10, prepare_image_dataset
     if args.dataset == "cifar10":
+        args.source = _cifar10_source(args.source)
         info = prepare_cifar10(args.source, args.out or "data/cifar10", val_size=args.val_size,
                                seed=args.seed, limit_per_class=args.limit_per_class)
     else:
@@ -29,7 +40,7 @@ def _cmd_train(args) -> int:
     from .train import TrainConfig, TrainingDiverged, train
     if args.data:
         from .data import prepare_cifar10
-        prepare_cifar10(args.data, args.data_dir, val_size=args.val_size, seed=0,
+        prepare_cifar10(_cifar10_source(args.data), args.data_dir, val_size=args.val_size, seed=0,
                         limit_per_class=args.limit_per_class)
     cfg = TrainConfig(solver=args.solver, out=args.out, max_iter=args.max_iter, device=args.device,
                       resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
@@ -98,6 +109,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"exdrop: error: {exc}", file=sys.stderr)
         return 1

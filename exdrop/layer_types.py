@@ -119,6 +119,14 @@ def _hw(param, single: str, h: str, w: str, default: int | None):
     raise ValueError(f"{single}: only 2-D geometry is supported, got {vals}")
 
 
+def _pair_or(param, single: str, h: str, w: str) -> tuple[int, int]:
+    """A scalar field with (h, w) overrides, e.g. PoolingParameter's stride / stride_h, stride_w."""
+    if param.HasField(h) or param.HasField(w):
+        return int(getattr(param, h)), int(getattr(param, w))
+    v = int(getattr(param, single))
+    return v, v
+
+
 def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int) -> int:
     """Caffe's pooling output size: rounded up, the last window starting inside the image."""
     out = int(math.ceil((size + 2 * pad - kernel) / stride)) + 1
@@ -217,8 +225,8 @@ class Pooling(Layer):
                 self.kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
             except ValueError:
                 self.fail("kernel_size (or kernel_h and kernel_w) is required")
-            self.stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
-            self.pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
+            self.stride = _pair_or(p, "stride", "stride_h", "stride_w")
+            self.pad = _pair_or(p, "pad", "pad_h", "pad_w")
         for k, pd in zip(self.kernel, self.pad):
             if pd >= k:
                 self.fail(f"pad {self.pad} must be smaller than kernel {self.kernel}")
