@@ -1,0 +1,312 @@
+"""The functional core of guided dropout (exdrop.functional) and the drop-in modules
+(exdrop.nn): Eqn 3 at its three design constraints, mask statistics, the per-image
+rescale, whole-map dropping on convolution blobs, and the drop-in ExcitationDropout
+against the prototxt engine's p_EB."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from exdrop import functional as Fx
+from exdrop import io
+from exdrop.net import Net
+from exdrop.nn import ActivationDropout, ExcitationDropout, StandardDropout, excitation_through
+from exdrop.pylayer import TEST
+
+NS = [2, 3, 10, 100, 2048]
+PS = [0.1, 0.25, 0.5, 0.8, 0.95]
+
+
+def eqn3(p_eb: float, n: int, P: float) -> float:
+    """Eqn 3 of the paper, written out directly (float64)."""
+    return 1.0 - (1.0 - P) * (n - 1) * p_eb / (((1.0 - P) * n - 1.0) * p_eb + P)
+
+
+# ------------------------------------------------------------------ Eqn 3
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("P", PS)
+def test_retain_probability_three_constraints(n, P):
+    p = torch.zeros(1, n, dtype=torch.float64)
+    assert Fx.retain_probability(p, P)[0, 0].item() == pytest.approx(1.0, abs=1e-12)   # p_EB = 0 -> keep
+    p[0, 0] = 1.0
+    assert Fx.retain_probability(p, P)[0, 0].item() == pytest.approx(0.0, abs=1e-12)   # p_EB = 1 -> drop
+    uniform = torch.full((3, n), 1.0 / n, dtype=torch.float64)
+    assert torch.allclose(Fx.retain_probability(uniform, P), torch.full_like(uniform, P), atol=1e-12)
+    # float32 too (what the engine uses)
+    assert torch.allclose(Fx.retain_probability(uniform.float(), P), torch.full((3, n), P), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("P", [0.2, 0.5, 0.9])
+def test_retain_probability_matches_formula_and_decreases(n, P):
+    grid = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    # Treat each grid value as a unit of an n-unit layer: build a (1001, n) batch with the value in column 0.
+    batch = torch.zeros(1001, n, dtype=torch.float64)
+    batch[:, 0] = grid
+    got = Fx.retain_probability(batch, P)[:, 0]
+    want = torch.tensor([eqn3(v, n, P) for v in grid.tolist()], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert (got[1:] < got[:-1]).all(), "retain probability must strictly decrease in p_EB"
+    assert (got >= 0).all() and (got <= 1).all()
+
+
+def test_retain_probability_rejects_bad_base():
+    with pytest.raises(ValueError):
+        Fx.retain_probability(torch.zeros(1, 4), 0.0)
+    with pytest.raises(ValueError):
+        Fx.retain_probability(torch.zeros(1, 4), 1.5)
+
+
+def test_paper_figure2_point():
+    # Fig. 2 of the paper: N = 10, P = 0.5; p_EB = 0.5 -> 1 - 0.5*9*0.5 / (4*0.5 + 0.5) = 0.1
+    p = torch.zeros(1, 10, dtype=torch.float64)
+    p[0, 0] = 0.5
+    assert Fx.retain_probability(p, 0.5)[0, 0].item() == pytest.approx(0.1, abs=1e-12)
+
+
+# ------------------------------------------------------------------ sampled masks
+
+@pytest.mark.parametrize("P", [0.3, 0.5, 0.8])
+def test_mask_mean_is_base_retain_for_uniform_p_eb(P):
+    g = torch.Generator().manual_seed(1234)
+    B, N = 400, 1000                       # 4e5 draws: std of the mean <= 7.9e-4
+    share = torch.full((B, N), 1.0 / N)
+    retain = Fx.retain_probability(share, P)
+    mask = Fx.sample_unit_mask(retain, g)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - P) < 0.01   # > 12 standard deviations
+    # every image individually is near P too (std per image 0.016 at N = 1000)
+    assert (mask.mean(1) - P).abs().max().item() < 0.1
+
+
+def test_guided_dropout_mean_retain_and_frequencies():
+    # Non-uniform p_EB: per-unit keep frequencies follow Eqn 3 (4000 draws per unit).
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(7)
+    N, P = 8, 0.5
+    share = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0]])
+    retain = Fx.retain_probability(share, P)[0]
+    x = torch.ones(4000, N)
+    out = Fx.guided_dropout(x, share.expand(4000, N), P, rescale=False, generator=g)
+    freq = (out != 0).float().mean(0)
+    assert torch.allclose(freq, retain, atol=0.04)   # std <= 0.008
+    assert freq[6].item() == 1.0 and freq[7].item() == 1.0   # p_EB = 0 -> always kept
+
+
+def test_activation_share_sums_to_one_and_zero_image_not_dropped():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(5, 12))
+    x[2] = 0.0
+    share = Fx.activation_share(x)
+    sums = share.sum(1)
+    assert torch.allclose(sums[[0, 1, 3, 4]], torch.ones(4), atol=1e-6)
+    assert sums[2].item() == 0.0 and torch.isfinite(share).all()
+    assert torch.allclose(share[0], x[0] / x[0].sum())
+    retain = Fx.retain_probability(share, 0.5)
+    assert (retain[2] == 1.0).all()
+    # 4-D: share is per feature map (summed over space)
+    y = torch.relu(torch.randn(3, 6, 4, 4))
+    y[1] = 0.0
+    s4 = Fx.activation_share(y)
+    assert s4.shape == (3, 6)
+    assert torch.allclose(s4[0], y[0].sum((1, 2)) / y[0].sum())
+    assert s4[1].abs().sum().item() == 0.0
+    # An all-zero image goes through guided dropout untouched (not dropped, not rescaled).
+    g = torch.Generator().manual_seed(3)
+    z = torch.zeros(2, 10)
+    z[1] = torch.arange(1.0, 11.0)
+    zs = torch.zeros(2, 10)   # p = 0 everywhere -> retain 1
+    out = Fx.guided_dropout(z, zs, 0.5, generator=g)
+    assert torch.equal(out, z)
+
+
+def test_activation_dropout_module_train_eval():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(6, 20)) + 0.01
+    m = ActivationDropout(p=0.5)
+    m.eval()
+    assert torch.equal(m(x), x)
+    m.train()
+    out = m(x)
+    kept = out != 0
+    for b in range(6):
+        frac = kept[b].float().mean()
+        assert torch.allclose(out[b][kept[b]], x[b][kept[b]] / frac)
+
+
+# ------------------------------------------------------------------ apply_unit_mask
+
+def test_apply_unit_mask_exact_values_fc():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0],
+                      [1.0, 2.0, 3.0, 4.0],
+                      [5.0, 6.0, 7.0, 8.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0],    # kept 1/2 -> x2
+                         [1.0, 1.0, 1.0, 0.0],    # kept 3/4 -> x4/3
+                         [0.0, 0.0, 0.0, 0.0]])   # nothing kept -> stays zero, no NaN
+    out = Fx.apply_unit_mask(x, mask)
+    want = torch.tensor([[2.0, 0.0, 6.0, 0.0],
+                         [4.0 / 3, 8.0 / 3, 4.0, 0.0],
+                         [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(out, want, atol=1e-6)
+    assert torch.equal(Fx.apply_unit_mask(x, mask, rescale=False), x * mask)
+
+
+def test_apply_unit_mask_drops_whole_feature_maps():
+    torch.manual_seed(0)
+    x = torch.rand(2, 4, 3, 5) + 0.1
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0],
+                         [0.0, 1.0, 1.0, 1.0]])
+    out = Fx.apply_unit_mask(x, mask)
+    for b in range(2):
+        kept = mask[b].mean().item()
+        for c in range(4):
+            if mask[b, c] == 0:
+                assert (out[b, c] == 0).all()
+            else:
+                assert torch.allclose(out[b, c], x[b, c] / kept)
+
+
+def test_grad_rescale_true_vs_false():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0],
+                         [1.0, 1.0, 1.0, 0.0]])
+    w = torch.randn(2, 4)
+    scale = torch.tensor([[2.0], [4.0 / 3]])
+    outs, grads = {}, {}
+    for gr in (True, False):
+        xx = x.clone().requires_grad_(True)
+        y = Fx.apply_unit_mask(xx, mask, grad_rescale=gr)
+        (y * w).sum().backward()
+        outs[gr], grads[gr] = y.detach(), xx.grad
+    assert torch.allclose(outs[True], outs[False])                 # same forward
+    assert torch.allclose(outs[True], x * mask * scale)
+    assert torch.allclose(grads[True], w * mask * scale, atol=1e-6)   # autograd: mask / kept
+    assert torch.allclose(grads[False], w * mask, atol=1e-6)          # authors' code: bare mask
+    # 4-D as well
+    x4 = torch.randn(2, 4, 2, 2, requires_grad=True)
+    Fx.apply_unit_mask(x4, mask, grad_rescale=False).sum().backward()
+    assert torch.allclose(x4.grad, mask.view(2, 4, 1, 1).expand(2, 4, 2, 2))
+
+
+# ------------------------------------------------------------------ standard dropout
+
+def test_standard_dropout_per_image_vs_shared():
+    torch.manual_seed(0)
+    x = torch.ones(16, 64)
+    P = 0.5
+    g = torch.Generator().manual_seed(11)
+    shared = Fx.standard_dropout(x, P, per_image=False, generator=g)
+    assert set(shared.unique().tolist()) <= {0.0, 1.0 / P}
+    assert (shared == shared[0]).all(), "per_image=False must share one mask across the batch"
+    per = Fx.standard_dropout(x, P, per_image=True, generator=g)
+    assert set(per.unique().tolist()) <= {0.0, 1.0 / P}
+    distinct = {tuple(r.tolist()) for r in per}
+    assert len(distinct) == 16, "per_image=True must draw a new mask for every image"
+    # conv blob: whole maps, one value per (image, map)
+    x4 = torch.ones(8, 32, 3, 3)
+    y4 = Fx.standard_dropout(x4, P, per_image=True, generator=g)
+    flat = y4.flatten(2)
+    assert (flat == flat[:, :, :1]).all()
+    y4s = Fx.standard_dropout(x4, P, per_image=False, generator=g)
+    assert (y4s == y4s[:1]).all()
+    # mean keep rate near P on a big draw
+    big = Fx.standard_dropout(torch.ones(200, 1000), 0.3, generator=g)
+    assert abs((big != 0).float().mean().item() - 0.3) < 0.01
+    with pytest.raises(ValueError):
+        Fx.standard_dropout(x, 0.0)
+
+
+def test_standard_dropout_module_eval_identity():
+    m = StandardDropout(p=0.5, per_image=False).eval()
+    x = torch.randn(3, 5)
+    assert torch.equal(m(x), x)
+
+
+# ------------------------------------------------------------------ the drop-in module
+
+def _head():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def test_dropin_excitation_dropout_train_vs_eval():
+    head = _head()
+    drop = ExcitationDropout(head=head, p=0.5)
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(5, 8)) + 0.05
+    y = torch.tensor([0, 1, 2, 0, 1])
+    drop.eval()
+    assert torch.equal(drop(x, target=y), x)    # test time: identity, no target needed
+    assert torch.equal(drop(x), x)
+    drop.train()
+    with pytest.raises(ValueError):
+        drop(x)                                   # 'gt' signal needs targets in training
+    torch.manual_seed(1)
+    out = drop(x, target=y)
+    assert out.shape == x.shape
+    for b in range(5):
+        kept = out[b] != 0
+        frac = kept.float().mean()
+        assert 0 < frac.item() <= 1
+        assert torch.allclose(out[b][kept], x[b][kept] / frac)   # per-image rescale
+    # units with p_EB = 0 are never dropped
+    pe = excitation_through(head, x, y)
+    torch.manual_seed(2)
+    for _ in range(20):
+        o = drop(x, target=y)
+        assert (o[pe == 0] != 0).all()
+
+
+def test_dropin_gradient_flows():
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    head = _head()
+    drop = ExcitationDropout(head=head, p=0.5).train()
+    x = torch.randn(6, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    h = drop(features(x), target=y)
+    loss = nn.functional.cross_entropy(head(h), y)
+    loss.backward()
+    for p in list(features.parameters()) + list(head.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert features[0].weight.grad.abs().sum() > 0
+
+
+TINY_FC = """
+name: "tiny"
+layer { name: "input" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 5 dim: 8 } shape { dim: 5 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+
+def test_dropin_p_eb_equals_net_excitation():
+    head = _head()
+    net = Net(io.parse_net(TINY_FC, "tiny.prototxt"), TEST, source="tiny.prototxt")
+    with torch.no_grad():
+        for name, lin in (("ip1", head[0]), ("ip2", head[2])):
+            net.layer(name).blobs[0].copy_(lin.weight)
+            net.layer(name).blobs[1].copy_(lin.bias)
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(5, 8)) + 0.05
+    y = torch.tensor([0, 1, 2, 2, 1])
+    blobs = net({"data": x, "label": y}, record=True)
+    assert torch.allclose(blobs["ip2"], head(x), atol=1e-6)
+    pe_net = net.excitation("data")
+    pe_mod = excitation_through(head, x, y)
+    assert pe_net.shape == pe_mod.shape == (5, 8)
+    assert torch.allclose(pe_net, pe_mod, atol=1e-6)
+    assert torch.allclose(pe_mod.sum(1), torch.ones(5), atol=1e-5)
+    # and the "pred" / fixed-class signals agree as well
+    pred = head(x).argmax(1)
+    assert torch.allclose(net.excitation("data", classes=pred),
+                          excitation_through(head, x, pred), atol=1e-6)
+    assert not math.isnan(pe_net.sum().item())
