@@ -50,6 +50,35 @@ class ParamEntry:
     name: str = ""
 
 
+def caffe_rate(p, it: int, step: int) -> tuple[float, int]:
+    """Caffe's SGDSolver::GetLearningRate at iteration ``it`` -> (rate, new current_step)."""
+    base_lr, gamma, power = _f32(p.base_lr), _f32(p.gamma), _f32(p.power)
+    policy = p.lr_policy
+    if policy == "fixed":
+        rate = base_lr
+    elif policy == "step":
+        if p.stepsize <= 0:
+            raise ValueError("lr_policy 'step' needs stepsize > 0")
+        step = it // p.stepsize
+        rate = base_lr * math.pow(gamma, step)
+    elif policy == "exp":
+        rate = base_lr * math.pow(gamma, it)
+    elif policy == "inv":
+        rate = base_lr * math.pow(1.0 + gamma * it, -power)
+    elif policy == "multistep":
+        # one step per call, exactly like Caffe's `if` (not `while`)
+        if step < len(p.stepvalue) and it >= p.stepvalue[step]:
+            step += 1
+        rate = base_lr * math.pow(gamma, step)
+    elif policy == "poly":
+        rate = base_lr * math.pow(1.0 - it / float(p.max_iter), power)
+    elif policy == "sigmoid":
+        rate = base_lr * (1.0 / (1.0 + math.exp(-gamma * (it - float(p.stepsize)))))
+    else:
+        raise ValueError(f"Unknown learning rate policy: {policy!r}")
+    return _f32(rate), step
+
+
 class Solver:
     """Base: Caffe's SGDSolver minus ComputeUpdateValue (see module docstring).
 
@@ -85,32 +114,7 @@ class Solver:
     # ---------------------------------------------------------------- learning rate
     def _rate(self) -> tuple[float, int]:
         """Caffe's SGDSolver::GetLearningRate at self.iter -> (rate, new current_step)."""
-        p, it, step = self.param, self.iter, self.current_step
-        base_lr, gamma, power = _f32(p.base_lr), _f32(p.gamma), _f32(p.power)
-        policy = p.lr_policy
-        if policy == "fixed":
-            rate = base_lr
-        elif policy == "step":
-            if p.stepsize <= 0:
-                raise ValueError("lr_policy 'step' needs stepsize > 0")
-            step = it // p.stepsize
-            rate = base_lr * math.pow(gamma, step)
-        elif policy == "exp":
-            rate = base_lr * math.pow(gamma, it)
-        elif policy == "inv":
-            rate = base_lr * math.pow(1.0 + gamma * it, -power)
-        elif policy == "multistep":
-            # one step per call, exactly like Caffe's `if` (not `while`)
-            if step < len(p.stepvalue) and it >= p.stepvalue[step]:
-                step += 1
-            rate = base_lr * math.pow(gamma, step)
-        elif policy == "poly":
-            rate = base_lr * math.pow(1.0 - it / float(p.max_iter), power)
-        elif policy == "sigmoid":
-            rate = base_lr * (1.0 / (1.0 + math.exp(-gamma * (it - float(p.stepsize)))))
-        else:
-            raise ValueError(f"Unknown learning rate policy: {policy!r}")
-        return _f32(rate), step
+        return caffe_rate(self.param, self.iter, self.current_step)
 
     def learning_rate(self) -> float:
         """The rate the next step_update will use (no bookkeeping side effects)."""

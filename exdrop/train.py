@@ -12,8 +12,6 @@ or test point.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import platform
@@ -28,6 +26,7 @@ from . import io as cio
 from .net import Net
 from .proto import caffe_pb2
 from .pylayer import TEST, TRAIN
+from .runlog import RunLog, budget, format_row
 from .snapshot import load_weights, save_weights
 from .solver import make_solver
 
@@ -132,15 +131,11 @@ class Trainer:
         (self.out / "snapshots").mkdir(exist_ok=True)
         prefix = Path(sp.snapshot_prefix).name if sp.snapshot_prefix else "snapshot"
         self.prefix = str(self.out / "snapshots" / prefix)
-        names = set(self.train_net.outputs)
-        for tn in self.test_nets:
-            names.update(tn.outputs)
-        self.columns = ["iter", "phase", "lr", "elapsed_s"] + sorted(names)
-        self.history: list[dict] = []
         self.elapsed = 0.0
         if cfg.resume:
             self._restore(cfg.resume)
-        self._open_log()
+        outputs = set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets))
+        self.log = RunLog(self.out, outputs, self.solver.iter if cfg.resume else None)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -238,34 +233,15 @@ class Trainer:
         return rows
 
     # ------------------------------------------------------------------ records
-    def _open_log(self):
-        path = self.out / "log.csv"
-        keep = []
-        if self.cfg.resume and path.exists():
-            with open(path, newline="") as f:
-                keep = [r for r in csv.DictReader(f) if int(r["iter"]) < self.solver.iter
-                        or (int(r["iter"]) == self.solver.iter and r["phase"] != "train")]
-        self.log_file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.log_file, fieldnames=self.columns, extrasaction="ignore")
-        self.writer.writeheader()
-        for r in keep:
-            self.writer.writerow(r)
-            self.history.append(r)
-        self.log_file.flush()
-
     def _log(self, row: dict, bar) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.log_file.flush()
-        self.history.append(row)
-        shown = {k: f"{v:.4f}" for k, v in row.items() if k not in ("iter", "phase", "lr", "elapsed_s")}
-        text = f"[{row['phase']} @ {row['iter']}] " + " ".join(f"{k}={v}" for k, v in shown.items())
-        if bar is not None:
-            if row["phase"] == "train":
-                bar.set_postfix(shown, refresh=False)
-            else:
-                bar.write(text)
-        elif self.cfg.progress:
-            print(text, flush=True)
+        self.log.add(row)
+        if bar is None:
+            if self.cfg.progress:
+                print(format_row(row), flush=True)
+        elif row["phase"] == "train":
+            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k in self.log.columns[4:]}, refresh=False)
+        else:
+            bar.write(format_row(row))
 
     def snapshot(self, elapsed: float) -> Path:
         base = f"{self.prefix}_iter_{self.solver.iter}"
@@ -304,22 +280,11 @@ class Trainer:
             self.elapsed = st.get("elapsed", 0.0)
 
     def _results(self, status: str, error: str | None) -> dict:
-        tests = [r for r in self.history if str(r["phase"]).startswith("test")]
-        trains = [r for r in self.history if r["phase"] == "train"]
-        last_test = tests[-1] if tests else {}
-        solver_max = cio.read_solver_prototxt(self.cfg.solver).max_iter
-        res = {
-            "status": status,
-            "solver": str(self.cfg.solver),
-            "net": self.train_net.source,
-            "iterations": self.solver.iter,
-            "max_iter": self.sp.max_iter,
-            "budget": ("full" if self.sp.max_iter >= solver_max
-                       else f"reduced: {self.sp.max_iter} of the solver's {solver_max} iterations"),
-            "test_accuracy": _num(last_test.get("accuracy")),
-            "test_loss": _num(last_test.get("loss")),
-            "best_test_accuracy": max((_num(r.get("accuracy")) for r in tests if r.get("accuracy") not in (None, "")), default=None),
-            "train_loss": _num(trains[-1]["loss"]) if trains else None,
+        res = {"status": status, "backend": "engine", "solver": str(self.cfg.solver), "net": self.train_net.source,
+               "iterations": self.solver.iter, "max_iter": self.sp.max_iter,
+               "budget": budget(self.sp.max_iter, cio.read_solver_prototxt(self.cfg.solver).max_iter)}
+        res.update(self.log.summary())
+        res.update({
             "seconds": round(self.elapsed, 2),
             "seconds_per_iter": round(self.elapsed / max(1, self.solver.iter), 4),
             "device": str(self.device) + (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda" else ""),
@@ -327,20 +292,10 @@ class Trainer:
             "host": platform.node(),
             "snapshot": str(getattr(self, "last_snapshot", "")),
             "test_source": [tn.source for tn in self.test_nets],
-        }
+        })
         if error:
             res["error"] = error
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, self.out / "results.json")
-        self.log_file.close()
-        return res
-
-
-def _num(v):
-    if v in (None, ""):
-        return None
-    return float(v)
+        return self.log.finish(res)
 
 
 def _main_thread() -> bool:

@@ -7,7 +7,7 @@ CPU tensors that view the numpy arrays.
 import numpy as np
 import torch
 
-from exdrop.pylayer import TRAIN, caffe_module, parse_param_str
+from exdrop.pylayer import TRAIN, caffe_module, parse_param_str  # noqa: F401 (TRAIN re-exported)
 
 caffe = caffe_module()
 

@@ -18,7 +18,7 @@ In the engine the training loop computes p_EB; inside real Caffe the driver
 """
 import numpy as np
 
-from _guided import DropoutLayerBase
+from _guided import TRAIN, DropoutLayerBase
 from exdrop import functional as Fx
 from exdrop.nn import ExcitationDropout as _Module
 
@@ -27,7 +27,14 @@ DEFAULTS = {"p": 0.5, "signal": "gt", "logits": None, "label": None, "rescale": 
 
 class ExcitationDropout(DropoutLayerBase):
     defaults = DEFAULTS
-    saliency = None  # numpy p_EB of the bottom, set by the Caffe-side driver each iteration
+    saliency = None  # numpy p_EB of the bottom, for this forward
+    provider = None  # set by scripts/train_caffe.py: provider(layer) -> p_EB, runs the head + EB
+
+    def forward(self, bottom, top):
+        if self.phase == TRAIN and self.provider is not None:
+            top[0].data[...] = bottom[0].data  # the head above sees the unmasked blob
+            self.saliency = self.provider(self)
+        super().forward(bottom, top)
 
     @staticmethod
     def torch_module(params, phase):

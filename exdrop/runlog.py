@@ -1,0 +1,68 @@
+"""The run folder's records, shared by the engine and the Caffe backend.
+
+``log.csv`` gets one row per display point (phase ``train``) and per test
+pass (``test``); ``results.json`` the final metrics. Both are written so that
+a crash leaves the previous complete version (flush per row; atomic replace).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+BASE_COLUMNS = ["iter", "phase", "lr", "elapsed_s"]
+
+
+class RunLog:
+    def __init__(self, out: Path, outputs, resume_iter: int | None = None):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.columns = BASE_COLUMNS + sorted(set(outputs))
+        self.rows: list[dict] = []
+        path = self.out / "log.csv"
+        kept = []
+        if resume_iter is not None and path.exists():
+            with open(path, newline="") as f:  # keep what happened before the snapshot
+                kept = [r for r in csv.DictReader(f) if int(r["iter"]) < resume_iter]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
+        self.writer.writeheader()
+        for r in kept:
+            self.add(r)
+
+    def add(self, row: dict) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()
+        self.rows.append(row)
+
+    def summary(self) -> dict:
+        """Last and best test metrics and the last smoothed training loss."""
+        tests = [r for r in self.rows if str(r["phase"]).startswith("test")]
+        trains = [r for r in self.rows if r["phase"] == "train"]
+        last = tests[-1] if tests else {}
+        accs = [_num(r.get("accuracy")) for r in tests if _num(r.get("accuracy")) is not None]
+        return {"test_accuracy": _num(last.get("accuracy")), "test_loss": _num(last.get("loss")),
+                "best_test_accuracy": max(accs) if accs else None,
+                "train_loss": _num(trains[-1].get("loss")) if trains else None}
+
+    def finish(self, results: dict) -> dict:
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, self.out / "results.json")
+        self.file.close()
+        return results
+
+
+def budget(max_iter: int, solver_max_iter: int) -> str:
+    return "full" if max_iter >= solver_max_iter else f"reduced: {max_iter} of the solver's {solver_max_iter} iterations"
+
+
+def format_row(row: dict) -> str:
+    shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                     if k not in BASE_COLUMNS and isinstance(v, float))
+    return f"[{row['phase']} @ {row['iter']}] {shown}"
+
+
+def _num(v):
+    return None if v in (None, "") else float(v)
