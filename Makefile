@@ -21,7 +21,7 @@ ITERS    ?= 20
 train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME))
 
-.PHONY: help setup test test-fast caffe data-cifar10 train-cifar10 bench clean-venv
+.PHONY: help setup test caffe data-cifar10 train-cifar10 bench bench-table6
 
 help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch)"
@@ -31,6 +31,7 @@ help:
 	@echo "     VARIANT=ed|standard|none|activation|maskimg|ed_authors  DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
 	@echo "make data-cifar10          convert DATA into $(DATA_DIR)/{train,val}_lmdb once"
 	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100)"
+	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 T6_ITERS=<n>"
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 
 $(PY):
@@ -60,4 +61,10 @@ else
 endif
 
 bench:
-	$(PY) -m exdrop bench --iters $(ITERS) --device $(DEVICE) --json models/bench/cnn2_cifar10.json
+	$(PY) -m exdrop bench cnn2-cifar10 --iters $(ITERS) --device $(DEVICE) --json models/bench/cnn2_cifar10.json
+
+# Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU)  BATCH=50
+NETS ?= cnn2,vgg16
+bench-table6:
+	$(PY) -m exdrop bench table6 --nets $(NETS) --device $(DEVICE) $(if $(T6_ITERS),--iters $(T6_ITERS)) \
+		$(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$(DEVICE).json

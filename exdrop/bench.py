@@ -100,19 +100,65 @@ def time_variants(variants: dict[str, str], *, solver: str, iters: int, warmup: 
             "image_shape": list(image_shape), "iters": iters, "warmup": warmup, "variants": rows}
 
 
+TABLE6 = {
+    # The paper's Table 6 setting: batch 50; CNN-2 on Caltech-256 (128x128, 256 classes), VGG16 on UCF101.
+    "cnn2": {"title": "CNN-2 (128x128, 256 classes)", "image": (3, 128, 128), "classes": 256,
+             "solver": "prototxt/cnn2/caltech256/solver_ed.prototxt",
+             "variants": {"Standard first fc": "prototxt/cnn2/caltech256/train_val_standard_fc1.prototxt",
+                          "Standard both fcs": "prototxt/cnn2/caltech256/train_val_standard_both.prototxt",
+                          "Activation Dropout": "prototxt/cnn2/caltech256/train_val_activation.prototxt",
+                          "Excitation Dropout": "prototxt/cnn2/caltech256/train_val_ed.prototxt"}},
+    "vgg16": {"title": "VGG16 (224x224, 101 classes)", "image": (3, 224, 224), "classes": 101,
+              "solver": "prototxt/vgg16/ucf101/solver_ed.prototxt",
+              "variants": {"Standard first fc": "prototxt/vgg16/ucf101/train_val_standard_fc6.prototxt",
+                           "Standard both fcs": "prototxt/vgg16/ucf101/train_val_standard_both.prototxt",
+                           "Activation Dropout": "prototxt/vgg16/ucf101/train_val_activation.prototxt",
+                           "Excitation Dropout": "prototxt/vgg16/ucf101/train_val_ed.prototxt"}},
+}
+PAPER_TABLE6 = {  # seconds per iteration, Caffe Python layer on a GTX Titan X (the paper's Table 6)
+    "cnn2": {"Standard first fc": (0.152, 0.007), "Standard both fcs": (0.161, 0.006),
+             "Activation Dropout": (0.184, 0.006), "Excitation Dropout": (0.189, 0.007)},
+    "vgg16": {"Standard first fc": (2.279, 0.028), "Standard both fcs": (2.290, 0.018),
+              "Activation Dropout": (2.803, 0.024), "Excitation Dropout": (2.820, 0.031)},
+}
+
+
+def _print_table(title: str, res: dict, paper: dict | None) -> None:
+    first = next(iter(res["variants"]))
+    print(f"\n{title}: batch {res['batch']}, one training iteration on {res['device']}, "
+          f"mean +- std of {res['iters']} after {res['warmup']} warm-up (interleaved)")
+    print(f"| variant | seconds | ratio to {first} |" + (" paper (Titan X) | paper ratio |" if paper else ""))
+    print("|---|---|---|" + ("---|---|" if paper else ""))
+    for k, r in res["variants"].items():
+        line = f"| {k} | {r['mean_s']:.4f} +- {r['std_s']:.4f} | {r['ratio_to_' + first]:.3f} |"
+        if paper and k in paper:
+            line += f" {paper[k][0]:.3f} +- {paper[k][1]:.3f} | {paper[k][0] / paper[first][0]:.3f} |"
+        print(line)
+
+
 def main(args) -> int:
     from .train import pick_device
     device = pick_device(args.device, 0)
-    res = time_variants(CNN2_CIFAR10, solver="prototxt/cnn2/cifar10/solver_ed.prototxt", iters=args.iters,
-                        warmup=args.warmup, batch=args.batch, device=device)
-    print(f"CNN-2, batch {res['batch']}, 32x32, one training iteration on {res['device']} "
-          f"({res['iters']} timed after {res['warmup']} warm-up, interleaved):")
-    for k, r in res["variants"].items():
-        print(f"  {k:<12} {r['mean_s']:.4f} +- {r['std_s']:.4f} s   (median {r['median_s']:.4f})")
-    ed, st = res["variants"]["Excitation"], res["variants"]["Standard"]
-    print(f"  ratio Excitation / Standard = {ed['mean_s'] / st['mean_s']:.3f} "
-          f"(medians: {ed['median_s'] / st['median_s']:.3f})")
+    out: dict = {}
+    if args.what == "cnn2-cifar10":
+        res = time_variants(CNN2_CIFAR10, solver="prototxt/cnn2/cifar10/solver_ed.prototxt", iters=args.iters,
+                            warmup=args.warmup, batch=args.batch or 100, device=device)
+        _print_table("CNN-2 on CIFAR-10 (32x32)", res, None)
+        ed, st = res["variants"]["Excitation"], res["variants"]["Standard"]
+        print(f"ratio Excitation / Standard = {ed['mean_s'] / st['mean_s']:.3f} "
+              f"(medians: {ed['median_s'] / st['median_s']:.3f})")
+        out = res
+    else:
+        for net in args.nets.split(","):
+            spec = TABLE6[net]
+            iters = args.iters or (100 if device.type == "cuda" else (10 if net == "cnn2" else 2))
+            res = time_variants(spec["variants"], solver=spec["solver"], iters=iters,
+                                warmup=args.warmup, batch=args.batch or 50, image_shape=spec["image"],
+                                classes=spec["classes"], device=device)
+            _print_table(spec["title"], res, PAPER_TABLE6.get(net))
+            out[net] = res
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"\nwritten to {args.json}")
     return 0

@@ -59,6 +59,8 @@ def _cmd_train(args) -> int:
 
 def _cmd_bench(args) -> int:
     from .bench import main as bench_main
+    if args.what == "cnn2-cifar10" and args.iters is None:
+        args.iters = 20
     return bench_main(args)
 
 
@@ -95,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=_cmd_train)
 
-    b = sub.add_parser("bench", help="seconds per training iteration: Standard vs Excitation Dropout")
-    b.add_argument("--iters", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--batch", type=int, default=100)
+    b = sub.add_parser("bench", help="seconds per training iteration of the dropout variants, side by side")
+    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6"],
+                   help="cnn2-cifar10: Standard vs Excitation (batch 100); table6: the paper's Table 6 runtimes")
+    b.add_argument("--nets", default="cnn2,vgg16", help="table6: which nets (cnn2, vgg16)")
+    b.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20; table6: 100 on CUDA, few on CPU)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--batch", type=int, default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", help="write the figures here too")
     b.set_defaults(fn=_cmd_bench)
