@@ -1,0 +1,417 @@
+"""The shipped prototxts: every train_val parses and builds in TRAIN and TEST at its real input
+size; the dropout variants of each net differ only in their dropout layers, which sit where
+their names say; the UCF101 nets keep the ImageNet layer names for fine-tuning; the solvers
+match the paper (Sec. 4.1); one training iteration of CNN-2 (Caltech-256), AlexNet and VGG16;
+Excitation Backprop conserves probability mass through AlexNet (LRN, grouped convolutions)
+and VGG16's head."""
+import math
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from exdrop import io, layer_types
+from exdrop.bench import with_input_layer
+from exdrop.net import Net, filter_layers
+from exdrop.pylayer import TEST, TRAIN
+from exdrop.solver import make_solver
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = ROOT / "prototxt"
+TRAIN_VALS = sorted(PROTO.rglob("train_val_*.prototxt"))
+SOLVERS = sorted(PROTO.rglob("solver_*.prototxt"))
+ALL_PROTOTXTS = sorted(PROTO.rglob("*.prototxt"))
+
+# Side of the square images each dataset's Data layers deliver (a crop_size wins over it).
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "caltech256": 128, "ucf101": 256}
+CLASSES = {"cifar10": 10, "cifar100": 100, "caltech256": 256, "ucf101": 101}
+# Per net: the blob after the last pooling, its shape, and the (first, second) fully connected blobs.
+NETS = {
+    "cnn2": {"pool": "pool3", "first": "ip1", "second": "ip2", "logits": "ip3"},
+    "alexnet": {"pool": "pool5", "pool_shape": (256, 6, 6), "first": "fc6", "second": "fc7", "logits": "fc8_ucf101"},
+    "vgg16": {"pool": "pool5", "pool_shape": (512, 7, 7), "first": "fc6", "second": "fc7", "logits": "fc8_ucf101"},
+    "vgg19": {"pool": "pool5", "pool_shape": (512, 7, 7), "first": "fc6", "second": "fc7", "logits": "fc8_ucf101"},
+}
+CNN2_POOL3 = {32: (256, 4, 4), 128: (256, 16, 16)}   # Caffe rounds pooling up: 32->16->8->4, 128->64->32->16
+
+GUIDED = {"excitation_dropout": "ExcitationDropout", "activation_dropout": "ActivationDropout",
+          "standard_dropout": "StandardDropout"}
+# variant -> the dropout layers (kind, which fc blob) it must contain, in order
+VARIANTS = {
+    "none": [],
+    "standard": [("Dropout", "first")],
+    "standard_fc1": [("Dropout", "first")],
+    "standard_fc6": [("Dropout", "first")],
+    "standard_both": [("Dropout", "first"), ("Dropout", "second")],
+    "activation": [("ActivationDropout", "first")],
+    "ed": [("ExcitationDropout", "first")],
+    "ed_authors": [("ExcitationDropout", "first")],
+    "maskimg": [("StandardDropout", "first")],
+}
+UCF101 = {  # net -> (crop, train batch, mean, max_iter)
+    "alexnet": (227, 128, (104.0, 117.0, 123.0), 5000),
+    "vgg16": (224, 50, (103.939, 116.779, 123.68), 30000),
+    "vgg19": (224, 50, (103.939, 116.779, 123.68), 30000),
+}
+
+
+def rel(p: Path) -> str:
+    return p.relative_to(PROTO).as_posix()
+
+
+def parts(path: Path) -> tuple[str, str, str]:
+    """(net, dataset, variant) of prototxt/<net>/<dataset>/{train_val,solver}_<variant>.prototxt."""
+    net, dataset = path.parent.relative_to(PROTO).parts[:2]
+    variant = re.sub(r"^(train_val|solver)_", "", path.stem)
+    return net, dataset, variant
+
+
+def input_shape(param, path: Path) -> tuple[int, int, int]:
+    crops = {lp.transform_param.crop_size for lp in param.layer if lp.type == "Data"}
+    assert len(crops) == 1, f"{rel(path)}: TRAIN and TEST data layers crop differently: {crops}"
+    crop = crops.pop()
+    if crop:
+        return (3, crop, crop)
+    dataset = parts(path)[1]
+    if dataset not in IMAGE_SIZE:
+        pytest.fail(f"{rel(path)}: add the image size of dataset '{dataset}' to IMAGE_SIZE in {Path(__file__).name}")
+    return (3, IMAGE_SIZE[dataset], IMAGE_SIZE[dataset])
+
+
+def build(path: Path, phase: int, batch: int) -> Net:
+    param = io.read_net_prototxt(path)
+    return Net(with_input_layer(param, phase, batch, input_shape(param, path)), phase, source=rel(path))
+
+
+@contextmanager
+def unfilled_weights():
+    """Skip the fillers (shape checks of nets with ~140M parameters stay fast)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_types, "fill", lambda shape, filler, generator=None: torch.empty(shape))
+        yield
+
+
+def dropout_layers(param) -> list[tuple[str, object]]:
+    out = []
+    for lp in param.layer:
+        if lp.type == "Dropout":
+            out.append(("Dropout", lp))
+        elif lp.type == "Python" and lp.python_param.module in GUIDED:
+            assert lp.python_param.layer == GUIDED[lp.python_param.module], lp.name
+            out.append((lp.python_param.layer, lp))
+    return out
+
+
+def feed(batch, shape, classes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"data": torch.randn(batch, *shape, generator=g) * 50,
+            "label": torch.randint(0, classes, (batch,), generator=g)}
+
+
+# ------------------------------------------------------------------ files
+
+def test_the_expected_files_exist():
+    have = {rel(p) for p in ALL_PROTOTXTS}
+    for folder, variants in (("cnn2/caltech256", ("standard_fc1", "standard_both", "activation", "ed", "none")),
+                             *((f"{n}/ucf101", ("standard_fc6", "standard_both", "activation", "ed", "none"))
+                               for n in ("alexnet", "vgg16", "vgg19"))):
+        for v in variants:
+            assert f"{folder}/train_val_{v}.prototxt" in have
+            assert f"{folder}/solver_{v}.prototxt" in have
+
+
+@pytest.mark.parametrize("path", ALL_PROTOTXTS, ids=rel)
+def test_no_machine_paths(path):
+    text = path.read_text()
+    assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text
+    for src in re.findall(r'(?:source|net|snapshot_prefix|mean_file): "([^"]*)"', text):
+        assert not src.startswith("/"), f"absolute path {src!r}"
+
+
+# ------------------------------------------------------------------ parse and build
+
+@pytest.mark.parametrize("path", TRAIN_VALS, ids=rel)
+def test_train_val_parses(path):
+    param = io.read_net_prototxt(path)
+    assert param.name and len(param.layer) > 5
+    for phase in (TRAIN, TEST):
+        kept = filter_layers(param, phase)
+        assert sum(lp.type == "Data" for lp in kept) == 1
+        names = [lp.name for lp in kept]
+        assert len(names) == len(set(names)), f"duplicate layer names in {rel(path)}"
+        assert [lp.type for lp in kept].count("SoftmaxWithLoss") == 1
+    data = {lp.include[0].phase: lp for lp in param.layer if lp.type == "Data"}
+    assert data[TRAIN].transform_param.mirror, "TRAIN data must mirror"
+    assert data[TRAIN].data_param.source.endswith("train_lmdb") and data[TEST].data_param.source.endswith("val_lmdb")
+
+
+@pytest.mark.parametrize("phase", [TRAIN, TEST], ids=["TRAIN", "TEST"])
+@pytest.mark.parametrize("path", TRAIN_VALS, ids=rel)
+def test_train_val_builds_at_full_size(path, phase):
+    net_name, dataset, _ = parts(path)
+    with unfilled_weights():
+        net = build(path, phase, 1)
+    info = NETS.get(net_name)
+    if info is None:
+        pytest.skip(f"no shape table for net '{net_name}'")
+    _, h, _ = input_shape(io.read_net_prototxt(path), path)
+    pool_shape = info.get("pool_shape") or CNN2_POOL3[h]
+    assert net.blob_shapes[info["pool"]] == (1, *pool_shape)
+    assert net.blob_shapes[info["first"]] == (1, 4096 if net_name != "cnn2" else 2048)
+    assert net.blob_shapes[info["logits"]] == (1, CLASSES[dataset])
+    assert net.loss_weights == {"loss": 1.0}
+    assert net.layer(info["first"]).blobs[0].shape[1] == math.prod(pool_shape)
+
+
+# ------------------------------------------------------------------ variants
+
+@pytest.mark.parametrize("path", TRAIN_VALS, ids=rel)
+def test_dropout_layers_match_the_variant(path):
+    net_name, _, variant = parts(path)
+    if variant not in VARIANTS or net_name not in NETS:
+        pytest.skip(f"no expectation for variant '{variant}' of '{net_name}'")
+    param = io.read_net_prototxt(path)
+    got = dropout_layers(param)
+    want = VARIANTS[variant]
+    assert [k for k, _ in got] == [k for k, _ in want]
+    names = [lp.name for lp in param.layer]
+    for (_, lp), (_, which) in zip(got, want):
+        blob = NETS[net_name][which]
+        assert list(lp.bottom) == [blob] and list(lp.top) == [blob], f"{lp.name} is not in place on {blob}"
+        before = param.layer[names.index(lp.name) - 1]
+        assert before.type == "ReLU" and list(before.top) == [blob], f"{lp.name} must follow the ReLU of {blob}"
+        if lp.type == "Dropout":
+            assert lp.dropout_param.dropout_ratio == pytest.approx(0.5)
+        else:
+            assert lp.python_param.param_str.replace(" ", "").startswith("{'p':0.5")
+
+
+ED_FILES = [p for p in TRAIN_VALS if parts(p)[2].split("_")[0] == "ed"]
+
+
+@pytest.mark.parametrize("path", ED_FILES, ids=rel)
+def test_ed_variants_have_one_excitation_dropout_at_the_first_fc(path):
+    param = io.read_net_prototxt(path)
+    ed = [lp for lp in param.layer if lp.type == "Python" and lp.python_param.layer == "ExcitationDropout"]
+    assert len(ed) == 1
+    assert list(ed[0].bottom) == list(ed[0].top) == [NETS[parts(path)[0]]["first"]]
+    assert not any(lp.type == "Dropout" for lp in param.layer)
+
+
+def _without_dropout(param) -> list[str]:
+    drops = {lp.name for _, lp in dropout_layers(param)}
+    return [str(lp) for lp in param.layer if lp.name not in drops]
+
+
+FOLDERS = sorted({p.parent for p in TRAIN_VALS})
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=rel)
+def test_variants_differ_only_in_dropout(folder):
+    """Every variant of a net equals its no-dropout variant once the dropout layers are cut
+    (the `_authors` files change other settings on purpose)."""
+    base = folder / "train_val_none.prototxt"
+    if not base.exists():
+        pytest.skip(f"{rel(folder)} has no train_val_none.prototxt")
+    want = _without_dropout(io.read_net_prototxt(base))
+    for p in sorted(folder.glob("train_val_*.prototxt")):
+        if p.stem.endswith("_authors"):
+            continue
+        assert _without_dropout(io.read_net_prototxt(p)) == want, f"{rel(p)} differs from {rel(base)} beyond dropout"
+
+
+# ------------------------------------------------------------------ fine-tuning conventions
+
+@pytest.mark.parametrize("net_name", sorted(UCF101))
+def test_ucf101_nets_keep_the_imagenet_names(net_name):
+    path = PROTO / net_name / "ucf101/train_val_none.prototxt"
+    param = io.read_net_prototxt(path)
+    crop, batch, mean, _ = UCF101[net_name]
+    learnable = [lp for lp in param.layer if lp.type in ("Convolution", "InnerProduct")]
+    if net_name == "alexnet":
+        convs = [f"conv{i}" for i in range(1, 6)]
+        assert [lp.convolution_param.group or 1 for lp in learnable[:5]] == [1, 2, 1, 2, 2]
+        assert sum(lp.type == "LRN" for lp in param.layer) == 2
+    else:
+        per_block = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}[net_name]
+        convs = [f"conv{b}_{i}" for b, n in enumerate(per_block, 1) for i in range(1, n + 1)]
+        assert all(lp.convolution_param.kernel_size == [3] and lp.convolution_param.pad == [1]
+                   for lp in learnable[:-3])
+    assert [lp.name for lp in learnable] == convs + ["fc6", "fc7", "fc8_ucf101"]
+    for lp in learnable:
+        rates = [(p.lr_mult, p.decay_mult) for p in lp.param]
+        assert rates == ([(10, 1), (20, 0)] if lp.name == "fc8_ucf101" else [(1, 1), (2, 0)]), lp.name
+    assert learnable[-1].inner_product_param.num_output == 101
+    data = {lp.include[0].phase: lp for lp in param.layer if lp.type == "Data"}
+    for phase, lp in data.items():
+        tp = lp.transform_param
+        assert tp.crop_size == crop and list(tp.mean_value) == pytest.approx(mean)
+        assert tp.mirror == (phase == TRAIN)
+    assert data[TRAIN].data_param.batch_size == batch
+    assert data[TRAIN].data_param.source == "data/ucf101/train_lmdb"
+    assert data[TEST].data_param.source == "data/ucf101/val_lmdb"
+
+
+def test_caltech256_data_follows_the_authors():
+    param = io.read_net_prototxt(PROTO / "cnn2/caltech256/train_val_none.prototxt")
+    for lp in param.layer:
+        if lp.type == "Data":
+            tp = lp.transform_param
+            assert tp.mirror and not tp.crop_size      # the authors mirror in TEST too
+            assert list(tp.mean_value) == pytest.approx([103.939, 116.779, 123.68])
+            assert lp.data_param.source.startswith("data/caltech256/")
+            if lp.include[0].phase == TRAIN:
+                assert lp.data_param.batch_size == 100
+
+
+# ------------------------------------------------------------------ solvers
+
+@pytest.mark.parametrize("path", SOLVERS, ids=rel)
+def test_solver_points_at_its_train_val(path):
+    sp = io.read_solver_prototxt(path)
+    net_name, dataset, variant = parts(path)
+    assert sp.net == f"prototxt/{net_name}/{dataset}/train_val_{variant}.prototxt"
+    assert (ROOT / sp.net).is_file()
+    assert sp.snapshot_prefix.startswith(f"models/{net_name}_{dataset}_{variant}/")
+    assert sp.test_iter and sp.test_interval > 0 and sp.max_iter > 0
+    make_solver(sp, [])
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=rel)
+def test_every_train_val_has_a_solver(folder):
+    nets = {parts(p)[2] for p in folder.glob("train_val_*.prototxt")}
+    solvers = {parts(p)[2] for p in folder.glob("solver_*.prototxt")}
+    assert nets == solvers
+
+
+@pytest.mark.parametrize("path", [p for p in SOLVERS if parts(p)[:2] in
+                                  {("cnn2", "caltech256"), ("alexnet", "ucf101"), ("vgg16", "ucf101"), ("vgg19", "ucf101")}],
+                         ids=rel)
+def test_solver_is_the_papers(path):
+    """Sec. 4.1: Adam, 1e-3, weight decay 0.005; from scratch 100K iterations with 1e-3 -> 1e-4 at
+    25K; fine-tuning a fixed rate, 5K iterations (AlexNet) or 30K (VGG16/19)."""
+    sp = io.read_solver_prototxt(path)
+    net_name, _, _ = parts(path)
+    assert sp.type == "Adam" and sp.base_lr == pytest.approx(1e-3) and sp.weight_decay == pytest.approx(0.005)
+    assert sp.momentum == pytest.approx(0.9) and sp.momentum2 == pytest.approx(0.999)
+    if net_name == "cnn2":
+        assert sp.lr_policy == "multistep" and list(sp.stepvalue) == [25000] and sp.gamma == pytest.approx(0.1)
+        assert sp.max_iter == 100000 and sp.test_interval == 1000
+    else:
+        assert sp.lr_policy == "fixed" and sp.max_iter == UCF101[net_name][3]
+        assert sp.test_interval == 500 and sp.display == 20
+
+
+# ------------------------------------------------------------------ one training iteration
+# The TRAIN nets (the prototxt's own fillers) are built once per module; the TEST nets of the
+# Excitation Backprop checks share their weights, as Caffe's test nets do.
+
+def _train_net(folder: str, batch: int) -> Net:
+    torch.manual_seed(0)
+    return build(PROTO / folder / "train_val_ed.prototxt", TRAIN, batch)
+
+
+@pytest.fixture(scope="module")
+def alexnet_train():
+    return _train_net("alexnet/ucf101", 2)
+
+
+@pytest.fixture(scope="module")
+def vgg16_train():
+    return _train_net("vgg16/ucf101", 1)
+
+
+def _one_iteration(net: Net, folder: str):
+    path = PROTO / folder / "train_val_ed.prototxt"
+    net_name, dataset, _ = parts(path)
+    entries = net.learnable()
+    solver = make_solver(io.read_solver_prototxt(PROTO / folder / "solver_ed.prototxt"), entries)
+    batch = net.blob_shapes["data"][0]
+    blobs = net(feed(batch, net.blob_shapes["data"][1:], CLASSES[dataset]))
+    assert net.layer("drop6" if net_name != "cnn2" else "drop").lp.python_param.layer == "ExcitationDropout"
+    loss = net.loss(blobs)
+    assert torch.isfinite(loss)
+    for p in net.parameters():
+        p.grad = None
+    loss.backward()
+    probes = []   # per blob, one element that must move: decayed weights always move; else the largest gradient
+    for e in entries:
+        g = e.tensor.grad
+        assert g is not None and torch.isfinite(g).all(), e.name
+        k = 0 if e.decay_mult else int(g.abs().argmax())
+        probes.append((e, k, e.tensor.detach().flatten()[k].item(), bool(e.decay_mult or g.flatten()[k] != 0)))
+    assert net.layer(NETS[net_name]["logits"]).blobs[0].grad.abs().sum() > 0
+    solver.step_update()
+    for e, k, old, moves in probes:
+        if moves:
+            assert e.tensor.detach().flatten()[k].item() != old, f"{e.name} was not updated"
+    assert solver.iter == 1
+    for p in net.parameters():
+        p.grad = None
+
+
+def test_one_training_iteration_cnn2_caltech256():
+    _one_iteration(_train_net("cnn2/caltech256", 2), "cnn2/caltech256")
+
+
+def test_one_training_iteration_alexnet_ucf101(alexnet_train):
+    _one_iteration(alexnet_train, "alexnet/ucf101")
+
+
+@pytest.mark.slow   # ~20 s on two busy cores, most of it the Adam update of 138M parameters
+def test_one_training_iteration_vgg16_ucf101(vgg16_train):
+    _one_iteration(vgg16_train, "vgg16/ucf101")
+
+
+# ------------------------------------------------------------------ Excitation Backprop mass
+# Random weights from the prototxts' gaussian fillers keep every activation non-zero (VGG's
+# std 0.01 shrinks them layer by layer, to ~1e-6 at fc6: far above float32's smallest normal).
+
+def _recorded(train_net: Net, folder: str, batch: int) -> Net:
+    path = PROTO / folder / "train_val_ed.prototxt"
+    with unfilled_weights():
+        net = build(path, TEST, batch)
+    net.share_weights_from(train_net)
+    shape = input_shape(io.read_net_prototxt(path), path)
+    with torch.no_grad():
+        net(feed(batch, shape, CLASSES[parts(path)[1]], seed=2), record=True)
+    return net
+
+
+@pytest.fixture(scope="module")
+def alexnet_test(alexnet_train):
+    return _recorded(alexnet_train, "alexnet/ucf101", 2)
+
+
+@pytest.fixture(scope="module")
+def vgg16_test(vgg16_train):
+    return _recorded(vgg16_train, "vgg16/ucf101", 2)
+
+
+def _check_mass(net, blob):
+    pe = net.excitation(blob)
+    x = net.blobs[blob]
+    assert pe.shape == x.shape
+    assert torch.isfinite(pe).all() and (pe >= 0).all()
+    assert (pe[x <= 0] == 0).all()
+    assert (x > 0).float().mean() > 0.05, f"{blob}: activations died out"
+    sums = pe.flatten(1).sum(1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-3), sums
+
+
+@pytest.mark.parametrize("blob", ["fc6", "conv4", "conv2"])   # through fc7 / grouped conv5 / conv3, LRN, pooling
+def test_alexnet_eb_conserves_mass(alexnet_test, blob):
+    _check_mass(alexnet_test, blob)
+
+
+@pytest.mark.parametrize("blob", ["fc7", "fc6"])
+def test_vgg16_eb_conserves_mass_through_the_head(vgg16_test, blob):
+    _check_mass(vgg16_test, blob)
+
+
+def test_test_nets_run_at_the_inferred_shapes(alexnet_test, vgg16_test):
+    for net in (alexnet_test, vgg16_test):
+        for name, t in net.blobs.items():
+            assert tuple(t.shape) == net.blob_shapes[name], name
