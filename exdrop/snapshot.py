@@ -39,9 +39,8 @@ def load_weights(net, path, strict_missing: bool = False) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} not found")
     src = cio.read_caffemodel(path)
-    if len(src.layers) and not len(src.layer):
-        raise ValueError(f"{path}: V1 caffemodel ('layers'); upgrade it with Caffe's upgrade_net_proto_binary")
-    by_name = {l.name: l for l in src.layer}
+    # V1 files (the model zoo's VGG/AlexNet) keep name and blobs in `layers`: enough to load by name.
+    by_name = {l.name: l for l in (src.layer if len(src.layer) else src.layers)}
     loaded = []
     for layer in net.layer_list:
         if not len(layer.blobs):
