@@ -45,7 +45,7 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(solver=args.solver, out=args.out, max_iter=args.max_iter, device=args.device,
                       resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last)
     try:
         res = train(cfg)
     except TrainingDiverged:
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--snapshot-every", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision forward (EB stays float32)")
+    t.add_argument("--channels-last", action="store_true", help="NHWC convolutions (GPU)")
     t.set_defaults(fn=_cmd_train)
 
     b = sub.add_parser("bench", help="seconds per training iteration of the dropout variants, side by side")

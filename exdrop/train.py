@@ -12,6 +12,7 @@ or test point.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -50,6 +51,8 @@ class TrainConfig:
     seed: int | None = None
     batch_size: int | None = None
     progress: bool = True
+    amp: str | None = None             # "bf16": autocast the forward (EB stays float32)
+    channels_last: bool = False
     overrides: dict = field(default_factory=dict)
 
 
@@ -123,6 +126,13 @@ class Trainer:
             self.test_nets.append(tn)
         if len(self.test_nets) and len(sp.test_iter) not in (1, len(self.test_nets)):
             raise ValueError(f"{cfg.solver}: give one test_iter per test net")
+        if cfg.channels_last:
+            for n in [self.train_net, *self.test_nets]:
+                n.use_channels_last()
+        if cfg.amp not in (None, "", "bf16", "fp16"):
+            raise ValueError(f"--amp must be bf16 or fp16, got {cfg.amp!r}")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)) \
+            if cfg.amp else contextlib.nullcontext
         if cfg.weights:
             load_weights(self.train_net, cfg.weights)
         self.solver = make_solver(sp, self.train_net.learnable())
@@ -158,8 +168,9 @@ class Trainer:
                     p.grad = None
                 loss_total = None
                 for _ in range(max(1, sp.iter_size)):
-                    blobs = net()
-                    loss = net.loss(blobs)
+                    with self.autocast():
+                        blobs = net()
+                        loss = net.loss(blobs)
                     loss.backward()
                     loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
                     for name in net.outputs:
@@ -221,7 +232,8 @@ class Trainer:
             n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
             sums: dict[str, torch.Tensor] = {}
             for _ in range(n_iter):
-                blobs = tn()
+                with self.autocast():
+                    blobs = tn()
                 for name in tn.outputs:
                     v = blobs[name].detach().float()
                     sums[name] = sums[name] + v if name in sums else v

@@ -103,6 +103,8 @@ def run(args) -> dict:
     if sp.random_seed >= 0:
         caffe.set_random_seed(sp.random_seed)
         np.random.seed(sp.random_seed)
+        import torch  # the guided layers draw their masks with torch
+        torch.manual_seed(sp.random_seed)
     solver = caffe.get_solver(str(solver_path))
     if args.snapshot:
         solver.restore(args.snapshot)
@@ -146,6 +148,7 @@ def run(args) -> dict:
 
 def test(solver, sp, log, t0) -> None:
     for k, tn in enumerate(solver.test_nets):
+        tn.share_with(solver.net)  # Caffe's Solver::Test does this first; else the test net keeps its fillers
         n = sp.test_iter[min(k, len(sp.test_iter) - 1)]
         sums = {}
         for _ in range(n):
