@@ -233,6 +233,11 @@ class Pooling(Layer):
             if 2 * pd > k:
                 self.fail(f"pad {self.pad} larger than half the kernel {self.kernel} is not supported")
         h, w = (caffe_pooled_size(shape[2 + i], self.kernel[i], self.stride[i], self.pad[i]) for i in range(2))
+        for size, out, st, pd in zip(shape[2:], (h, w), self.stride, self.pad):
+            if (out - 1) * st - pd >= size:  # Caffe keeps this window when pad == 0; it is empty
+                self.fail(f"the last pooling window starts outside the {tuple(shape[2:])} input "
+                          f"(kernel {self.kernel}, stride {self.stride}): Caffe gives it -FLT_MAX/0; "
+                          "choose a stride <= kernel or add padding")
         self.top_shapes = [(shape[0], shape[1], h, w)]
 
     def forward(self, x):

@@ -172,14 +172,12 @@ class Net(nn.Module):
                     owners[pname] = (layer, i)
 
     def _find_outputs(self) -> list[str]:
-        """Caffe's net outputs: tops that no later layer consumes."""
-        consumed, outputs = set(), []
-        for layer in reversed(self.layer_list):
-            for t in layer.lp.top:
-                if t not in consumed and t not in outputs and t not in layer.lp.bottom:
-                    outputs.append(t)
-            consumed.update(layer.lp.bottom)
-        return list(reversed(outputs))
+        """Caffe's net outputs: blobs still unconsumed after the last layer (in-place tops count)."""
+        available: set[str] = set(self.input_names)
+        for layer in self.layer_list:
+            available.difference_update(layer.lp.bottom)
+            available.update(layer.lp.top)
+        return sorted(available)
 
     def _loss_weights(self) -> dict[str, float]:
         weights = {}

@@ -117,13 +117,19 @@ def load_layer_class(module: str, layer: str, layer_name: str, extra_paths: list
     for p in reversed(layer_search_paths(extra_paths)):
         if str(p) not in sys.path:
             sys.path.insert(0, str(p))
+    # A classic layer file starts with `import caffe`: without pycaffe it gets the stand-in.
+    lend = "caffe" not in sys.modules and importlib.util.find_spec("caffe") is None
+    if lend:
+        sys.modules["caffe"] = _STAND_IN
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"layer '{layer_name}': python_param module '{module}' not found "
-            f"(looked in layers/ and on sys.path): {exc}"
-        ) from exc
+        what = ("not found (looked in layers/ and on sys.path)" if exc.name == module
+                else f"failed to import: {exc}")
+        raise ImportError(f"layer '{layer_name}': python_param module '{module}' {what}") from exc
+    finally:
+        if lend and sys.modules.get("caffe") is _STAND_IN:
+            del sys.modules["caffe"]
     try:
         return getattr(mod, layer)
     except AttributeError:
