@@ -111,19 +111,18 @@ def stats(ts: list[float]) -> dict:
 
 def bench_size(caffe, train_caffe, side: int, iters: int, warmup: int, folder: Path) -> dict:
     batch, classes = SIZES[side]
-    sp_engine = None
     variants = {}
     for method in METHODS:
         net_path = write_net(method, side, batch, classes, folder)
         sp, solver_path = write_solver(net_path)
-        sp_engine = sp
-        eng = Variant(method, str(net_path), sp_engine, batch, (3, side, side), classes, torch.device("cpu"))
+        eng = Variant(method, str(net_path), sp, batch, (3, side, side), classes, torch.device("cpu"))
         data = eng.feed["data"].numpy().copy()
         label = eng.feed["label"].numpy().astype(np.float32)
         variants[("Caffe", method)] = CaffeVariant(caffe, train_caffe, net_path, solver_path, data, label)
         variants[("engine", method)] = eng
-        if method == "Excitation Dropout":
-            assert variants[("Caffe", method)].hooked == ["drop"], "the Caffe ED net has no hooked layer"
+        if method == "Excitation Dropout" and variants[("Caffe", method)].hooked != ["drop"]:
+            raise SystemExit(f"{net_path}: the Caffe ED net got no p_EB provider (hooked: "
+                             f"{variants[('Caffe', method)].hooked})")
     order = [("Caffe", m) for m in METHODS] + [("engine", m) for m in METHODS]
     for _ in range(warmup):
         for k in order:
@@ -135,9 +134,10 @@ def bench_size(caffe, train_caffe, side: int, iters: int, warmup: int, folder: P
             variants[k].step()
             times[k].append(time.perf_counter() - t)
         print(f"  {side}x{side} round {r + 1}/{iters}: "
-              + ", ".join(f"{b} {m.split()[0]} {times[(b, m)][-1]:.2f}s" for b, m in order), file=sys.stderr, flush=True)
+              + ", ".join(f"{b} {m.split()[0]} {times[(b, m)][-1]:.2f}s" for b, m in order),
+              file=sys.stderr, flush=True)
     losses = {f"{b}/{m}": float(variants[(b, m)].net.blobs["loss"].data) if b == "Caffe"
-              else float(variants[(b, m)].net.blobs["loss"]) for b, m in order}
+              else float(variants[(b, m)].net.blobs["loss"].detach()) for b, m in order}
     del variants
     gc.collect()
     rows = {f"{b}/{m}": stats(ts) for (b, m), ts in times.items()}
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "layers"))
     train_caffe = load_train_caffe()
     meta = {"iters": args.iters, "warmup": args.warmup, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+            "torch_threads": torch.get_num_threads(),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
             "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "solver": SOLVER, "methods": METHODS}
     results = []
