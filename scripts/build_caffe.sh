@@ -60,8 +60,11 @@ LINK_DIR="$BUILD_DIR/linklibs"
 LOG_DIR="$BUILD_DIR/logs"
 PY_DIR="$BUILD_DIR/python"
 
-# Imports caffe the way exdrop does and checks the Python layer is registered.
+# Imports caffe the way exdrop does and checks the Python layer is registered and LMDB
+# is compiled in (this CMake ignores -DUSE_LMDB=ON; without it Data layers cannot read).
 verify_caffe() {
+  nm -D "$PY_DIR/caffe/_caffe.so" 2>/dev/null | grep -q mdb_env_open \
+    || { echo "pycaffe at $PY_DIR was built without LMDB support" >&2; return 1; }
   PYTHONPATH="$PY_DIR${PYTHONPATH:+:$PYTHONPATH}" GLOG_minloglevel=2 "$PYTHON" - <<'EOF'
 import sys
 import caffe
@@ -179,7 +182,8 @@ cmake -S "$SRC_DIR" -B "$CMAKE_DIR" \
   -DBUILD_python=ON -DBUILD_python_layer=ON \
   -DUSE_LMDB=ON -DUSE_HDF5=ON -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF \
   -DANACONDA_HOME="$PY_PREFIX" -DPYTHON_VERSION="$PY_VER" \
-  -DCMAKE_CXX_FLAGS="-DWITH_PYTHON_LAYER -I$PY_INCLUDE -I$NUMPY_INCLUDE -I$HDF5_INC" \
+  -DCMAKE_CXX_FLAGS="-DWITH_PYTHON_LAYER -DUSE_LMDB -I$PY_INCLUDE -I$NUMPY_INCLUDE -I$HDF5_INC" \
+  -DCMAKE_CXX_STANDARD_LIBRARIES=-llmdb \
   -DCMAKE_SHARED_LINKER_FLAGS="-L$LINK_DIR -L$HDF5_LIB" \
   >"$LOG_DIR/cmake.log" 2>&1 \
   || { tail -30 "$LOG_DIR/cmake.log" >&2; die "CMake configure failed (see $LOG_DIR/cmake.log)"; }
