@@ -142,7 +142,7 @@ def main(args) -> int:
     out: dict = {}
     if args.what == "cnn2-cifar10":
         res = time_variants(CNN2_CIFAR10, solver="prototxt/cnn2/cifar10/solver_ed.prototxt", iters=args.iters,
-                            warmup=args.warmup, batch=args.batch or 100, device=device)
+                            warmup=2 if args.warmup is None else args.warmup, batch=args.batch or 100, device=device)
         _print_table("CNN-2 on CIFAR-10 (32x32)", res, None)
         ed, st = res["variants"]["Excitation"], res["variants"]["Standard"]
         print(f"ratio Excitation / Standard = {ed['mean_s'] / st['mean_s']:.3f} "
@@ -151,9 +151,11 @@ def main(args) -> int:
     else:
         for net in args.nets.split(","):
             spec = TABLE6[net]
-            iters = args.iters or (100 if device.type == "cuda" else (10 if net == "cnn2" else 2))
+            on_gpu = device.type == "cuda"
+            iters = args.iters or (100 if on_gpu else (5 if net == "cnn2" else 2))
+            warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
             res = time_variants(spec["variants"], solver=spec["solver"], iters=iters,
-                                warmup=args.warmup, batch=args.batch or 50, image_shape=spec["image"],
+                                warmup=warmup, batch=args.batch or 50, image_shape=spec["image"],
                                 classes=spec["classes"], device=device)
             _print_table(spec["title"], res, PAPER_TABLE6.get(net))
             out[net] = res

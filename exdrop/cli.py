@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cnn2-cifar10: Standard vs Excitation (batch 100); table6: the paper's Table 6 runtimes")
     b.add_argument("--nets", default="cnn2,vgg16", help="table6: which nets (cnn2, vgg16)")
     b.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20; table6: 100 on CUDA, few on CPU)")
-    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 2; table6 on CPU: 1)")
     b.add_argument("--batch", type=int, default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", help="write the figures here too")

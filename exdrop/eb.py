@@ -57,21 +57,24 @@ def eb_relu(x: torch.Tensor, top: torch.Tensor, negative_slope: float = 0.0) -> 
     return torch.where(x > 0, top, top * negative_slope)
 
 
-def eb_max_pool2d(x: torch.Tensor, top: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
-    """Max pooling: every window's probability goes to its argmax (Caffe's ceil mode)."""
-    _, idx = F.max_pool2d(x, kernel, stride, padding, ceil_mode=True, return_indices=True)
+def eb_max_pool2d(x: torch.Tensor, top: torch.Tensor, kernel, stride, padding,
+                  dilation=1, ceil_mode: bool = True) -> torch.Tensor:
+    """Max pooling: every window's probability goes to its argmax (Caffe: ceil mode)."""
+    _, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
     b, c, h, w = x.shape
     out = torch.zeros(b, c, h * w, dtype=torch.float32, device=x.device)
     out.scatter_add_(2, idx.flatten(2), top.float().flatten(2))
     return out.view(b, c, h, w)
 
 
-def eb_avg_pool2d(x: torch.Tensor, top: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+def eb_avg_pool2d(x: torch.Tensor, top: torch.Tensor, kernel, stride, padding,
+                  ceil_mode: bool = True, count_include_pad: bool = True) -> torch.Tensor:
     """Average pooling: each window splits its probability in proportion to its inputs."""
     x = x.float()
-    z = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=True, count_include_pad=True)
+    z = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
     s = safe_divide(top.float(), z)
-    back = torch.ops.aten.avg_pool2d_backward(s, x, _pair(kernel), _pair(stride), _pair(padding), True, True, None)
+    back = torch.ops.aten.avg_pool2d_backward(s, x, _pair(kernel), _pair(stride), _pair(padding),
+                                              ceil_mode, count_include_pad, None)
     return x * back
 
 

@@ -152,32 +152,14 @@ def _module_rule(m: nn.Module, x: torch.Tensor, top: torch.Tensor) -> torch.Tens
     if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
         return eb.eb_relu(x, top, getattr(m, "negative_slope", 0.0))
     if isinstance(m, nn.MaxPool2d):
-        if not m.ceil_mode or m.dilation not in (1, (1, 1)):
-            # The rule is exact for any mode; the index map just must match the forward.
-            return _generic_max_pool(m, x, top)
-        return eb.eb_max_pool2d(x, top, m.kernel_size, m.stride, m.padding)
+        return eb.eb_max_pool2d(x, top, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     if isinstance(m, nn.AvgPool2d):
-        return _avg_pool_rule(m, x, top)
+        if m.divisor_override:
+            raise ValueError("EB does not support AvgPool2d with divisor_override")
+        return eb.eb_avg_pool2d(x, top, m.kernel_size, m.stride or m.kernel_size, m.padding,
+                                m.ceil_mode, m.count_include_pad)
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return top.reshape(x.shape)
     if isinstance(m, (nn.Dropout, nn.Identity, nn.LocalResponseNorm, _GuidedDropout, StandardDropout)):
         return top
     raise TypeError(f"Excitation Backprop has no rule for {type(m).__name__}")
-
-
-def _generic_max_pool(m: nn.MaxPool2d, x, top):
-    _, idx = nn.functional.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                      ceil_mode=m.ceil_mode, return_indices=True)
-    b, c, h, w = x.shape
-    out = torch.zeros(b, c, h * w, dtype=torch.float32, device=x.device)
-    out.scatter_add_(2, idx.flatten(2), top.float().flatten(2))
-    return out.view(b, c, h, w)
-
-
-def _avg_pool_rule(m: nn.AvgPool2d, x, top):
-    with torch.enable_grad():
-        xg = x.detach().float().requires_grad_(True)
-        z = m(xg)
-        s = eb.safe_divide(top.float(), z.detach())
-        (back,) = torch.autograd.grad(z, xg, s)
-    return xg.detach() * back
