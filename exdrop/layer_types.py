@@ -452,6 +452,9 @@ def _check_labels(layer: Layer, logits_shape, label_shape, axis):
                    f"(bottom shapes {tuple(logits_shape)} and {tuple(label_shape)})")
 
 
+_NEG_LOG_FLT_MIN = -math.log(np.finfo(np.float32).tiny)  # 87.3365
+
+
 def _class_last(x: torch.Tensor, axis: int) -> torch.Tensor:
     """(N, C, ...) -> (M, C) rows, one per prediction."""
     return x.movedim(axis, -1).reshape(-1, x.shape[axis])
@@ -479,7 +482,11 @@ class SoftmaxWithLoss(Layer):
         rows = _class_last(logits, self.axis).float()
         target = label.reshape(-1).long()
         ignore = -100 if self.ignore is None else self.ignore
-        total = F.cross_entropy(rows, target, ignore_index=ignore, reduction="sum")
+        per = F.cross_entropy(rows, target, ignore_index=ignore, reduction="none")
+        # Caffe takes -log(max(prob, FLT_MIN)): each loss term saturates at 87.34 while the
+        # gradient stays softmax - onehot. Same value, same gradient here.
+        per = per - (per - per.clamp(max=_NEG_LOG_FLT_MIN)).detach()
+        total = per.sum()
         N = caffe_pb2.LossParameter
         if self.norm == N.VALID:
             denom = (target != ignore).sum().clamp_min(1) if self.ignore is not None else rows.shape[0]
