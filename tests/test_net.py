@@ -333,7 +333,8 @@ def test_cnn2_param_specs():
         assert (e[f"{layer}.0"].lr_mult, e[f"{layer}.0"].decay_mult) == (1, 1)
         assert (e[f"{layer}.1"].lr_mult, e[f"{layer}.1"].decay_mult) == (2, 0)
     assert torch.equal(net.layer("conv1").blobs[1].detach(), torch.full((96,), 0.1))
-    assert net.layer("conv1").blobs[0].std().item() == pytest.approx(0.01, rel=0.1)
+    # msra: std sqrt(2 / fan_in), fan_in = 3 * 5 * 5
+    assert net.layer("conv1").blobs[0].std().item() == pytest.approx((2 / 75) ** 0.5, rel=0.1)
 
 
 # ------------------------------------------------------------------ fan-out

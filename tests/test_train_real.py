@@ -94,9 +94,8 @@ def test_short_real_run_and_resume(solver_copy):
     assert float(test_rows[0]["accuracy"]) == pytest.approx(saved["test_accuracy"], rel=1e-5)
     # the loss goes down: the last iterations' loss is below the first one
     losses = [float(r["loss"]) for r in train_rows]
-    assert losses[0] == pytest.approx(2.3026, abs=0.1)   # ln(10): an untrained 10-way classifier
-    assert sum(losses[-4:]) / 4 < losses[0] - 0.05, losses
-    assert min(losses[-4:]) < 2.1, losses
+    assert 2.0 < losses[0] < 4.0, losses   # an untrained 10-way classifier: near ln(10) = 2.30
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.3, losses
 
     # snapshots every SNAPSHOT iterations
     snaps = run / "snapshots"
