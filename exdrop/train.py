@@ -25,7 +25,6 @@ import torch
 
 from . import io as cio
 from .net import Net
-from .proto import caffe_pb2
 from .pylayer import TEST, TRAIN
 from .runlog import RunLog, budget, format_row
 from .snapshot import load_weights, save_weights

@@ -199,7 +199,7 @@ def test_image_folder_bgr_labels_split_idempotent(tmp_path):
 
 def test_tgz_tree_with_long_names_and_test_split(tmp_path):
     src = tmp_path / "src"
-    tr = make_tree(src / "data" / "train", per_class=3)
+    make_tree(src / "data" / "train", per_class=3)
     te = make_tree(src / "data" / "test", per_class=2)
     long_dir = src / "data" / "train" / "ant"
     long_name = "x" * 120 + ".png"    # > 100 chars: pax/GNU long-name header
