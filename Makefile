@@ -65,6 +65,10 @@ bench:
 
 # Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU)  BATCH=50
 NETS ?= cnn2,vgg16
+comma := ,
+# One process per net: four VGG16s with Adam state need ~20 GB of host memory on CPU.
 bench-table6:
-	$(PY) -m exdrop bench table6 --nets $(NETS) --device $(DEVICE) $(if $(T6_ITERS),--iters $(T6_ITERS)) \
-		$(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$(DEVICE).json
+	for net in $(subst $(comma), ,$(NETS)); do \
+	  $(PY) -m exdrop bench table6 --nets $$net --device $(DEVICE) $(if $(T6_ITERS),--iters $(T6_ITERS)) \
+	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$(DEVICE).json || exit 1; \
+	done
