@@ -155,7 +155,9 @@ def test_cifar_python_tgz(tmp_path):
     r = prepare_cifar10(tmp_path / "cifar-10-python.tar.gz", tmp_path / "out", progress=False)
     assert r["classes"] == CIFAR10_CLASSES
     assert r["counts"]["train"] == 50 and r["counts"]["test"] == 20 and "val" not in r["counts"]
-    assert r["val"] == r["test"] and Path(r["test"]).name == "test_lmdb"
+    # validation is the official test split; the prototxts' val_lmdb links to it
+    assert Path(r["val"]).name == "val_lmdb" and Path(r["val"]).resolve() == Path(r["test"]).resolve()
+    assert Path(r["test"]).name == "test_lmdb"
     for split in ("train", "test"):
         recs, _ = lmdb_by_name(r[split])
         for name, (chw, lab) in recs.items():
@@ -209,7 +211,8 @@ def test_tgz_tree_with_long_names_and_test_split(tmp_path):
         tf.add(src / "data", arcname="data")
     r = prepare_image_dataset(tgz, tmp_path / "out", progress=False)
     assert r["classes"] == ["ant", "bee", "cat"]
-    assert r["counts"]["train"] == 10 and r["counts"]["test"] == 6 and r["val"] == r["test"]
+    assert r["counts"]["train"] == 10 and r["counts"]["test"] == 6
+    assert Path(r["val"]).resolve() == Path(r["test"]).resolve()
     recs, _ = lmdb_by_name(r["test"])
     for name, (chw, lab) in recs.items():
         im, lab0 = te[name.split("/", 2)[2]]

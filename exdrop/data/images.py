@@ -436,8 +436,9 @@ def _prepare(source, out_dir, reader: Callable[[Path], RawDataset], *, val_size,
     files = {"train": "train_lmdb", "val": "val_lmdb" if val is not None else None,
              "test": "test_lmdb" if test is not None else None}
     for k in ("val", "test"):
-        if files[k] is None and (out_dir / f"{k}_lmdb").exists():
-            shutil.rmtree(out_dir / f"{k}_lmdb")
+        stale = out_dir / f"{k}_lmdb"
+        if files[k] is None and (stale.is_symlink() or stale.exists()):
+            stale.unlink() if stale.is_symlink() else shutil.rmtree(stale)
     shape = _write_split(train, out_dir / files["train"], "train", progress)
     counts = {"train": len(train), "train_per_class": np.bincount(train.labels, minlength=len(ds.classes)).tolist()}
     if val is not None:
@@ -447,7 +448,10 @@ def _prepare(source, out_dir, reader: Callable[[Path], RawDataset], *, val_size,
         _write_split(test, out_dir / files["test"], "test", progress)
         counts.update(test=len(test), test_per_class=np.bincount(test.labels, minlength=len(ds.classes)).tolist())
     if val is None and test is not None:
-        files["val"] = files["test"]   # no carved validation: validate on the official test split
+        # No carved validation: validate on the official test split. The prototxts read
+        # `val_lmdb`, so it is a link to the test LMDB.
+        (out_dir / "val_lmdb").symlink_to("test_lmdb", target_is_directory=True)
+        files["val"] = "val_lmdb"
     meta = {"params": params, "format": ds.fmt, "classes": list(ds.classes), "counts": counts,
             "shape": list(shape) if shape is not None else None, **files}
     tmp = out_dir / "meta.json.tmp"
