@@ -210,7 +210,7 @@ class Trainer:
         if status == "finished":
             if sp.snapshot_after_train and (not sp.snapshot or solver.iter % sp.snapshot):
                 self.snapshot(self.elapsed)
-            if sp.test_interval and solver.iter % sp.test_interval == 0 or self.test_nets:
+            if self.test_nets:  # always a final test (Caffe: only on a test_interval multiple)
                 self.test(None, self.elapsed)
         elif status == "interrupted":
             self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
