@@ -28,6 +28,9 @@ CNN2_CIFAR10 = {
 }
 
 
+LOOP_SUFFIX = " (per-image loop)"
+
+
 def with_input_layer(net_param, phase: int, batch: int, image_shape: tuple[int, int, int]):
     """A copy of ``net_param`` whose data layers of ``phase`` become one Input (data, label)."""
     out = caffe_pb2.NetParameter()
@@ -57,15 +60,35 @@ def _sync(device: torch.device):
 class Variant:
     """One prototxt ready to train on fixed random data."""
 
-    def __init__(self, name: str, prototxt: str, solver_param, batch: int, image_shape, classes: int, device):
-        param = with_input_layer(cio.read_net_prototxt(prototxt), TRAIN, batch, image_shape)
+    def __init__(self, name: str, prototxt: str, solver_param, batch: int, image_shape, classes: int, device,
+                 per_image_loop: bool = False):
+        original = cio.read_net_prototxt(prototxt)
+        param = with_input_layer(original, TRAIN, batch, image_shape)
         torch.manual_seed(0)
         self.name, self.device = name, device
         self.net = Net(param, TRAIN, device, prototxt)
         self.solver = make_solver(solver_param, self.net.learnable())
+        # what the data layer would deliver: mean-subtracted pixels (std ~60) times transform scale
+        scale = next((lp.transform_param.scale for lp in original.layer if lp.type in ("Data", "ImageData")), 1.0)
         g = torch.Generator().manual_seed(1)
-        self.feed = {"data": (torch.randn(batch, *image_shape, generator=g) * 60).to(device),
+        self.feed = {"data": (torch.randn(batch, *image_shape, generator=g) * 60 * scale).to(device),
                      "label": torch.randint(0, classes, (batch,), generator=g).to(device)}
+        if per_image_loop:
+            self._loop_saliency()
+
+    def _loop_saliency(self):
+        """The authors' way: EB one image at a time in a Python loop (to show what batching buys)."""
+        net, batched = self.net, self.net._saliency
+        batch = self.feed["data"].shape[0]
+
+        def one_by_one(i, layer, blobs):
+            rows = []
+            for b in range(batch):
+                sliced = {k: v[b:b + 1] if v.dim() and v.shape[0] == batch else v for k, v in blobs.items()}
+                rows.append(batched(i, layer, sliced))
+            return torch.cat(rows)
+
+        net._saliency = one_by_one
 
     def step(self):
         for p in self.net.parameters():
@@ -78,7 +101,8 @@ def time_variants(variants: dict[str, str], *, solver: str, iters: int, warmup: 
                   image_shape=(3, 32, 32), classes: int = 10, device="cpu") -> dict:
     device = torch.device(device)
     sp = cio.read_solver_prototxt(solver)
-    built = {k: Variant(k, v, sp, batch, image_shape, classes, device) for k, v in variants.items()}
+    built = {k: Variant(k, v, sp, batch, image_shape, classes, device, per_image_loop=k.endswith(LOOP_SUFFIX))
+             for k, v in variants.items()}
     times = {k: [] for k in built}
     for _ in range(warmup):
         for v in built.values():
@@ -160,7 +184,10 @@ def main(args) -> int:
             on_gpu = device.type == "cuda"
             iters = args.iters or (100 if on_gpu else (5 if net == "cnn2" else 2))
             warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
-            res = time_variants(spec["variants"], solver=spec["solver"], iters=iters,
+            variants = dict(spec["variants"])
+            if args.per_image_loop:
+                variants["Excitation Dropout" + LOOP_SUFFIX] = variants["Excitation Dropout"]
+            res = time_variants(variants, solver=spec["solver"], iters=iters,
                                 warmup=warmup, batch=args.batch or 50, image_shape=spec["image"],
                                 classes=spec["classes"], device=device)
             _print_table(spec["title"], res, PAPER_TABLE6.get(net))

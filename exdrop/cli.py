@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", help="write the figures here too")
+    b.add_argument("--per-image-loop", action="store_true",
+                   help="table6: add an ED column that runs EB image by image (the authors' numpy loop)")
     b.set_defaults(fn=_cmd_bench)
     return ap
 
