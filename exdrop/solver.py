@@ -155,6 +155,20 @@ class Solver:
         """ComputeUpdateValue for all parameters; returns the update values (diffs)."""
         raise NotImplementedError
 
+    def _rms_scaled(self, grads, num, h, rate: float, factor=np.float32(1)) -> list[torch.Tensor]:
+        """diff = local_rate * factor * num / (sqrt(h) + delta), built in the gradient buffers
+        (AdaGrad, RMSProp, Adam); no copy of the parameters is allocated."""
+        delta = _f32(self.param.delta)
+        for g, n, hi, lr in zip(grads, num, h, self._local_rates(rate)):
+            if n is g:
+                g.div_(hi.sqrt().add_(delta))
+            else:
+                torch.sqrt(hi, out=g)
+                g.add_(delta)
+                torch.div(n, g, out=g)
+            g.mul_(_f32(np.float32(lr) * factor))
+        return grads
+
     def _local_rates(self, rate: float) -> list[float]:
         r = np.float32(rate)
         return [_f32(r * np.float32(lr)) for lr in self._lr_mult]
@@ -256,11 +270,7 @@ class AdaGradSolver(Solver):
     def _compute_update(self, grads, rate):
         h = self.history
         torch._foreach_addcmul_(h, grads, grads)
-        den = torch._foreach_sqrt(h)
-        torch._foreach_add_(den, _f32(self.param.delta))
-        upd = torch._foreach_div(grads, den)
-        torch._foreach_mul_(upd, self._local_rates(rate))
-        return upd
+        return self._rms_scaled(grads, grads, h, rate)
 
 
 class RMSPropSolver(Solver):
@@ -280,11 +290,7 @@ class RMSPropSolver(Solver):
         h = self.history
         torch._foreach_mul_(h, _f32(d))
         torch._foreach_addcmul_(h, grads, grads, value=_f32(np.float32(1) - d))
-        den = torch._foreach_sqrt(h)
-        torch._foreach_add_(den, _f32(self.param.delta))
-        upd = torch._foreach_div(grads, den)
-        torch._foreach_mul_(upd, self._local_rates(rate))
-        return upd
+        return self._rms_scaled(grads, grads, h, rate)
 
 
 class AdaDeltaSolver(Solver):
@@ -329,14 +335,7 @@ class AdamSolver(Solver):
         torch._foreach_add_(m, grads, alpha=_f32(np.float32(1) - b1))
         torch._foreach_mul_(v, _f32(b2))
         torch._foreach_addcmul_(v, grads, grads, value=_f32(np.float32(1) - b2))
-        delta = _f32(self.param.delta)
-        # The gradient buffers are free now: the update is built in them, allocating nothing.
-        for g, mi, vi, lr in zip(grads, m, v, self._local_rates(rate)):
-            torch.sqrt(vi, out=g)
-            g.add_(delta)
-            torch.div(mi, g, out=g)
-            g.mul_(_f32(np.float32(lr) * correction))
-        return grads
+        return self._rms_scaled(grads, m, v, rate, correction)
 
 
 SOLVER_TYPES = {c.type_name: c for c in (SGDSolver, NesterovSolver, AdaGradSolver,
