@@ -1,4 +1,4 @@
-"""Excitation Backprop (Zhang et al. 2016), batched, one rule per layer kind.
+"""Excitation Backprop (Zhang et al. 2016), batched: the math kernels and the one walk.
 
 EB replaces the backward pass of each layer with a probabilistic Winner-Take-
 All step (Eqns 1-2 of the paper): a unit passes its top-down probability to
@@ -9,10 +9,18 @@ non-negative weights W+ this is, per image::
     S = top / Z         (0 where Z == 0: that mass is lost, never NaN)
     bottom = X * (S W+^T)
 
-Probability is conserved wherever Z > 0. Every rule runs in float32 (1e-20
+Probability is conserved wherever Z > 0. Every kernel runs in float32 (1e-20
 style epsilons vanish in half precision) and under ``torch.no_grad``.
+
+Which kernel a layer uses, with which geometry, is the layer type's rule in
+:mod:`exdrop.layer_types` (one table keyed by Caffe type). The engine, the
+real-Caffe backend and the drop-in modules all go through :func:`walk` with
+those rules, start from :func:`top_signal`, and pick the class with
+:func:`signal_classes`.
 """
 from __future__ import annotations
+
+from typing import Callable, Hashable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,11 +94,82 @@ def eb_eltwise_sum(xs: list[torch.Tensor], top: torch.Tensor, coeffs=None) -> li
     return [p * s for p in parts]
 
 
-def one_hot_signal(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+# ----------------------------------------------------------------- the top signal
+def top_signal(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """The top signal: a one-hot of ``classes`` (B,) over the logits' classes, float32."""
     sig = torch.zeros(logits.shape[0], logits[0].numel(), dtype=torch.float32, device=logits.device)
-    sig.scatter_(1, classes.long().view(-1, 1), 1.0)
+    sig.scatter_(1, classes.long().view(-1, 1).to(logits.device), 1.0)
     return sig.view(logits.shape)
+
+
+one_hot_signal = top_signal
+
+
+def signal_classes(signal, logits: torch.Tensor, labels=None, where: str = "ExcitationDropout") -> torch.Tensor:
+    """The class of each image's top signal, ``(B,)`` long.
+
+    ``signal``: ``"gt"`` the ground truth (``labels``, the paper's training
+    signal), ``"pred"`` the predicted class (argmax of ``logits``), or an int
+    class index for every image. ``where`` names the layer in errors.
+    """
+    if signal == "gt":
+        if labels is None:
+            raise ValueError(f"{where}: the ground-truth top signal (signal 'gt') needs the labels: "
+                             "give the label blob (or `target`), or use signal 'pred' or a class index")
+        return torch.as_tensor(labels).reshape(-1).long().to(logits.device)
+    if signal == "pred":
+        return logits.detach().flatten(1).argmax(1)
+    if isinstance(signal, bool) or not isinstance(signal, (int, str)):
+        raise ValueError(f"{where}: signal must be 'gt', 'pred' or a class index, got {signal!r}")
+    try:
+        k = int(signal)
+    except ValueError:
+        raise ValueError(f"{where}: signal must be 'gt', 'pred' or a class index, got {signal!r}") from None
+    classes = logits[0].numel()
+    if not 0 <= k < classes:
+        raise ValueError(f"{where}: signal class {k} is outside the logits' {classes} classes")
+    return torch.full((logits.shape[0],), k, dtype=torch.long, device=logits.device)
+
+
+def signal_blobs(layer_params, params: dict, layer: str, source: str = "<net>") -> tuple[str, str | None]:
+    """(logits blob, label blob) for a guided layer: ``params`` 'logits' / 'label', else the
+    bottoms of the net's first SoftmaxWithLoss among ``layer_params`` (LayerParameters)."""
+    loss = next((lp for lp in layer_params if lp.type == "SoftmaxWithLoss"), None)
+    logits = params.get("logits") or (loss.bottom[0] if loss is not None else None)
+    label = params.get("label") or (loss.bottom[1] if loss is not None and len(loss.bottom) > 1 else None)
+    if logits is None:
+        raise ValueError(f"{source}: layer '{layer}' needs the logits blob for Excitation Backprop: "
+                         "add a SoftmaxWithLoss layer or set 'logits' in its param_str")
+    return logits, label
+
+
+# ----------------------------------------------------------------- the walk
+class Step(NamedTuple):
+    """One layer on the way down: its rule (bound to its geometry and weights), its input
+    tensors, and the keys under which the walk files the signals of its bottoms and tops
+    (blob names on the Caffe side, tensor ids in the engine, positions in a Sequential)."""
+
+    rule: Callable[[list, list], list]
+    bottoms: list
+    bottom_keys: list
+    top_keys: list
+
+
+def walk(steps: Sequence[Step], signals: dict, target: Hashable) -> torch.Tensor | None:
+    """Run ``steps`` backwards from ``signals`` (key -> top-down probability); p_EB at ``target``.
+
+    A step whose tops carry no signal is skipped; signals reaching one key from several
+    layers (a blob consumed twice) add up. Returns None when nothing reaches ``target``.
+    """
+    signals = dict(signals)
+    for step in reversed(steps):
+        top_sig = [signals.pop(k, None) for k in step.top_keys]
+        if all(s is None for s in top_sig):
+            continue
+        for key, s in zip(step.bottom_keys, step.rule(step.bottoms, top_sig)):
+            if s is not None:
+                signals[key] = signals[key] + s if key in signals else s
+    return signals.get(target)
 
 
 def _pair(v):

@@ -116,7 +116,7 @@ def _mask_view(x: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
 def guided_dropout(
     x: torch.Tensor,
     share: torch.Tensor,
-    base_retain: float,
+    p: float = 0.5,
     rescale: bool = True,
     grad_rescale: bool = True,
     generator: torch.Generator | None = None,
@@ -124,28 +124,39 @@ def guided_dropout(
     """Excitation/Activation Dropout on one blob (training mode).
 
     ``share`` is the per-unit distribution (``(B, N)`` or the saliency blob of
-    x's shape, which is then collapsed by :func:`unit_saliency`).
+    x's shape, which is then collapsed by :func:`unit_saliency`). ``p`` is the
+    dropout probability as in ``torch.nn.functional.dropout``: the paper's base
+    retain probability is P = 1 - p (the retain probability of a unit whose
+    share is 1/N).
     """
-    retain = retain_probability(unit_saliency(share).float(), base_retain)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability has to be in [0, 1), got {p} (base retain probability P = 1 - p)")
+    retain = retain_probability(unit_saliency(share).float(), 1.0 - p)
     mask = sample_unit_mask(retain, generator)
     return apply_unit_mask(x, mask, rescale=rescale, grad_rescale=grad_rescale)
 
 
 def standard_dropout(
     x: torch.Tensor,
-    retain: float,
+    p: float = 0.5,
     per_image: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Standard dropout with a Bernoulli(P) keep mask scaled by 1/P.
+    """Standard dropout: units dropped with probability ``p``, kept ones scaled by 1/(1-p).
 
-    ``per_image`` True draws a different mask for each image (the paper's
-    "Standard + Mask/Img" control); False draws one mask shared by the whole
-    minibatch (the paper's description of Standard Dropout, Sec. 4.2). Units
-    are whole feature maps for a convolution blob, as in the guided layers.
+    ``p`` means what it means in ``torch.nn.functional.dropout``. ``per_image``
+    True draws a different mask for each image (the paper's "Standard +
+    Mask/Img" control); False draws one mask shared by the whole minibatch
+    (the paper's description of Standard Dropout, Sec. 4.2). Units are whole
+    feature maps for a convolution blob, as in the guided layers.
     """
-    if not 0.0 < retain <= 1.0:
-        raise ValueError(f"retain probability must be in (0, 1], got {retain}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
+    if p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    retain = 1.0 - p
     b = x.shape[0] if per_image else 1
     units = x.shape[1] if x.dim() == 4 else x[0].numel()
     keep = torch.full((b, units), retain, device=x.device, dtype=torch.float32)

@@ -1,13 +1,18 @@
 """Caffe layer types on PyTorch: one class per type, registered by Caffe's name.
 
-Each class is built from its ``LayerParameter`` and the shapes of its bottoms,
-creates its learnable blobs in Caffe's order (weights, then bias) with Caffe's
-fillers, reports its top shapes, runs ``forward`` on tensors, and knows its
-Excitation Backprop rule (``excite``). Errors name the layer.
+``REGISTRY`` is the one table of layer types. Each class parses its
+``LayerParameter`` once into a geometry, creates its learnable blobs in
+Caffe's order (weights, then bias) with Caffe's fillers, reports its top
+shapes, runs ``forward`` on tensors, and holds the type's Excitation Backprop
+rule (``eb_rule``), which the engine (``Net``), the real-Caffe backend
+(:mod:`exdrop.caffe_eb`) and the drop-in modules (:mod:`exdrop.nn`, through
+``torch_modules``) all apply. Adding a layer type is one class here. Errors
+name the layer.
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -18,7 +23,8 @@ from . import eb
 from .proto import caffe_pb2
 from .pylayer import TRAIN, load_layer_class, parse_param_str
 
-REGISTRY: dict[str, type["Layer"]] = {}
+REGISTRY: dict[str, type["Layer"]] = {}        # Caffe type name -> layer type
+TORCH_MODULES: dict[type, type["Layer"]] = {}  # torch.nn module class -> layer type
 
 
 class LayerError(ValueError):
@@ -26,9 +32,12 @@ class LayerError(ValueError):
 
 
 def register(*names):
+    """Class decorator: the layer type of Caffe ``names`` (and of its ``torch_modules``)."""
     def deco(cls):
         for n in names:
             REGISTRY[n] = cls
+        for t in cls.torch_modules:
+            TORCH_MODULES[t] = cls
         return cls
     return deco
 
@@ -64,13 +73,31 @@ def fill(shape: tuple[int, ...], filler, generator: torch.Generator | None = Non
 
 # ----------------------------------------------------------------- base
 class Layer(nn.Module):
-    """One Caffe layer. Subclasses set ``self.top_shapes`` in ``__init__``."""
+    """One Caffe layer type: its geometry, forward, EB rule and torch.nn counterparts.
+
+    A subclass is the whole of a layer type, registered under its Caffe name:
+
+    * ``geometry(lp, bottom_shapes)`` parses the LayerParameter once (kernel,
+      stride, axis, ...); the engine's forward, the engine's EB and the
+      real-Caffe backend's EB all read that one result;
+    * ``__init__`` creates the learnable blobs (Caffe's order and fillers) and
+      ``self.top_shapes``; ``forward`` runs on tensors;
+    * ``eb_rule(g, bottoms, weights, signals)`` is the Excitation Backprop rule:
+      the bottoms' top-down probabilities from the tops' (None where a top
+      carries none), given the geometry and the layer's weights (Caffe's blob
+      order) -- the one rule of this type, used by every backend;
+    * ``torch_modules`` and ``module_geometry(m, x)`` map ``torch.nn`` modules
+      onto the type, so the drop-in modules of :mod:`exdrop.nn` use the same rule.
+
+    Errors name the layer.
+    """
 
     n_bottom: tuple[int, int] = (1, 1)  # min, max number of bottoms
-    is_dropout = False
+    is_dropout = False  # the identity at test time and for EB
     is_loss = False
+    torch_modules: tuple[type, ...] = ()
 
-    def __init__(self, lp, bottom_shapes: list[tuple], phase: int):
+    def __init__(self, lp, bottom_shapes: list[tuple], phase: int, **context):
         super().__init__()
         self.lp, self.phase = lp, phase
         self.name, self.type = lp.name, lp.type
@@ -79,7 +106,27 @@ class Layer(nn.Module):
             self.fail(f"takes {lo}..{hi} bottoms, got {len(bottom_shapes)}")
         self.blobs = nn.ParameterList()
         self.top_shapes: list[tuple] = []
+        try:
+            self.g = self.geometry(lp, [tuple(s) for s in bottom_shapes], **context)
+        except LayerError:
+            raise
+        except ValueError as exc:
+            self.fail(str(exc))
 
+    # -- the type's description, shared by every backend
+    @staticmethod
+    def geometry(lp, bottom_shapes: list[tuple]) -> SimpleNamespace:
+        return SimpleNamespace()
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        raise NotImplementedError("Excitation Backprop has no rule for this layer type")
+
+    @classmethod
+    def module_geometry(cls, m: nn.Module, x: torch.Tensor) -> tuple[SimpleNamespace, list]:
+        return SimpleNamespace(), []
+
+    # -- engine side
     def fail(self, msg: str):
         raise LayerError(f"layer '{self.name}' (type {self.type}): {msg}")
 
@@ -93,9 +140,39 @@ class Layer(nn.Module):
             return p.lr_mult, p.decay_mult, p.name
         return 1.0, 1.0, ""
 
+    def excite_rule(self):
+        """This layer's EB rule, bound to its geometry and current weights: ``rule(bottoms, signals)``."""
+        return bound_rule(type(self), self.g, list(self.blobs), f"layer '{self.name}' (type {self.type})")
+
     def excite(self, bottoms, tops, signals):
-        """EB: the bottoms' signals from the tops' signals (None where a top has none)."""
-        self.fail("Excitation Backprop has no rule for this layer type")
+        """The bottoms' EB signals from the tops' (None where a top carries none)."""
+        return self.excite_rule()(bottoms, signals)
+
+
+def bound_rule(kind: type[Layer], g, weights: list, where: str):
+    """``kind``'s EB rule bound to one layer's geometry and weights: ``rule(bottoms, signals)``."""
+    def rule(bottoms, signals):
+        try:
+            return kind.eb_rule(g, bottoms, weights, signals)
+        except (ValueError, NotImplementedError) as exc:
+            raise LayerError(f"{where}: {exc}") from None
+    return rule
+
+
+def module_layer(m: nn.Module, x: torch.Tensor):
+    """(layer type, bound EB rule) of a torch module, for the drop-in modules' walk."""
+    if getattr(m, "is_dropout", False) or isinstance(m, nn.modules.dropout._DropoutNd):
+        kind = REGISTRY["Dropout"]
+    else:
+        kind = next((TORCH_MODULES[t] for t in type(m).__mro__ if t in TORCH_MODULES), None)
+        if kind is None:
+            raise TypeError(f"Excitation Backprop has no rule for {type(m).__name__}: map it onto a Caffe "
+                            "layer type (`torch_modules` of a class in exdrop/layer_types.py)")
+    try:
+        g, weights = kind.module_geometry(m, x)
+    except ValueError as exc:
+        raise TypeError(f"Excitation Backprop does not support {m}: {exc}") from None
+    return kind, bound_rule(kind, g, weights, f"module {type(m).__name__}")
 
 
 # ----------------------------------------------------------------- helpers
@@ -127,6 +204,10 @@ def _pair_or(param, single: str, h: str, w: str) -> tuple[int, int]:
     return v, v
 
 
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int) -> int:
     """Caffe's pooling output size: rounded up, the last window starting inside the image."""
     out = int(math.ceil((size + 2 * pad - kernel) / stride)) + 1
@@ -139,156 +220,217 @@ def conv_out_size(size, kernel, stride, pad, dilation):
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
+def _same_shape(g, bottoms, weights, signals):
+    """The EB rule of layers that keep each unit where it is (LRN, Dropout, Flatten, ...)."""
+    return [signals[0].reshape(bottoms[0].shape)]
+
+
 # ----------------------------------------------------------------- vision layers
 @register("Convolution")
 class Convolution(Layer):
+    torch_modules = (nn.Conv2d,)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p = lp.convolution_param
+        if len(bottom_shapes[0]) != 4 or p.axis != 1:
+            raise ValueError(f"only 2-D convolution on (N, C, H, W) is supported, got bottom {bottom_shapes[0]}")
+        dil = list(p.dilation) or [1]
+        return SimpleNamespace(kernel=_hw(p, "kernel_size", "kernel_h", "kernel_w", None),
+                               stride=_hw(p, "stride", "stride_h", "stride_w", 1),
+                               pad=_hw(p, "pad", "pad_h", "pad_w", 0),
+                               dilation=(dil[0], dil[-1]), groups=p.group)
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        return [eb.eb_conv2d(bottoms[0], weights[0], signals[0], g.stride, g.pad, g.dilation, g.groups)]
+
+    @classmethod
+    def module_geometry(cls, m, x):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ValueError("EB supports Conv2d with numeric zero padding only")
+        return SimpleNamespace(kernel=m.kernel_size, stride=m.stride, pad=m.padding, dilation=m.dilation,
+                               groups=m.groups), [m.weight]
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        p = lp.convolution_param
-        shape = bottom_shapes[0]
-        if len(shape) != 4 or p.axis != 1:
-            self.fail(f"only 2-D convolution on (N, C, H, W) is supported, got bottom {shape}")
-        try:
-            self.kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
-            self.stride = _hw(p, "stride", "stride_h", "stride_w", 1)
-            self.pad = _hw(p, "pad", "pad_h", "pad_w", 0)
-        except ValueError as exc:
-            self.fail(str(exc))
-        dil = list(p.dilation) or [1]
-        self.dilation = (dil[0], dil[-1])
-        self.groups = p.group
+        p, g, shape = lp.convolution_param, self.g, bottom_shapes[0]
         c = shape[1]
         if p.num_output <= 0:
             self.fail("num_output must be positive")
-        if c % self.groups or p.num_output % self.groups:
-            self.fail(f"channels ({c}) and num_output ({p.num_output}) must be divisible by group ({self.groups})")
-        self.add_blob((p.num_output, c // self.groups) + self.kernel, p.weight_filler)
+        if c % g.groups or p.num_output % g.groups:
+            self.fail(f"channels ({c}) and num_output ({p.num_output}) must be divisible by group ({g.groups})")
+        self.add_blob((p.num_output, c // g.groups) + g.kernel, p.weight_filler)
         self.bias_term = p.bias_term
         if self.bias_term:
             self.add_blob((p.num_output,), p.bias_filler)
-        h, w = (conv_out_size(shape[2 + i], self.kernel[i], self.stride[i], self.pad[i], self.dilation[i]) for i in range(2))
+        h, w = (conv_out_size(shape[2 + i], g.kernel[i], g.stride[i], g.pad[i], g.dilation[i]) for i in range(2))
         if h <= 0 or w <= 0:
-            self.fail(f"input {shape[2:]} is smaller than the kernel {self.kernel}")
+            self.fail(f"input {shape[2:]} is smaller than the kernel {g.kernel}")
         self.top_shapes = [(shape[0], p.num_output, h, w)]
 
     def forward(self, x):
-        bias = self.blobs[1] if self.bias_term else None
-        return F.conv2d(x, self.blobs[0], bias, self.stride, self.pad, self.dilation, self.groups)
-
-    def excite(self, bottoms, tops, signals):
-        return [eb.eb_conv2d(bottoms[0], self.blobs[0], signals[0], self.stride, self.pad, self.dilation, self.groups)]
+        g = self.g
+        return F.conv2d(x, self.blobs[0], self.blobs[1] if self.bias_term else None,
+                        g.stride, g.pad, g.dilation, g.groups)
 
 
 @register("InnerProduct")
 class InnerProduct(Layer):
+    torch_modules = (nn.Linear,)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p = lp.inner_product_param
+        return SimpleNamespace(axis=p.axis % len(bottom_shapes[0]), transpose=p.transpose)
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        if g.axis != 1:
+            raise ValueError("Excitation Backprop supports InnerProduct with axis 1 only")
+        w = weights[0].t() if g.transpose else weights[0]
+        return [eb.eb_linear(bottoms[0], w, signals[0])]
+
+    @classmethod
+    def module_geometry(cls, m, x):
+        return SimpleNamespace(axis=1, transpose=False), [m.weight]
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        p = lp.inner_product_param
-        shape = bottom_shapes[0]
-        self.axis = p.axis % len(shape)
-        k = int(np.prod(shape[self.axis:]))
-        self.transpose = p.transpose
-        self.add_blob((k, p.num_output) if self.transpose else (p.num_output, k), p.weight_filler)
+        p, shape = lp.inner_product_param, bottom_shapes[0]
+        k = int(np.prod(shape[self.g.axis:]))
+        self.add_blob((k, p.num_output) if self.g.transpose else (p.num_output, k), p.weight_filler)
         self.bias_term = p.bias_term
         if self.bias_term:
             self.add_blob((p.num_output,), p.bias_filler)
-        self.top_shapes = [tuple(shape[: self.axis]) + (p.num_output,)]
+        self.top_shapes = [tuple(shape[: self.g.axis]) + (p.num_output,)]
 
     def weight(self):
-        return self.blobs[0].t() if self.transpose else self.blobs[0]
+        return self.blobs[0].t() if self.g.transpose else self.blobs[0]
 
     def forward(self, x):
         bias = self.blobs[1] if self.bias_term else None
-        return F.linear(x.flatten(self.axis), self.weight(), bias)
-
-    def excite(self, bottoms, tops, signals):
-        if self.axis != 1:
-            self.fail("Excitation Backprop supports InnerProduct with axis 1 only")
-        return [eb.eb_linear(bottoms[0], self.weight(), signals[0])]
+        return F.linear(x.flatten(self.g.axis), self.weight(), bias)
 
 
 @register("Pooling")
 class Pooling(Layer):
-    def __init__(self, lp, bottom_shapes, phase):
-        super().__init__(lp, bottom_shapes, phase)
-        p = lp.pooling_param
-        shape = bottom_shapes[0]
+    """Caffe's pooling: windows rounded up (ceil mode), AVE divides by the padded window."""
+
+    torch_modules = (nn.MaxPool2d, nn.AvgPool2d)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p, shape = lp.pooling_param, bottom_shapes[0]
         if len(shape) != 4:
-            self.fail(f"needs a (N, C, H, W) bottom, got {shape}")
-        self.method = p.pool
-        if self.method == caffe_pb2.PoolingParameter.STOCHASTIC:
-            self.fail("STOCHASTIC pooling is not supported")
+            raise ValueError(f"needs a (N, C, H, W) bottom, got {shape}")
+        if p.pool == caffe_pb2.PoolingParameter.STOCHASTIC:
+            raise ValueError("STOCHASTIC pooling is not supported")
         if p.global_pooling:
-            self.kernel, self.stride, self.pad = tuple(shape[2:]), (1, 1), (0, 0)
+            kernel, stride, pad = tuple(shape[2:]), (1, 1), (0, 0)
         else:
             try:
-                self.kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
+                kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
             except ValueError:
-                self.fail("kernel_size (or kernel_h and kernel_w) is required")
-            self.stride = _pair_or(p, "stride", "stride_h", "stride_w")
-            self.pad = _pair_or(p, "pad", "pad_h", "pad_w")
-        for k, pd in zip(self.kernel, self.pad):
+                raise ValueError("kernel_size (or kernel_h and kernel_w) is required") from None
+            stride = _pair_or(p, "stride", "stride_h", "stride_w")
+            pad = _pair_or(p, "pad", "pad_h", "pad_w")
+        return SimpleNamespace(max=p.pool == caffe_pb2.PoolingParameter.MAX, kernel=kernel, stride=stride,
+                               pad=pad, dilation=(1, 1), ceil_mode=True, count_include_pad=True)
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        if g.max:
+            return [eb.eb_max_pool2d(bottoms[0], signals[0], g.kernel, g.stride, g.pad, g.dilation, g.ceil_mode)]
+        return [eb.eb_avg_pool2d(bottoms[0], signals[0], g.kernel, g.stride, g.pad, g.ceil_mode,
+                                 g.count_include_pad)]
+
+    @classmethod
+    def module_geometry(cls, m, x):
+        is_max = isinstance(m, nn.MaxPool2d)
+        if not is_max and m.divisor_override:
+            raise ValueError("AvgPool2d with divisor_override")
+        return SimpleNamespace(max=is_max, kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size),
+                               pad=_pair(m.padding), dilation=_pair(m.dilation) if is_max else (1, 1),
+                               ceil_mode=m.ceil_mode,
+                               count_include_pad=True if is_max else m.count_include_pad), []
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        g, shape = self.g, bottom_shapes[0]
+        for k, pd in zip(g.kernel, g.pad):
             if pd >= k:
-                self.fail(f"pad {self.pad} must be smaller than kernel {self.kernel}")
+                self.fail(f"pad {g.pad} must be smaller than kernel {g.kernel}")
             if 2 * pd > k:
-                self.fail(f"pad {self.pad} larger than half the kernel {self.kernel} is not supported")
-        h, w = (caffe_pooled_size(shape[2 + i], self.kernel[i], self.stride[i], self.pad[i]) for i in range(2))
-        for size, out, st, pd in zip(shape[2:], (h, w), self.stride, self.pad):
+                self.fail(f"pad {g.pad} larger than half the kernel {g.kernel} is not supported")
+        h, w = (caffe_pooled_size(shape[2 + i], g.kernel[i], g.stride[i], g.pad[i]) for i in range(2))
+        for size, out, st, pd in zip(shape[2:], (h, w), g.stride, g.pad):
             if (out - 1) * st - pd >= size:  # Caffe keeps this window when pad == 0; it is empty
                 self.fail(f"the last pooling window starts outside the {tuple(shape[2:])} input "
-                          f"(kernel {self.kernel}, stride {self.stride}): Caffe gives it -FLT_MAX/0; "
+                          f"(kernel {g.kernel}, stride {g.stride}): Caffe gives it -FLT_MAX/0; "
                           "choose a stride <= kernel or add padding")
         self.top_shapes = [(shape[0], shape[1], h, w)]
 
     def forward(self, x):
-        if self.method == caffe_pb2.PoolingParameter.MAX:
-            return F.max_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=True)
-        return F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=True, count_include_pad=True)
-
-    def excite(self, bottoms, tops, signals):
-        if self.method == caffe_pb2.PoolingParameter.MAX:
-            return [eb.eb_max_pool2d(bottoms[0], signals[0], self.kernel, self.stride, self.pad)]
-        return [eb.eb_avg_pool2d(bottoms[0], signals[0], self.kernel, self.stride, self.pad)]
+        g = self.g
+        if g.max:
+            return F.max_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True)
+        return F.avg_pool2d(x, g.kernel, g.stride, g.pad, ceil_mode=True, count_include_pad=True)
 
 
 @register("LRN")
 class LRN(Layer):
     """Caffe's local response normalisation; EB passes through it unchanged."""
 
-    def __init__(self, lp, bottom_shapes, phase):
-        super().__init__(lp, bottom_shapes, phase)
+    torch_modules = (nn.LocalResponseNorm,)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
         p = lp.lrn_param
         if p.local_size % 2 == 0:
-            self.fail("local_size must be odd")
-        self.size, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
-        self.within = p.norm_region == caffe_pb2.LRNParameter.WITHIN_CHANNEL
+            raise ValueError("local_size must be odd")
+        return SimpleNamespace(size=p.local_size, alpha=p.alpha, beta=p.beta, k=p.k,
+                               within=p.norm_region == caffe_pb2.LRNParameter.WITHIN_CHANNEL)
+
+    eb_rule = staticmethod(_same_shape)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
         self.top_shapes = [tuple(bottom_shapes[0])]
 
     def forward(self, x):
-        if not self.within:
-            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        g = self.g
+        if not g.within:
+            return F.local_response_norm(x, g.size, g.alpha, g.beta, g.k)
         # Caffe: x * (1 + alpha * avgpool(x^2))^-beta over a size x size window (pad (size-1)/2).
-        pad = (self.size - 1) // 2
-        avg = F.avg_pool2d(x * x, self.size, 1, pad, ceil_mode=True, count_include_pad=True)
-        return x * (1.0 + self.alpha * avg).pow(-self.beta)
-
-    def excite(self, bottoms, tops, signals):
-        return [signals[0]]
+        pad = (g.size - 1) // 2
+        avg = F.avg_pool2d(x * x, g.size, 1, pad, ceil_mode=True, count_include_pad=True)
+        return x * (1.0 + g.alpha * avg).pow(-g.beta)
 
 
 # ----------------------------------------------------------------- activations & dropout
 @register("ReLU")
 class ReLU(Layer):
+    torch_modules = (nn.ReLU, nn.LeakyReLU)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        return SimpleNamespace(slope=lp.relu_param.negative_slope)
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        return [eb.eb_relu(bottoms[0], signals[0], g.slope)]
+
+    @classmethod
+    def module_geometry(cls, m, x):
+        return SimpleNamespace(slope=getattr(m, "negative_slope", 0.0)), []
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        self.slope = lp.relu_param.negative_slope
         self.top_shapes = [tuple(bottom_shapes[0])]
 
     def forward(self, x):
-        return F.relu(x) if self.slope == 0 else F.leaky_relu(x, self.slope)
-
-    def excite(self, bottoms, tops, signals):
-        return [eb.eb_relu(bottoms[0], signals[0], self.slope)]
+        return F.relu(x) if self.g.slope == 0 else F.leaky_relu(x, self.g.slope)
 
 
 @register("Dropout")
@@ -296,19 +438,21 @@ class Dropout(Layer):
     """Caffe's Dropout: an independent Bernoulli(1 - ratio) draw per element, scale 1/(1 - ratio)."""
 
     is_dropout = True
+    eb_rule = staticmethod(_same_shape)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        ratio = lp.dropout_param.dropout_ratio
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"dropout_ratio must be in [0, 1), got {ratio}")
+        return SimpleNamespace(ratio=ratio)
 
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        self.ratio = lp.dropout_param.dropout_ratio
-        if not 0.0 <= self.ratio < 1.0:
-            self.fail(f"dropout_ratio must be in [0, 1), got {self.ratio}")
         self.top_shapes = [tuple(bottom_shapes[0])]
 
     def forward(self, x):
-        return F.dropout(x, self.ratio, training=self.training and self.phase == TRAIN)
-
-    def excite(self, bottoms, tops, signals):
-        return [signals[0]]
+        return F.dropout(x, self.g.ratio, training=self.training and self.phase == TRAIN)
 
 
 @register("Softmax")
@@ -325,102 +469,118 @@ class Softmax(Layer):
 # ----------------------------------------------------------------- shape layers
 @register("Flatten")
 class Flatten(Layer):
+    torch_modules = (nn.Flatten, nn.Unflatten, nn.Identity)
+    eb_rule = staticmethod(_same_shape)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p, shape = lp.flatten_param, bottom_shapes[0]
+        return SimpleNamespace(start=p.axis % len(shape), end=p.end_axis % len(shape))
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        p, shape = lp.flatten_param, bottom_shapes[0]
-        a, e = p.axis % len(shape), p.end_axis % len(shape)
+        a, e, shape = self.g.start, self.g.end, bottom_shapes[0]
         self.top_shapes = [tuple(shape[:a]) + (int(np.prod(shape[a:e + 1])),) + tuple(shape[e + 1:])]
-        self.a, self.e = a, e
 
     def forward(self, x):
-        return x.flatten(self.a, self.e)
-
-    def excite(self, bottoms, tops, signals):
-        return [signals[0].reshape(bottoms[0].shape)]
+        return x.flatten(self.g.start, self.g.end)
 
 
 @register("Reshape")
 class Reshape(Layer):
-    def __init__(self, lp, bottom_shapes, phase):
-        super().__init__(lp, bottom_shapes, phase)
+    eb_rule = staticmethod(_same_shape)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
         p, shape = lp.reshape_param, list(bottom_shapes[0])
         start = p.axis % (len(shape) + 1) if p.axis < 0 else p.axis
         end = len(shape) if p.num_axes == -1 else start + p.num_axes
-        dims = list(p.shape.dim)
-        new = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
-        rest = shape[:start] + new + shape[end:]
-        if -1 in rest:
-            known = int(np.prod([d for d in rest if d != -1]))
-            rest[rest.index(-1)] = int(np.prod(shape)) // known
-        if int(np.prod(rest)) != int(np.prod(shape)):
-            self.fail(f"cannot reshape {tuple(shape)} to {tuple(rest)}")
-        self.top_shapes = [tuple(rest)]
+        new = [shape[start + i] if d == 0 else d for i, d in enumerate(p.shape.dim)]
+        out = shape[:start] + new + shape[end:]
+        if -1 in out:
+            known = int(np.prod([d for d in out if d != -1]))
+            out[out.index(-1)] = int(np.prod(shape)) // known
+        if int(np.prod(out)) != int(np.prod(shape)):
+            raise ValueError(f"cannot reshape {tuple(shape)} to {tuple(out)}")
+        return SimpleNamespace(shape=tuple(out))
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.top_shapes = [self.g.shape]
 
     def forward(self, x):
-        return x.reshape((x.shape[0],) + self.top_shapes[0][1:])
-
-    def excite(self, bottoms, tops, signals):
-        return [signals[0].reshape(bottoms[0].shape)]
+        return x.reshape((x.shape[0],) + self.g.shape[1:])
 
 
 @register("Concat")
 class Concat(Layer):
     n_bottom = (1, 1 << 20)
 
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p, first = lp.concat_param, bottom_shapes[0]
+        axis = (p.concat_dim if p.HasField("concat_dim") else p.axis) % len(first)
+        for s in bottom_shapes[1:]:
+            if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != axis):
+                raise ValueError(f"bottom shapes {bottom_shapes} differ outside the concat axis {axis}")
+        return SimpleNamespace(axis=axis, sizes=[s[axis] for s in bottom_shapes])
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        return list(torch.split(signals[0], g.sizes, dim=g.axis))
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        p = lp.concat_param
-        self.axis = p.concat_dim if p.HasField("concat_dim") else p.axis
-        first = bottom_shapes[0]
-        self.axis %= len(first)
-        for s in bottom_shapes[1:]:
-            if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != self.axis):
-                self.fail(f"bottom shapes {bottom_shapes} differ outside the concat axis {self.axis}")
-        out = list(first)
-        out[self.axis] = sum(s[self.axis] for s in bottom_shapes)
-        self.sizes = [s[self.axis] for s in bottom_shapes]
+        out = list(bottom_shapes[0])
+        out[self.g.axis] = sum(self.g.sizes)
         self.top_shapes = [tuple(out)]
 
     def forward(self, *xs):
-        return torch.cat(xs, dim=self.axis)
-
-    def excite(self, bottoms, tops, signals):
-        return list(torch.split(signals[0], self.sizes, dim=self.axis))
+        return torch.cat(xs, dim=self.g.axis)
 
 
 @register("Eltwise")
 class Eltwise(Layer):
     n_bottom = (2, 1 << 20)
 
-    def __init__(self, lp, bottom_shapes, phase):
-        super().__init__(lp, bottom_shapes, phase)
+    @staticmethod
+    def geometry(lp, bottom_shapes):
         p = lp.eltwise_param
         if any(tuple(s) != tuple(bottom_shapes[0]) for s in bottom_shapes):
-            self.fail(f"bottoms must have equal shapes, got {bottom_shapes}")
-        self.op = p.operation
-        self.coeff = list(p.coeff) or [1.0] * len(bottom_shapes)
-        if len(self.coeff) != len(bottom_shapes):
-            self.fail("needs one coeff per bottom")
+            raise ValueError(f"bottoms must have equal shapes, got {bottom_shapes}")
+        coeff = list(p.coeff) or [1.0] * len(bottom_shapes)
+        if len(coeff) != len(bottom_shapes):
+            raise ValueError("needs one coeff per bottom")
+        return SimpleNamespace(op=p.operation, coeff=coeff)
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        if g.op != caffe_pb2.EltwiseParameter.SUM:
+            raise ValueError("Excitation Backprop supports Eltwise SUM only")
+        return eb.eb_eltwise_sum(list(bottoms), signals[0], g.coeff)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
         self.top_shapes = [tuple(bottom_shapes[0])]
 
     def forward(self, *xs):
-        if self.op == caffe_pb2.EltwiseParameter.PROD:
+        if self.g.op == caffe_pb2.EltwiseParameter.PROD:
             out = xs[0]
             for x in xs[1:]:
                 out = out * x
             return out
-        if self.op == caffe_pb2.EltwiseParameter.MAX:
+        if self.g.op == caffe_pb2.EltwiseParameter.MAX:
             return torch.stack(xs).amax(0)
-        return sum(c * x for c, x in zip(self.coeff, xs))
-
-    def excite(self, bottoms, tops, signals):
-        if self.op != caffe_pb2.EltwiseParameter.SUM:
-            self.fail("Excitation Backprop supports Eltwise SUM only")
-        return eb.eb_eltwise_sum(list(bottoms), signals[0], self.coeff)
+        return sum(c * x for c, x in zip(self.g.coeff, xs))
 
 
 @register("Split")
 class Split(Layer):
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        got = [s for s in signals if s is not None]
+        return [sum(got) if got else None]
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
         self.top_shapes = [tuple(bottom_shapes[0])] * len(lp.top)
@@ -428,17 +588,10 @@ class Split(Layer):
     def forward(self, x):
         return tuple(x for _ in self.top_shapes)
 
-    def excite(self, bottoms, tops, signals):
-        got = [s for s in signals if s is not None]
-        return [sum(got) if got else None]
-
 
 @register("Silence")
 class Silence(Layer):
     n_bottom = (1, 1 << 20)
-
-    def __init__(self, lp, bottom_shapes, phase):
-        super().__init__(lp, bottom_shapes, phase)
 
     def forward(self, *xs):
         return ()
@@ -556,36 +709,49 @@ class Python(Layer):
 
     A layer class with a ``torch_module`` factory runs as a torch module (on
     any device, autograd included); any other Caffe Python layer runs through
-    its numpy forward/backward, exactly as in Caffe.
+    its numpy forward/backward, exactly as in Caffe. For Excitation Backprop a
+    dropout layer (class attribute ``is_dropout``) is the identity; other
+    Python layers have no rule.
     """
 
     n_bottom = (0, 1 << 20)
 
-    def __init__(self, lp, bottom_shapes, phase, search_paths=None):
-        super().__init__(lp, bottom_shapes, phase)
+    @staticmethod
+    def geometry(lp, bottom_shapes, search_paths=None):
         pp = lp.python_param
         try:
-            cls = load_layer_class(pp.module, pp.layer, self.name, search_paths)
+            cls = load_layer_class(pp.module, pp.layer, lp.name, search_paths)
         except ImportError as exc:
             raise LayerError(str(exc)) from None
-        self.cls = cls
+        if getattr(cls, "torch_module", None) is not None:
+            params = cls.parse(pp.param_str) if hasattr(cls, "parse") else parse_param_str(pp.param_str)
+        else:
+            params = parse_param_str(pp.param_str)
+        return SimpleNamespace(cls=cls, params=params, dropout=bool(getattr(cls, "is_dropout", False)))
+
+    @staticmethod
+    def eb_rule(g, bottoms, weights, signals):
+        if not g.dropout:
+            raise NotImplementedError(f"Excitation Backprop has no rule for the Python layer {g.cls.__name__} "
+                                      "(only dropout layers, class attribute is_dropout, pass through)")
+        return _same_shape(g, bottoms, weights, signals)
+
+    def __init__(self, lp, bottom_shapes, phase, search_paths=None):
+        super().__init__(lp, bottom_shapes, phase, search_paths=search_paths)
+        pp = lp.python_param
+        self.cls, self.params = self.g.cls, self.g.params
         self.module = None
-        factory = getattr(cls, "torch_module", None)
+        factory = getattr(self.cls, "torch_module", None)
         if factory is not None:
-            try:
-                params = cls.parse(pp.param_str) if hasattr(cls, "parse") else parse_param_str(pp.param_str)
-            except ValueError as exc:
-                self.fail(str(exc))
-            self.params = params
-            self.module = factory(params, "TRAIN" if phase == TRAIN else "TEST")
-            self.is_dropout = bool(getattr(self.module, "is_dropout", False))
+            self.module = factory(self.params, "TRAIN" if phase == TRAIN else "TEST")
+            self.is_dropout = self.g.dropout or bool(getattr(self.module, "is_dropout", False))
+            self.g.dropout = self.is_dropout
             self.saliency = getattr(self.module, "saliency", None)
             if len(bottom_shapes) != 1:
                 self.fail("a guided dropout layer takes exactly one bottom")
             self.top_shapes = [tuple(bottom_shapes[0])]
         else:
             self.saliency = None
-            self.params = parse_param_str(pp.param_str)
             self._init_numpy_layer(pp.param_str, bottom_shapes, phase)
 
     # -- numpy bridge for ordinary Caffe Python layers

@@ -274,14 +274,10 @@ class Net(nn.Module):
         return None
 
     def _signal_blobs(self, layer) -> tuple[str, str | None]:
-        params = getattr(layer, "params", {}) or {}
-        loss = self.loss_layer()
-        logits = params.get("logits") or (loss.lp.bottom[0] if loss is not None else None)
-        label = params.get("label") or (loss.lp.bottom[1] if loss is not None else None)
-        if logits is None:
-            raise LayerError(f"{self.source}: layer '{layer.name}' needs the logits blob for Excitation Backprop: "
-                             "add a SoftmaxWithLoss layer or set 'logits' in param_str")
-        return logits, label
+        try:
+            return eb.signal_blobs(self.layer_params, getattr(layer, "params", {}) or {}, layer.name, self.source)
+        except ValueError as exc:
+            raise LayerError(str(exc)) from None
 
     def head_layers(self, start: int, logits: str) -> list[int]:
         """Indices of the layers after ``start`` that the logits blob depends on."""
@@ -305,6 +301,7 @@ class Net(nn.Module):
             return self._excitation_step(i, layer, blobs, x.detach().float())
 
     def _excitation_step(self, i: int, layer, blobs, target: torch.Tensor) -> torch.Tensor:
+        """Fig. 1, steps 1-2: the head above layer ``i`` in test mode, then EB down to its bottom."""
         logits_name, label_name = self._signal_blobs(layer)
         head = dict(blobs)
         head[layer.lp.bottom[0]] = target
@@ -320,36 +317,19 @@ class Net(nn.Module):
             for t, v in zip(hl.lp.top, tops):
                 head[t] = v
         logits = head[logits_name]
-        classes = self._classes(layer, logits, blobs, label_name)
-        return self._walk(records, {id(logits): eb.one_hot_signal(logits, classes)}, target)
-
-    def _classes(self, layer, logits, blobs, label_name) -> torch.Tensor:
         signal = (getattr(layer, "params", {}) or {}).get("signal", "gt")
-        if signal == "gt":
-            if label_name is None or label_name not in blobs:
-                raise LayerError(f"{self.source}: layer '{layer.name}': no label blob for the ground-truth top signal")
-            return blobs[label_name].reshape(-1).long()
-        if signal == "pred":
-            return logits.flatten(1).argmax(1)
-        return torch.full((logits.shape[0],), int(signal), dtype=torch.long, device=logits.device)
+        where = f"{self.source}: layer '{layer.name}'"
+        try:
+            classes = eb.signal_classes(signal, logits, blobs.get(label_name) if label_name else None, where)
+        except ValueError as exc:
+            raise LayerError(str(exc)) from None
+        return self._walk(records, logits, classes, target)
 
-    def _walk(self, records, signals: dict[int, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Reverse pass over recorded layers applying each layer's EB rule; p_EB at ``target``."""
-        for j, bottoms, tops in reversed(records):
-            top_sig = [signals.pop(id(t), None) for t in tops]
-            if all(s is None for s in top_sig):
-                continue
-            layer = self.layer_list[j]
-            if layer.is_dropout:
-                bottom_sig = [top_sig[0]]
-            else:
-                bottom_sig = layer.excite(bottoms, tops, top_sig)
-            for b, s in zip(bottoms, bottom_sig):
-                if s is None:
-                    continue
-                key = id(b)
-                signals[key] = signals[key] + s if key in signals else s
-        out = signals.get(id(target))
+    def _walk(self, records, logits: torch.Tensor, classes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """EB over recorded ``(layer index, bottoms, tops)`` from a one-hot at ``logits``; p_EB at ``target``."""
+        steps = [eb.Step(self.layer_list[j].excite_rule(), bottoms, [id(b) for b in bottoms], [id(t) for t in tops])
+                 for j, bottoms, tops in records]
+        out = eb.walk(steps, {id(logits): eb.top_signal(logits, classes)}, id(target))
         return out if out is not None else torch.zeros_like(target, dtype=torch.float32)
 
     @torch.no_grad()
@@ -369,11 +349,12 @@ class Net(nn.Module):
             raise KeyError(f"blob {bottom!r} not found in {self.source}")
         logits = self.blobs[top]
         if classes is None:
-            classes = self.blobs[loss.lp.bottom[1]].reshape(-1).long()
+            labels = self.blobs.get(loss.lp.bottom[1]) if loss is not None else None
+            classes = eb.signal_classes("gt", logits, labels, f"{self.source}: excitation({bottom!r})")
         target = self.blobs[bottom]
         # Walk only the layers after the last producer of the bottom blob.
         last = max((k for k, (j, _, tops) in enumerate(self.records) if any(t is target for t in tops)), default=-1)
-        return self._walk(self.records[last + 1:], {id(logits): eb.one_hot_signal(logits, classes)}, target)
+        return self._walk(self.records[last + 1:], logits, classes, target)
 
     # ------------------------------------------------------------- data
     def data_state(self) -> dict:

@@ -13,8 +13,12 @@ A layer tells the engine how to run it on tensors with a static factory::
 whose module is called as ``module(x, saliency)``; its ``saliency`` attribute
 says what the training loop must hand it: ``"excitation"`` (p_EB of x for the
 top signal), ``"activation"`` (x itself) or ``None``. Layers without the
-factory run through the numpy bridge in :mod:`exdrop.net` like any Caffe
-Python layer.
+factory run through the numpy bridge (``Python`` in :mod:`exdrop.layer_types`)
+like any Caffe Python layer.
+
+Inside real Caffe a layer that needs p_EB asks for it with
+:func:`request_saliency`; the Caffe backend answers through the hook it
+installed on that layer with :func:`set_saliency_hook`.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import importlib.util
 import json
 import sys
 import types
+import weakref
 from pathlib import Path
 
 TRAIN, TEST = 0, 1
@@ -67,6 +72,25 @@ def caffe_module():
 
 
 _STAND_IN = _stand_in_caffe()
+
+
+_SALIENCY_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def set_saliency_hook(layer, hook) -> None:
+    """Install ``hook(layer) -> numpy p_EB of the layer's bottom`` on one Caffe Python layer."""
+    _SALIENCY_HOOKS[layer] = hook
+
+
+def request_saliency(layer):
+    """What ``layer`` needs for this forward (p_EB of its bottom), from its backend's hook."""
+    hook = _SALIENCY_HOOKS.get(layer)
+    if hook is None:
+        raise RuntimeError(
+            f"{type(layer).__name__} in TRAIN needs p_EB of its bottom, which the Caffe backend computes: "
+            "train with `exdrop train --backend caffe` (exdrop.caffe_backend installs the hook with "
+            "exdrop.pylayer.set_saliency_hook)")
+    return hook(layer)
 
 
 def parse_param_str(text: str, where: str = "param_str") -> dict:

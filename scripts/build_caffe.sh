@@ -30,6 +30,7 @@ APT_PACKAGES=(
   libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev
   libboost-regex-dev libgoogle-glog-dev libgflags-dev libhdf5-dev liblmdb-dev
   libprotobuf-dev protobuf-compiler libopenblas-dev
+  libgtest-dev  # net.cpp includes test_caffe_main.hpp, which includes gtest/gtest.h
 )
 PY_IMPORTS=(skimage six scipy google.protobuf numpy)
 PY_PACKAGES=("scikit-image" "six" "scipy" "protobuf>=4.21" "numpy")

@@ -89,7 +89,7 @@ def test_guided_dropout_mean_retain_and_frequencies():
     share = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0]])
     retain = Fx.retain_probability(share, P)[0]
     x = torch.ones(4000, N)
-    out = Fx.guided_dropout(x, share.expand(4000, N), P, rescale=False, generator=g)
+    out = Fx.guided_dropout(x, share.expand(4000, N), 1 - P, rescale=False, generator=g)  # p = 1 - P
     freq = (out != 0).float().mean(0)
     assert torch.allclose(freq, retain, atol=0.04)   # std <= 0.008
     assert freq[6].item() == 1.0 and freq[7].item() == 1.0   # p_EB = 0 -> always kept
@@ -213,10 +213,15 @@ def test_standard_dropout_per_image_vs_shared():
     y4s = Fx.standard_dropout(x4, P, per_image=False, generator=g)
     assert (y4s == y4s[:1]).all()
     # mean keep rate near P on a big draw
+    # p is the dropout probability, as in torch.nn.functional.dropout
     big = Fx.standard_dropout(torch.ones(200, 1000), 0.3, generator=g)
-    assert abs((big != 0).float().mean().item() - 0.3) < 0.01
-    with pytest.raises(ValueError):
-        Fx.standard_dropout(x, 0.0)
+    assert abs((big == 0).float().mean().item() - 0.3) < 0.01
+    assert torch.allclose(big[big != 0], torch.tensor(1 / 0.7))
+    assert torch.equal(Fx.standard_dropout(x, 0.0), x)
+    assert torch.equal(Fx.standard_dropout(x, 1.0), torch.zeros_like(x))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            Fx.standard_dropout(x, bad)
 
 
 def test_standard_dropout_module_eval_identity():
@@ -314,3 +319,35 @@ def test_dropin_p_eb_equals_net_excitation():
     assert torch.allclose(net.excitation("data", classes=pred),
                           excitation_through(head, x, pred), atol=1e-6)
     assert not math.isnan(pe_net.sum().item())
+
+
+# ------------------------------------------------------------------ p means what torch.nn.Dropout's p means
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+def test_p_is_the_dropout_probability_as_in_torch(p):
+    torch.manual_seed(0)
+    x = torch.ones(200, 1000)
+    ref = (nn.Dropout(p=p).train()(x) != 0).float().mean().item()
+    ours = (StandardDropout(p=p).train()(x) != 0).float().mean().item()
+    shared = (StandardDropout(p=p, per_image=False).train()(x) != 0).float().mean().item()
+    assert abs(ref - (1 - p)) < 0.01
+    assert abs(ours - ref) < 0.01
+    assert abs(shared - ref) < 0.05          # one 1000-unit mask for the whole batch
+    # guided layers: with a uniform share every unit is kept with P = 1 - p (Eqn 3 at p_EB = 1/N)
+    uniform = torch.full((200, 1000), 1e-3)
+    kept = (ExcitationDropout(p=p).train()(x, saliency=uniform) != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01
+    kept = (ActivationDropout(p=p).train()(x) != 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01
+    assert ExcitationDropout(p=p).base_retain == pytest.approx(1 - p)
+
+
+def test_modules_reject_p_outside_torch_range():
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout probability"):
+            ExcitationDropout(p=bad)
+        with pytest.raises(ValueError, match="dropout probability"):
+            ActivationDropout(p=bad)
+    with pytest.raises(ValueError, match="dropout probability"):
+        StandardDropout(p=1.5)
+    assert "p=0.2" in repr(StandardDropout(p=0.2))
