@@ -186,7 +186,7 @@ def test_dropout_layers_match_the_variant(path):
         if lp.type == "Dropout":
             assert lp.dropout_param.dropout_ratio == pytest.approx(0.5)
         else:
-            assert lp.python_param.param_str.replace(" ", "").startswith("{'p':0.5")
+            assert lp.python_param.param_str.replace(" ", "").startswith("{'dropout_ratio':0.5")
 
 
 ED_FILES = [p for p in TRAIN_VALS if parts(p)[2].split("_")[0] == "ed"]
