@@ -13,8 +13,6 @@ from exdrop.pylayer import TRAIN, caffe_module, parse_param_str  # noqa: F401 (T
 
 caffe = caffe_module()
 
-RENAMED = {"p": "dropout_ratio"}
-
 
 class DropoutLayerBase(caffe.Layer):
     """setup/reshape/backward common to the mask-based dropout layers."""

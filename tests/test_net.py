@@ -552,3 +552,33 @@ def test_moved_ed_after_conv3_drops_whole_maps():
             assert torch.allclose(s, s[0].expand_as(s), rtol=1e-5)   # one per-image rescale factor
             assert s[0].item() >= 1.0
         assert n_dropped > 0
+
+
+# ------------------------------------------------------------------ param_str names
+
+FC_INPUT = 'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 4 dim: 10 } } }\n'
+
+
+@pytest.mark.parametrize("module, layer", [("excitation_dropout", "ExcitationDropout"),
+                                           ("activation_dropout", "ActivationDropout"),
+                                           ("standard_dropout", "StandardDropout")])
+def test_param_str_old_key_p_is_refused_with_the_new_name(module, layer):
+    text = FC_INPUT + (f'layer {{ name: "drop" type: "Python" bottom: "data" top: "data" python_param {{ '
+                       f'module: "{module}" layer: "{layer}" param_str: "{{\'p\': 0.8}}" }} }}')
+    with pytest.raises(LayerError) as ei:
+        net_from(text, TRAIN)
+    msg = str(ei.value)
+    assert "layer 'drop'" in msg and "'dropout_ratio'" in msg and "{'dropout_ratio': 0.2}" in msg
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.7])
+def test_param_str_dropout_ratio_drops_that_fraction(ratio):
+    text = FC_INPUT.replace("dim: 4 dim: 10", "dim: 200 dim: 1000") + (
+        f'layer {{ name: "drop" type: "Python" bottom: "data" top: "out" python_param {{ '
+        f'module: "standard_dropout" layer: "StandardDropout" param_str: "{{\'dropout_ratio\': {ratio}}}" }} }}')
+    net = net_from(text, TRAIN)
+    torch.manual_seed(0)
+    out = net({"data": torch.ones(200, 1000)})["out"]
+    assert abs((out == 0).float().mean().item() - ratio) < 0.01
+    with pytest.raises(LayerError, match="dropout_ratio must be in"):
+        net_from(text.replace(f"{ratio}", "1.5"), TRAIN)
