@@ -5,12 +5,20 @@ and the solver's update. The variants are timed in interleaved rounds in one
 process (A, B, A, B, ...) so that machine load drifts hit them alike; each
 ratio is computed from the same run. Data layers are replaced by an Input fed
 with fixed random images, so the figure is the network's cost alone.
+
+``exdrop bench caffe`` times real Caffe (pycaffe, CPU: ``solver.step(1)``, with
+the p_EB hook of :mod:`exdrop.caffe_backend` for Excitation Dropout) next to
+the engine on the same CNN-2 nets, arrays and solver, in the same rounds.
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
+import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +29,8 @@ from .net import Net
 from .proto import caffe_pb2
 from .pylayer import TRAIN
 from .solver import make_solver
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CNN2_CIFAR10 = {
     "Standard": "prototxt/cnn2/cifar10/train_val_standard.prototxt",
@@ -93,35 +103,58 @@ class Variant:
     def step(self):
         for p in self.net.parameters():
             p.grad = None
-        self.net.loss(self.net(self.feed)).backward()
+        loss = self.net.loss(self.net(self.feed))
+        loss.backward()
         self.solver.step_update()
+        self._loss = loss.detach()
+
+    @property
+    def last_loss(self) -> float:
+        return float(self._loss)
+
+
+def time_steps(steppers: dict, *, iters: int, warmup: int, device="cpu", on_round=None) -> dict:
+    """Seconds per ``.step()`` of each object in ``steppers`` (engine Variants, Caffe variants, ...).
+
+    ``warmup`` untimed rounds, then ``iters`` timed rounds, each stepping every object once
+    in order; the torch ``device`` is synchronised around each step. ``on_round(r, times)``
+    is called after each timed round. Returns {name: {mean_s, std_s, median_s,
+    ratio_to_<first name>, times_s}}.
+    """
+    device = torch.device(device)
+    times = {k: [] for k in steppers}
+    for _ in range(warmup):
+        for s in steppers.values():
+            s.step()
+    _sync(device)
+    for r in range(iters):
+        for k, s in steppers.items():
+            _sync(device)
+            t = time.perf_counter()
+            s.step()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+        if on_round is not None:
+            on_round(r, times)
+    first = next(iter(times))
+    base = statistics.mean(times[first])
+    return {k: {"mean_s": statistics.mean(ts), "std_s": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                "median_s": statistics.median(ts), "ratio_to_" + first: statistics.mean(ts) / base,
+                "times_s": ts} for k, ts in times.items()}
 
 
 def time_variants(variants: dict[str, str], *, solver: str, iters: int, warmup: int, batch: int,
                   image_shape=(3, 32, 32), classes: int = 10, device="cpu") -> dict:
+    """The engine's seconds per iteration of each prototxt in ``variants`` (name -> path)."""
     device = torch.device(device)
     sp = cio.read_solver_prototxt(solver)
     built = {k: Variant(k, v, sp, batch, image_shape, classes, device, per_image_loop=k.endswith(LOOP_SUFFIX))
              for k, v in variants.items()}
-    times = {k: [] for k in built}
-    for _ in range(warmup):
-        for v in built.values():
-            v.step()
-    _sync(device)
-    for _ in range(iters):
-        for k, v in built.items():
-            _sync(device)
-            t = time.perf_counter()
-            v.step()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-    first = next(iter(built))
+    rows = time_steps(built, iters=iters, warmup=warmup, device=device)
     del built  # free the nets before the next table (VGG16 x 4 variants needs the memory)
     gc.collect()
-    base = statistics.mean(times[first])
-    rows = {k: {"mean_s": statistics.mean(ts), "std_s": statistics.stdev(ts) if len(ts) > 1 else 0.0,
-                "median_s": statistics.median(ts), "ratio_to_" + first: statistics.mean(ts) / base,
-                "prototxt": variants[k]} for k, ts in times.items()}
+    for k, row in rows.items():
+        row["prototxt"] = variants[k]
     return {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
             "image_shape": list(image_shape), "iters": iters, "warmup": warmup, "variants": rows}
@@ -166,7 +199,116 @@ def _print_table(title: str, res: dict, paper: dict | None) -> None:
         print(line)
 
 
+CAFFE_METHODS = {
+    "Standard": "prototxt/cnn2/cifar10/train_val_standard.prototxt",
+    "Excitation Dropout": "prototxt/cnn2/cifar10/train_val_ed.prototxt",
+}
+CAFFE_SOLVER = "prototxt/cnn2/cifar10/solver_ed.prototxt"
+CAFFE_SIZES = {  # input side -> (batch, classes): CIFAR-10, and the paper's Table 6 CNN-2 setting
+    32: (100, 10),
+    128: (50, 256),
+}
+
+
+def _cnn2_input_net(method: str, side: int, batch: int, classes: int, folder: Path) -> Path:
+    """The method's CNN-2 for TRAIN with an Input layer (batch, 3, side, side) and ``classes`` outputs."""
+    from google.protobuf import text_format
+    param = with_input_layer(cio.read_net_prototxt(ROOT / CAFFE_METHODS[method]), TRAIN, batch, (3, side, side))
+    for lp in param.layer:
+        if lp.name == "ip3":
+            lp.inner_product_param.num_output = classes
+    path = folder / f"{method.split()[0].lower()}_{side}.prototxt"
+    path.write_text(text_format.MessageToString(param))
+    return path
+
+
+def caffe_vs_engine(side: int, iters: int, warmup: int, folder: Path) -> dict:
+    """Caffe and the engine, Standard and Excitation Dropout, at one input size, in the same rounds."""
+    from .caffe_backend import CaffeBenchVariant
+    batch, classes = CAFFE_SIZES[side]
+    sp = cio.read_solver_prototxt(ROOT / CAFFE_SOLVER)
+    steppers = {}
+    for method in CAFFE_METHODS:
+        net_path = _cnn2_input_net(method, side, batch, classes, folder)
+        engine = Variant(method, str(net_path), sp, batch, (3, side, side), classes, torch.device("cpu"))
+        caffe = CaffeBenchVariant(net_path, sp, engine.feed["data"].numpy().copy(),
+                                  engine.feed["label"].numpy().astype("float32"))
+        if method == "Excitation Dropout" and caffe.guided_layers != ["drop"]:
+            raise RuntimeError(f"{net_path}: the Caffe ED net got no p_EB hook (hooked: {caffe.guided_layers})")
+        steppers[f"Caffe/{method}"] = caffe
+        steppers[f"engine/{method}"] = engine
+    order = [f"{b}/{m}" for b in ("Caffe", "engine") for m in CAFFE_METHODS]
+    steppers = {k: steppers[k] for k in order}
+
+    def report(r, times):
+        shown = (f"{k.split('/')[0]} {k.split('/')[1].split()[0]} {ts[-1]:.2f}s" for k, ts in times.items())
+        print(f"  {side}x{side} round {r + 1}/{iters}: " + ", ".join(shown), file=sys.stderr, flush=True)
+
+    rows = time_steps(steppers, iters=iters, warmup=warmup, on_round=report)
+    losses = {k: s.last_loss for k, s in steppers.items()}
+    del steppers
+    gc.collect()
+    mean = {k: v["mean_s"] for k, v in rows.items()}
+    ratios = {f"engine/Caffe {m}": mean[f"engine/{m}"] / mean[f"Caffe/{m}"] for m in CAFFE_METHODS}
+    for b in ("Caffe", "engine"):
+        ratios[f"ED/Standard {b}"] = mean[f"{b}/Excitation Dropout"] / mean[f"{b}/Standard"]
+    return {"side": side, "batch": batch, "classes": classes, "variants": rows, "ratios": ratios,
+            "last_losses": losses}
+
+
+def caffe_markdown(results: list[dict], meta: dict) -> str:
+    lines = [f"CNN-2, one training iteration (forward + backward + Adam update) on CPU, "
+             f"{meta['iters']} timed rounds after {meta['warmup']} warm-up, interleaved; "
+             f"seconds per iteration, mean +- std.",
+             f"torch {meta['torch']} ({meta['torch_threads']} threads), Caffe CPU "
+             f"(OPENBLAS_NUM_THREADS={meta['openblas_threads']}), {meta['cpus']} CPUs, {meta['machine']}.",
+             "",
+             "| input | batch | method | Caffe (s/iter) | engine (s/iter) | engine / Caffe |",
+             "|---|---:|---|---:|---:|---:|"]
+    for res in results:
+        size = f"{res['side']}x{res['side']}, {res['classes']} classes | {res['batch']}"
+        for m in CAFFE_METHODS:
+            c, e = res["variants"][f"Caffe/{m}"], res["variants"][f"engine/{m}"]
+            lines.append(f"| {size} | {m} | {c['mean_s']:.3f} +- {c['std_s']:.3f} | "
+                         f"{e['mean_s']:.3f} +- {e['std_s']:.3f} | {res['ratios'][f'engine/Caffe {m}']:.2f} |")
+        lines.append(f"| {size} | ED / Standard | {res['ratios']['ED/Standard Caffe']:.2f} | "
+                     f"{res['ratios']['ED/Standard engine']:.2f} | |")
+    return "\n".join(lines)
+
+
+def caffe_main(args) -> int:
+    if args.device not in (None, "auto", "cpu"):
+        raise ValueError(f"bench caffe compares both on CPU (pycaffe is built CPU-only); drop --device {args.device}")
+    sides = [int(s) for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in CAFFE_SIZES]
+    if unknown:
+        raise ValueError(f"unknown size(s) {unknown}; choose from {sorted(CAFFE_SIZES)}")
+    iters = 5 if args.iters is None else args.iters
+    warmup = 1 if args.warmup is None else args.warmup
+    if iters < 1:
+        raise ValueError("--iters must be at least 1")
+    meta = {"iters": iters, "warmup": warmup, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "solver": CAFFE_SOLVER, "methods": CAFFE_METHODS}
+    with tempfile.TemporaryDirectory(prefix="bench_caffe_") as tmp:
+        results = [caffe_vs_engine(side, iters, warmup, Path(tmp)) for side in sides]
+    table = caffe_markdown(results, meta)
+    print(table)
+    _write_json(args.json, {"meta": meta, "results": results, "table": table})
+    return 0
+
+
+def _write_json(path, figures) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(figures, indent=2))
+        print(f"\nwritten to {path}")
+
+
 def main(args) -> int:
+    if args.what == "caffe":
+        return caffe_main(args)
     from .train import pick_device
     device = pick_device(args.device, 0)
     out: dict = {}
@@ -192,8 +334,5 @@ def main(args) -> int:
                                 classes=spec["classes"], device=device)
             _print_table(spec["title"], res, PAPER_TABLE6.get(net))
             out[net] = res
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"\nwritten to {args.json}")
+    _write_json(args.json, out)
     return 0

@@ -1,9 +1,10 @@
 """Command line: ``python -m exdrop {train,data,bench} ...``.
 
     exdrop data cifar10 SOURCE [--out data/cifar10]     convert once into Datum LMDBs
-    exdrop train SOLVER [--data SOURCE] [--max-iter N] [--out DIR] [--device auto|cpu|cuda]
-                        [--snapshot X.solverstate] [--weights X.caffemodel]
+    exdrop train SOLVER [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
+                        [--device auto|cpu|cuda] [--snapshot X.solverstate] [--weights X.caffemodel]
     exdrop bench [--iters N] [--batch B] [--device ...]  seconds per iteration, Standard vs ED
+    exdrop bench caffe [--sizes 32,128] [--iters N]      real Caffe (CPU) next to the engine
 """
 from __future__ import annotations
 
@@ -37,23 +38,24 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train import TrainConfig, TrainingDiverged, train
+    from .train import Trainer, TrainConfig, TrainingDiverged
     if args.data:
         from .data import prepare_cifar10
         prepare_cifar10(_cifar10_source(args.data), args.data_dir, val_size=args.val_size, seed=0,
                         limit_per_class=args.limit_per_class)
-    cfg = TrainConfig(solver=args.solver, out=args.out, max_iter=args.max_iter, device=args.device,
-                      resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
+    cfg = TrainConfig(solver=args.solver, out=args.out, backend=args.backend, max_iter=args.max_iter,
+                      device=args.device, resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
                       seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last)
+    trainer = Trainer(cfg)
     try:
-        res = train(cfg)
+        res = trainer.run()
     except TrainingDiverged:
         return 2
     acc = res.get("test_accuracy")
     print(f"final: {res['iterations']} iterations in {res['seconds']:.1f} s on {res['device']}; "
           f"test accuracy {acc:.4f}" if acc is not None else f"final: {res['iterations']} iterations")
-    print(f"run folder: {Path(cfg.out or '.').resolve() if cfg.out else 'models/'} ({res['budget']})")
+    print(f"run folder: {trainer.out.resolve()} ({res['budget']})")
     return 0
 
 
@@ -80,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train from a solver prototxt (like `caffe train`)")
     t.add_argument("solver")
+    t.add_argument("--backend", choices=["engine", "caffe"], default="engine",
+                   help="engine: PyTorch (default); caffe: real pycaffe from `make caffe` (CPU only)")
     t.add_argument("--data", help="CIFAR-10 source to convert into --data-dir first")
     t.add_argument("--data-dir", default="data/cifar10")
     t.add_argument("--val-size", type=int, default=None)
     t.add_argument("--limit-per-class", type=int, default=None)
     t.add_argument("--max-iter", type=int)
     t.add_argument("--out", help="run folder (log.csv, results.json, snapshots/)")
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (the caffe backend: CPU only)")
     t.add_argument("--snapshot", help="resume from a .solverstate")
     t.add_argument("--weights", help="initialise from a .caffemodel")
     t.add_argument("--test-interval", type=int)
@@ -100,11 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     b = sub.add_parser("bench", help="seconds per training iteration of the dropout variants, side by side")
-    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6"],
-                   help="cnn2-cifar10: Standard vs Excitation (batch 100); table6: the paper's Table 6 runtimes")
+    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6", "caffe"],
+                   help="cnn2-cifar10: Standard vs Excitation (batch 100); table6: the paper's Table 6 runtimes; "
+                        "caffe: real Caffe vs the engine on CPU (CNN-2, needs `make caffe`)")
+    b.add_argument("--sizes", default="32,128",
+                   help="caffe: input sizes, from 32 (batch 100, 10 classes) and 128 (batch 50, 256 classes)")
     b.add_argument("--nets", default="cnn2,vgg16", help="table6: which nets (cnn2, vgg16)")
-    b.add_argument("--iters", type=int, default=None, help="timed iterations (default: 20; table6: 100 on CUDA, few on CPU)")
-    b.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 2; table6 on CPU: 1)")
+    b.add_argument("--iters", type=int, default=None,
+                   help="timed iterations (default: 20; table6: 100 on CUDA, few on CPU; caffe: 5)")
+    b.add_argument("--warmup", type=int, default=None,
+                   help="untimed iterations first (default 2; table6 on CPU and caffe: 1)")
     b.add_argument("--batch", type=int, default=None)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", help="write the figures here too")
@@ -118,6 +127,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
         print(f"exdrop: error: {exc}", file=sys.stderr)
         return 1

@@ -1,14 +1,22 @@
-"""The training loop: Caffe's Solver::Solve on the engine, one obvious path.
+"""The training loop: Caffe's Solver::Solve, one loop for both backends.
 
-solver prototxt -> TRAIN net (+ TEST net sharing its weights) -> for each
-iteration: test when due, forward (guided dropout runs its EB step inside the
-net's forward), backward, the solver's update, display, snapshot -> the run
-folder: ``log.csv`` (every display and test point), ``results.json`` and
-``snapshots/`` (``.caffemodel`` + ``.solverstate`` + the engine's RNG/data
-state for an exact resume).
+solver prototxt -> the effective solver (command-line overrides applied, net
+paths absolute, snapshots inside the run folder; written as the run folder's
+``solver.prototxt``) -> a backend -> for each iteration: test when due, one
+training step, display, snapshot -> the run folder: ``log.csv`` (every display
+and test point), ``results.json`` and ``snapshots/``.
 
-The step never syncs with the host: losses stay on the device until a display
-or test point.
+A backend runs the nets and the solver; this loop only schedules. Its interface:
+``sp`` (the effective SolverParameter), ``out`` (the run folder), ``name``,
+``iter``, ``outputs``, ``num_test_nets``, ``elapsed`` (seconds spent before a
+resume), ``step() -> (loss, {output: value})``, ``test(k) -> {output: mean}``,
+``snapshot(elapsed) -> Path``, ``learning_rate()`` and ``results_extra()``.
+
+* :class:`EngineBackend` (here): the engine, on PyTorch; guided dropout runs
+  its EB step inside the net's forward. Its step never syncs with the host:
+  losses stay on the device until a display or test point.
+* :class:`exdrop.caffe_backend.CaffeBackend`: real pycaffe (CPU), whose
+  ExcitationDropout layers get p_EB through a hook.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from google.protobuf import text_format
 
 from . import io as cio
 from .net import Net
@@ -29,6 +38,8 @@ from .pylayer import TEST, TRAIN
 from .runlog import RunLog, budget, format_row
 from .snapshot import load_weights, save_weights
 from .solver import make_solver
+
+BACKENDS = ("engine", "caffe")
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,6 +50,7 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     solver: str
     out: str | None = None
+    backend: str = "engine"            # "engine" or "caffe" (real pycaffe, CPU)
     max_iter: int | None = None
     device: str = "auto"
     resume: str | None = None          # a .solverstate, as `caffe train --snapshot`
@@ -65,7 +77,9 @@ def pick_device(requested: str, solver_mode: int) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# ---------------------------------------------------------------------- the solver
 def load_solver(cfg: TrainConfig):
+    """The solver prototxt with the run's command-line overrides applied."""
     sp = cio.read_solver_prototxt(cfg.solver)
     for key, value in (("max_iter", cfg.max_iter), ("test_interval", cfg.test_interval),
                        ("display", cfg.display), ("snapshot", cfg.snapshot), ("random_seed", cfg.seed)):
@@ -79,8 +93,31 @@ def load_solver(cfg: TrainConfig):
     return sp
 
 
-def _net_params(sp, solver_path: str):
-    """(train NetParameter, [test NetParameters]) from net / net_param / train_net / test_net."""
+def prepare_solver(cfg: TrainConfig, **settings):
+    """The solver this run uses, written to ``<run folder>/solver.prototxt``; returns (param, run folder).
+
+    :func:`load_solver` plus ``settings`` (a backend's own, e.g. solver_mode), with the net
+    paths made absolute and ``snapshot_prefix`` moved into ``<run folder>/snapshots/``.
+    """
+    sp = load_solver(cfg)
+    for key, value in settings.items():
+        setattr(sp, key, value)
+    out = Path(cfg.out or Path("models") / Path(sp.snapshot_prefix or "run").parent.name)
+    (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    for key in ("net", "train_net"):
+        if sp.HasField(key):
+            setattr(sp, key, _absolute(getattr(sp, key), cfg.solver))
+    tests = [_absolute(p, cfg.solver) for p in sp.test_net]
+    del sp.test_net[:]
+    sp.test_net.extend(tests)
+    prefix = Path(sp.snapshot_prefix).name if sp.snapshot_prefix else "snapshot"
+    sp.snapshot_prefix = str((out / "snapshots" / prefix).resolve())
+    (out / "solver.prototxt").write_text(text_format.MessageToString(sp))
+    return sp, out
+
+
+def net_params(sp, solver_path: str):
+    """(train NetParameter, source), [(test NetParameter, source)] from net / net_param / train_net / test_net."""
     def read(path):
         return cio.read_net_prototxt(_resolve(path, solver_path)), path
 
@@ -109,14 +146,24 @@ def _resolve(path: str, relative_to: str) -> str:
     return str(alt) if alt.exists() else str(p)
 
 
-class Trainer:
+def _absolute(path: str, relative_to: str) -> str:
+    return str(Path(_resolve(path, relative_to)).resolve())
+
+
+# ---------------------------------------------------------------------- the engine
+class EngineBackend:
+    """The engine: the nets on PyTorch, exdrop's solver, snapshots with the RNG/data state for an exact resume."""
+
+    name = "engine"
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.sp = sp = load_solver(cfg)
+        sp, self.out = prepare_solver(cfg)
+        self.sp = sp
         self.device = pick_device(cfg.device, sp.solver_mode)
         if sp.random_seed >= 0:
             torch.manual_seed(sp.random_seed)
-        (train_param, train_src), tests = _net_params(sp, cfg.solver)
+        (train_param, train_src), tests = net_params(sp, cfg.solver)
         self.train_net = Net(train_param, TRAIN, self.device, train_src, batch_size=cfg.batch_size)
         self.test_nets = []
         for param, src in tests:
@@ -135,127 +182,55 @@ class Trainer:
         if cfg.weights:
             load_weights(self.train_net, cfg.weights)
         self.solver = make_solver(sp, self.train_net.learnable())
-        self.out = Path(cfg.out or Path("models") / Path(sp.snapshot_prefix or "run").parent.name)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "snapshots").mkdir(exist_ok=True)
-        prefix = Path(sp.snapshot_prefix).name if sp.snapshot_prefix else "snapshot"
-        self.prefix = str(self.out / "snapshots" / prefix)
         self.elapsed = 0.0
         if cfg.resume:
             self._restore(cfg.resume)
-        outputs = set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets))
-        self.log = RunLog(self.out, outputs, self.solver.iter if cfg.resume else None)
+        self.outputs = sorted(set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets)))
 
-    # ------------------------------------------------------------------ loop
-    def run(self) -> dict:
-        sp, net, solver = self.sp, self.train_net, self.solver
-        avg_n = max(1, sp.average_loss)
-        recent: list[torch.Tensor] = []
-        outputs_sum: dict[str, torch.Tensor] = {}
-        outputs_n = 0
-        status, error = "finished", None
-        bar = _progress(self.cfg.progress, solver.iter, sp.max_iter)
-        stop = {"flag": False}
-        old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
-        t0 = time.perf_counter() - self.elapsed
-        try:
-            while solver.iter < sp.max_iter and not stop["flag"]:
-                it = solver.iter
-                if self._due(sp.test_interval, it) and (it > 0 or sp.test_initialization):
-                    self.test(bar, time.perf_counter() - t0)
-                for p in net.parameters():
-                    p.grad = None
-                loss_total = None
-                for _ in range(max(1, sp.iter_size)):
-                    with self.autocast():
-                        blobs = net()
-                        loss = net.loss(blobs)
-                    loss.backward()
-                    loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
-                    for name in net.outputs:
-                        v = blobs[name].detach()
-                        outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
-                    outputs_n += 1
-                recent.append(loss_total / max(1, sp.iter_size))
-                if len(recent) > avg_n:
-                    recent.pop(0)
-                rate = solver.learning_rate()
-                if sp.display and it % sp.display == 0:
-                    row = {"iter": it, "phase": "train", "lr": rate, "elapsed_s": time.perf_counter() - t0}
-                    row.update({k: (v / outputs_n).item() for k, v in outputs_sum.items()})
-                    row["loss"] = (sum(recent) / len(recent)).item()  # Caffe's smoothed loss
-                    outputs_sum, outputs_n = {}, 0
-                    if not math.isfinite(row["loss"]):
-                        raise TrainingDiverged(
-                            f"{self.cfg.solver}: loss is {row['loss']} at iteration {it} "
-                            f"(net {net.source}); lower base_lr or check the data")
-                    self._log(row, bar)
-                solver.step_update()
-                if bar is not None:
-                    bar.update(1)
-                if sp.snapshot and solver.iter % sp.snapshot == 0:
-                    self.snapshot(time.perf_counter() - t0)
-            if stop["flag"]:
-                status = "interrupted"
-        except TrainingDiverged as exc:
-            status, error = "diverged", str(exc)
-        except KeyboardInterrupt:
-            status = "interrupted"
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
-            if bar is not None:
-                bar.close()
-        self.elapsed = time.perf_counter() - t0
-        if status == "finished":
-            if sp.snapshot_after_train and (not sp.snapshot or solver.iter % sp.snapshot):
-                self.snapshot(self.elapsed)
-            if self.test_nets:  # always a final test (Caffe: only on a test_interval multiple)
-                self.test(None, self.elapsed)
-        elif status == "interrupted":
-            self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
-        results = self._results(status, error)
-        if error:
-            print(error)
-            raise TrainingDiverged(error)
-        return results
+    @property
+    def iter(self) -> int:
+        return self.solver.iter
 
-    @staticmethod
-    def _due(interval: int, it: int) -> bool:
-        return bool(interval) and it % interval == 0
+    @property
+    def num_test_nets(self) -> int:
+        return len(self.test_nets)
+
+    def learning_rate(self) -> float:
+        return self.solver.learning_rate()
+
+    def step(self):
+        """Forward, backward (iter_size times) and the update; loss and outputs stay on the device."""
+        net, passes = self.train_net, max(1, self.sp.iter_size)
+        for p in net.parameters():
+            p.grad = None
+        loss_sum, outputs_sum = None, {}
+        for _ in range(passes):
+            with self.autocast():
+                blobs = net()
+                loss = net.loss(blobs)
+            loss.backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            for name in net.outputs:
+                v = blobs[name].detach()
+                outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
+        self.solver.step_update()
+        return loss_sum / passes, {k: v / passes for k, v in outputs_sum.items()}
 
     @torch.no_grad()
-    def test(self, bar=None, elapsed: float = 0.0) -> list[dict]:
-        rows = []
-        for k, tn in enumerate(self.test_nets):
-            n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
-            sums: dict[str, torch.Tensor] = {}
-            for _ in range(n_iter):
-                with self.autocast():
-                    blobs = tn()
-                for name in tn.outputs:
-                    v = blobs[name].detach().float()
-                    sums[name] = sums[name] + v if name in sums else v
-            row = {"iter": self.solver.iter, "phase": "test" if len(self.test_nets) == 1 else f"test{k}",
-                   "lr": self.solver.learning_rate(), "elapsed_s": elapsed}
-            row.update({name: (v / n_iter).mean().item() for name, v in sums.items()})
-            self._log(row, bar)
-            rows.append(row)
-        return rows
-
-    # ------------------------------------------------------------------ records
-    def _log(self, row: dict, bar) -> None:
-        self.log.add(row)
-        if bar is None:
-            if self.cfg.progress:
-                print(format_row(row), flush=True)
-        elif row["phase"] == "train":
-            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k in self.log.columns[4:]}, refresh=False)
-        else:
-            bar.write(format_row(row))
+    def test(self, k: int) -> dict:
+        tn = self.test_nets[k]
+        n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(n_iter):
+            with self.autocast():
+                blobs = tn()
+            for name in tn.outputs:
+                v = blobs[name].detach().float()
+                sums[name] = sums[name] + v if name in sums else v
+        return {name: (v / n_iter).mean().item() for name, v in sums.items()}
 
     def snapshot(self, elapsed: float) -> Path:
-        base = f"{self.prefix}_iter_{self.solver.iter}"
+        base = f"{self.sp.snapshot_prefix}_iter_{self.solver.iter}"
         model = Path(base + ".caffemodel")
         save_weights(self.train_net, model)
         self.solver.save_solverstate(base + ".solverstate", str(model))
@@ -266,7 +241,6 @@ class Trainer:
                              "test": [tn.data_state() for tn in self.test_nets]}},
                    base + ".engine.pt.tmp")
         os.replace(base + ".engine.pt.tmp", base + ".engine.pt")
-        self.last_snapshot = model
         return model
 
     def _restore(self, state_path: str) -> None:
@@ -290,20 +264,131 @@ class Trainer:
                 tn.load_data_state(ds)
             self.elapsed = st.get("elapsed", 0.0)
 
+    def results_extra(self) -> dict:
+        dev = self.device
+        return {"net": self.train_net.source, "test_source": [tn.source for tn in self.test_nets],
+                "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+                "guided_layers": [layer.name for layer in self.train_net.layer_list
+                                  if getattr(layer, "saliency", None) == "excitation"]}
+
+
+def make_backend(cfg: TrainConfig):
+    if cfg.backend == "engine":
+        return EngineBackend(cfg)
+    if cfg.backend == "caffe":
+        from .caffe_backend import CaffeBackend
+        return CaffeBackend(cfg)
+    raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+# ---------------------------------------------------------------------- the loop
+class Trainer:
+    """Caffe's Solver::Solve over a backend (the engine unless ``cfg.backend`` says otherwise)."""
+
+    def __init__(self, cfg: TrainConfig, backend=None):
+        self.cfg = cfg
+        self.backend = backend if backend is not None else make_backend(cfg)
+        self.sp, self.out = self.backend.sp, self.backend.out
+        self.elapsed = self.backend.elapsed
+        self.last_snapshot: Path | None = None
+        self.log = RunLog(self.out, self.backend.outputs, self.backend.iter if cfg.resume else None)
+
+    def run(self) -> dict:
+        sp, backend = self.sp, self.backend
+        recent: list = []  # the last average_loss losses: Caffe's smoothed loss
+        outputs_sum: dict = {}
+        outputs_n = 0
+        status, error = "finished", None
+        bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
+        stop = {"flag": False}
+        old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
+        t0 = time.perf_counter() - self.elapsed
+        try:
+            while backend.iter < sp.max_iter and not stop["flag"]:
+                it = backend.iter
+                if sp.test_interval and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization):
+                    self.test(bar, time.perf_counter() - t0)
+                rate = backend.learning_rate()
+                loss, outputs = backend.step()
+                recent = (recent + [loss])[-max(1, sp.average_loss):]
+                for name, v in outputs.items():
+                    outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
+                outputs_n += 1
+                if sp.display and it % sp.display == 0:
+                    row = {"iter": it, "phase": "train", "lr": rate, "elapsed_s": time.perf_counter() - t0}
+                    row.update({k: float(v / outputs_n) for k, v in outputs_sum.items()})
+                    row["loss"] = float(sum(recent) / len(recent))
+                    outputs_sum, outputs_n = {}, 0
+                    if not math.isfinite(row["loss"]):
+                        raise TrainingDiverged(
+                            f"{self.cfg.solver}: loss is {row['loss']} at iteration {it} "
+                            f"(net {sp.net or 'net_param'}, {backend.name} backend); "
+                            "lower base_lr or check the data")
+                    self._log(row, bar)
+                if bar is not None:
+                    bar.update(1)
+                if sp.snapshot and backend.iter % sp.snapshot == 0:
+                    self.snapshot(time.perf_counter() - t0)
+            if stop["flag"]:
+                status = "interrupted"
+        except TrainingDiverged as exc:
+            status, error = "diverged", str(exc)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+            if bar is not None:
+                bar.close()
+        self.elapsed = time.perf_counter() - t0
+        if status == "finished":
+            if sp.snapshot_after_train and (not sp.snapshot or backend.iter % sp.snapshot):
+                self.snapshot(self.elapsed)
+            if backend.num_test_nets:  # always a final test (Caffe: only on a test_interval multiple)
+                self.test(None, self.elapsed)
+        elif status == "interrupted":
+            self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
+        results = self._results(status, error)
+        if error:
+            print(error)
+            raise TrainingDiverged(error)
+        return results
+
+    def test(self, bar=None, elapsed: float = 0.0) -> list[dict]:
+        rows = []
+        n = self.backend.num_test_nets
+        for k in range(n):
+            row = {"iter": self.backend.iter, "phase": "test" if n == 1 else f"test{k}",
+                   "lr": self.backend.learning_rate(), "elapsed_s": elapsed}
+            row.update(self.backend.test(k))
+            self._log(row, bar)
+            rows.append(row)
+        return rows
+
+    def snapshot(self, elapsed: float) -> Path:
+        self.last_snapshot = self.backend.snapshot(elapsed)
+        return self.last_snapshot
+
+    def _log(self, row: dict, bar) -> None:
+        self.log.add(row)
+        if bar is None:
+            if self.cfg.progress:
+                print(format_row(row), flush=True)
+        elif row["phase"] == "train":
+            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k in self.log.columns[4:]}, refresh=False)
+        else:
+            bar.write(format_row(row))
+
     def _results(self, status: str, error: str | None) -> dict:
-        res = {"status": status, "backend": "engine", "solver": str(self.cfg.solver), "net": self.train_net.source,
-               "iterations": self.solver.iter, "max_iter": self.sp.max_iter,
+        iters = self.backend.iter
+        res = {"status": status, "backend": self.backend.name, "solver": str(self.cfg.solver),
+               "solver_used": str(self.out / "solver.prototxt"), "iterations": iters, "max_iter": self.sp.max_iter,
                "budget": budget(self.sp.max_iter, cio.read_solver_prototxt(self.cfg.solver).max_iter)}
         res.update(self.log.summary())
-        res.update({
-            "seconds": round(self.elapsed, 2),
-            "seconds_per_iter": round(self.elapsed / max(1, self.solver.iter), 4),
-            "device": str(self.device) + (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda" else ""),
-            "torch": torch.__version__,
-            "host": platform.node(),
-            "snapshot": str(getattr(self, "last_snapshot", "")),
-            "test_source": [tn.source for tn in self.test_nets],
-        })
+        res.update({"seconds": round(self.elapsed, 2), "seconds_per_iter": round(self.elapsed / max(1, iters), 4)})
+        res.update(self.backend.results_extra())
+        res.update({"torch": torch.__version__, "host": platform.node(),
+                    "snapshot": str(self.last_snapshot or "")})
         if error:
             res["error"] = error
         return self.log.finish(res)

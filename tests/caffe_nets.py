@@ -1,6 +1,7 @@
-"""Prototxt builders shared by the differential tests (tests/test_caffe_diff.py) and
-scripts/bench_caffe.py: every net here has Input layers (data + label), so real Caffe and
-the engine see identical input, and Caffe can read the file as it is.
+"""Prototxt builders shared by the differential tests (tests/test_caffe_diff.py) and the
+backend tests (tests/test_backends.py). The CNN-2 and misc nets have Input layers (data +
+label), so real Caffe and the engine see identical input, and Caffe can read the file as it
+is; the tiny net reads a small LMDB with Data layers, so both backends can train on it.
 """
 from __future__ import annotations
 
@@ -112,6 +113,66 @@ def write_misc(path, batch: int = 4, classes: int = 5, force_backward: bool = Tr
     return path
 
 
+# A net both backends train in a second: Data layers on a tiny LMDB (3 classes of 8x8 images),
+# a convolution, ip1 with Excitation Dropout, ip2 -> Accuracy and (unless left out) the loss.
+TINY_NET = """
+name: "tiny_ed"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
+  transform_param {{ scale: 0.00390625 }} data_param {{ source: "{train}" batch_size: 4 backend: LMDB }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ scale: 0.00390625 }} data_param {{ source: "{val}" batch_size: 3 backend: LMDB }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: 4 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+  inner_product_param {{ num_output: 16 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "relu2" type: "ReLU" bottom: "ip1" top: "ip1" }}
+layer {{ name: "drop" type: "Python" bottom: "ip1" top: "ip1"
+  python_param {{ module: "excitation_dropout" layer: "ExcitationDropout" param_str: "{{'dropout_ratio': 0.5}}" }} }}
+layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "accuracy" type: "Accuracy" bottom: "ip2" bottom: "label" top: "accuracy" }}
+{loss}"""
+TINY_LOSS = 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }\n'
+
+TINY_SOLVER = """net: "{net}"
+test_iter: 2
+test_interval: 1000
+test_initialization: false
+display: 100
+average_loss: 2
+max_iter: 1000
+type: "SGD"
+base_lr: 0.01
+momentum: 0.9
+lr_policy: "fixed"
+snapshot: 0
+snapshot_prefix: "models/tiny/tiny_ed"
+solver_mode: CPU
+random_seed: 1
+"""
+
+
+def write_tiny(folder, with_loss: bool = True) -> Path:
+    """A tiny LMDB (12 train, 6 val images) and TINY_NET on it in ``folder``; returns the solver path."""
+    import cv2
+
+    from exdrop.data import prepare_image_dataset
+    folder = Path(folder)
+    images = folder / "images"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (images / c).mkdir(parents=True, exist_ok=True)
+        for n in range(6):
+            cv2.imwrite(str(images / c / f"{n}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    db = prepare_image_dataset(images, folder / "db", val_size=6, seed=0, progress=False)
+    net = folder / "tiny_ed.prototxt"
+    net.write_text(TINY_NET.format(train=db["train"], val=db["val"], loss=TINY_LOSS if with_loss else ""))
+    solver = folder / "solver.prototxt"
+    solver.write_text(TINY_SOLVER.format(net=net.name))
+    return solver
+
+
 def fixed_input(batch: int, image_shape, classes: int, seed: int = 0, scale: float = 1.0):
     """(data float32 (B, C, H, W), label float32 (B,)) from a seeded generator."""
     rng = np.random.default_rng(seed)
@@ -128,4 +189,4 @@ def rel_err(a, b) -> float:
 
 
 __all__ = ["ROOT", "CNN2", "CNN2_SOLVER", "TRAIN", "TEST", "cnn2_param", "write_param", "write_cnn2",
-           "write_misc", "MISC_SHAPES", "fixed_input", "rel_err"]
+           "write_misc", "MISC_SHAPES", "write_tiny", "fixed_input", "rel_err"]
