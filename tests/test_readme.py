@@ -24,3 +24,16 @@ def test_readme_python_block_runs(i):
     finally:  # a block may register a layer type; the table goes back as it was
         REGISTRY.clear(), REGISTRY.update(saved[0])
         TORCH_MODULES.clear(), TORCH_MODULES.update(saved[1])
+
+
+def test_module_docstring_examples_run():
+    """The Examples sections of the drop-in modules' docstrings (torch.nn style) run as written."""
+    import doctest
+
+    import torch
+
+    import exdrop.nn
+
+    torch.manual_seed(0)
+    res = doctest.testmod(exdrop.nn, extraglobs={"torch": torch, "nn": torch.nn}, optionflags=doctest.ELLIPSIS)
+    assert res.attempted >= 7 and res.failed == 0, res
