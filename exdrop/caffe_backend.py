@@ -30,6 +30,7 @@ from .net import filter_layers
 from .proto import caffe_pb2
 from .pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
 from .solver import caffe_rate
+from .train import Backend, net_params, prepare_solver
 
 CPU = caffe_pb2.SolverParameter.CPU
 
@@ -132,13 +133,12 @@ def caffe_solver(caffe, sp):
 
 
 # ---------------------------------------------------------------------- training
-class CaffeBackend:
+class CaffeBackend(Backend):
     """Real Caffe behind the shared run loop (:class:`exdrop.train.Trainer`)."""
 
     name = "caffe"
 
     def __init__(self, cfg):
-        from .train import net_params, prepare_solver
         if cfg.device not in (None, "", "auto", "cpu"):
             raise ValueError(f"the Caffe backend runs on CPU only (`make caffe` builds pycaffe without CUDA); "
                              f"drop --device {cfg.device} or use the engine backend")
@@ -168,14 +168,6 @@ class CaffeBackend:
         self.outputs = sorted(set(self.net.outputs).union(*(tn.outputs for tn in self.test_nets)))
         self.loss_weights = {blob: w for blob, w in self.net.blob_loss_weights.items() if w}
         self.elapsed = 0.0
-
-    @property
-    def iter(self) -> int:
-        return self.solver.iter
-
-    @property
-    def num_test_nets(self) -> int:
-        return len(self.test_nets)
 
     def learning_rate(self) -> float:
         """Caffe's rate at this iteration (for the log; Caffe's solver applies its own)."""

@@ -6,11 +6,11 @@ paths absolute, snapshots inside the run folder; written as the run folder's
 training step, display, snapshot -> the run folder: ``log.csv`` (every display
 and test point), ``results.json`` and ``snapshots/``.
 
-A backend runs the nets and the solver; this loop only schedules. Its interface:
-``sp`` (the effective SolverParameter), ``out`` (the run folder), ``name``,
-``iter``, ``outputs``, ``num_test_nets``, ``elapsed`` (seconds spent before a
-resume), ``step() -> (loss, {output: value})``, ``test(k) -> {output: mean}``,
-``snapshot(elapsed) -> Path``, ``learning_rate()`` and ``results_extra()``.
+A backend (:class:`Backend`) runs the nets and the solver; this loop only
+schedules: ``step() -> (loss, {output: value})``, ``test(k) -> {output: mean}``,
+``snapshot(elapsed) -> Path``, ``learning_rate()``, ``results_extra()``, and
+``sp`` (the effective SolverParameter), ``out`` (the run folder), ``iter``,
+``outputs``, ``num_test_nets``, ``elapsed`` (seconds spent before a resume).
 
 * :class:`EngineBackend` (here): the engine, on PyTorch; guided dropout runs
   its EB step inside the net's forward. Its step never syncs with the host:
@@ -150,8 +150,45 @@ def _absolute(path: str, relative_to: str) -> str:
     return str(Path(_resolve(path, relative_to)).resolve())
 
 
-# ---------------------------------------------------------------------- the engine
-class EngineBackend:
+# ---------------------------------------------------------------------- backends
+class Backend:
+    """What the run loop drives: a solver (``.iter``) and test nets, plus the methods below."""
+
+    name = "?"
+    sp = None          # the effective SolverParameter
+    out: Path          # the run folder
+    outputs: list      # names of the nets' output blobs
+    elapsed = 0.0      # seconds spent before a resume
+    solver = None
+    test_nets: list = []
+
+    @property
+    def iter(self) -> int:
+        return self.solver.iter
+
+    @property
+    def num_test_nets(self) -> int:
+        return len(self.test_nets)
+
+    def learning_rate(self) -> float:
+        raise NotImplementedError
+
+    def step(self):
+        """One training iteration: ``(loss, {output: value})``."""
+        raise NotImplementedError
+
+    def test(self, k: int) -> dict:
+        """One pass of test net ``k``: ``{output: mean}``."""
+        raise NotImplementedError
+
+    def snapshot(self, elapsed: float) -> Path:
+        raise NotImplementedError
+
+    def results_extra(self) -> dict:
+        return {}
+
+
+class EngineBackend(Backend):
     """The engine: the nets on PyTorch, exdrop's solver, snapshots with the RNG/data state for an exact resume."""
 
     name = "engine"
@@ -186,14 +223,6 @@ class EngineBackend:
         if cfg.resume:
             self._restore(cfg.resume)
         self.outputs = sorted(set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets)))
-
-    @property
-    def iter(self) -> int:
-        return self.solver.iter
-
-    @property
-    def num_test_nets(self) -> int:
-        return len(self.test_nets)
 
     def learning_rate(self) -> float:
         return self.solver.learning_rate()
