@@ -21,7 +21,7 @@ ITERS    ?= 20
 train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME))
 
-.PHONY: help setup test caffe data-cifar10 train-cifar10 bench bench-table6 prototxt
+.PHONY: help setup test caffe data-cifar10 train-cifar10 bench bench-table6 prototxt mutation
 
 help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch, and real pycaffe via"
@@ -35,6 +35,8 @@ help:
 	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 T6_ITERS=<n>"
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 	@echo "make prototxt              regenerate the train_val_/solver_ variants from each folder's base*.prototxt"
+	@echo "make mutation              mutation testing (mutmut) of exdrop/{solver,eb,functional}.py and layers/*.py;"
+	@echo "                           score and survivors printed, work folder mutants/; MUTANTS='<glob>' for a subset"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +60,21 @@ test:
 prototxt:
 	$(PY) -m exdrop.variants
 
+# Mutation testing: mutmut (pinned here, installed on demand, not by setup) mutates the files of
+# [tool.mutmut] in pyproject.toml in a copy under mutants/ and runs, for each mutant, only the
+# tests of its selection that call the mutated function. MUTANTS='exdrop.solver*' for a subset.
+MUTMUT_SPEC ?= mutmut==3.8.1
+MUTANTS ?=
+mutation:
+	$(PY) -m pip install -q "$(MUTMUT_SPEC)"
+	rm -rf mutants   # a fresh run: mutmut's cache misses edited tests
+	EXDROP_CAFFE_DIR=$(CURDIR)/build/caffe $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS) \
+	  | tr '\r' '\n' | tail -n 1
+	$(PY) -m mutmut results
+	$(PY) -m mutmut export-cicd-stats >/dev/null && $(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+	  k = s['killed'] + s['timeout'] + s['segfault']; n = s['total'] - s['skipped'] - s['no_tests']; \
+	  print(f'mutation score: {k}/{n} killed ({100 * k / max(n, 1):.1f}%), {s[\"survived\"]} survived, {s[\"no_tests\"]} without tests')"
+
 caffe:
 	PYTHON=$(PY) bash scripts/build_caffe.sh build/caffe
 
@@ -74,10 +91,11 @@ endif
 bench:
 	$(PY) -m exdrop bench cnn2-cifar10 --iters $(ITERS) --device $(DEVICE) --json models/bench/cnn2_cifar10.json
 
-# Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU)  BATCH=50
+# Table 6 runtimes; NETS=cnn2,vgg16  T6_ITERS=<n> (default: 100 on CUDA, few on CPU)  BATCH=50  DEVICE
 NETS ?= cnn2,vgg16
 comma := ,
-# One process per net: four VGG16s with Adam state need ~20 GB of host memory on CPU.
+# One process per net, so each JSON's peak_rss_mb (ru_maxrss) is that net's own; the variants
+# share one net's weights and Adam state (VGG16, batch 50, CPU: see README "Table 6 on CPU").
 bench-table6:
 	for net in $(subst $(comma), ,$(NETS)); do \
 	  $(PY) -m exdrop bench table6 --nets $$net --device $(DEVICE) $(if $(T6_ITERS),--iters $(T6_ITERS)) \

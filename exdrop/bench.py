@@ -6,6 +6,11 @@ process (A, B, A, B, ...) so that machine load drifts hit them alike; each
 ratio is computed from the same run. Data layers are replaced by an Input fed
 with fixed random images, so the figure is the network's cost alone.
 
+The variants of one table share one set of weights and one solver (they differ only in
+the dropout layer), so the solver state exists once and memory is one net's weights plus
+one step's activations: each variant's step updates the shared weights, the same work for
+every variant. Between steps no variant keeps activations or gradients alive.
+
 ``exdrop bench caffe`` times real Caffe (pycaffe, CPU: ``solver.step(1)``, with
 the p_EB hook of :mod:`exdrop.caffe_backend` for Excitation Dropout) next to
 the engine on the same CNN-2 nets, arrays and solver, in the same rounds.
@@ -16,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -71,13 +77,23 @@ class Variant:
     """One prototxt ready to train on fixed random data."""
 
     def __init__(self, name: str, prototxt: str, solver_param, batch: int, image_shape, classes: int, device,
-                 per_image_loop: bool = False):
+                 per_image_loop: bool = False, share: "Variant | None" = None):
+        """``share``: another Variant whose weights and solver this one uses (by layer name)."""
         original = cio.read_net_prototxt(prototxt)
         param = with_input_layer(original, TRAIN, batch, image_shape)
         torch.manual_seed(0)
         self.name, self.device = name, device
         self.net = Net(param, TRAIN, device, prototxt)
-        self.solver = make_solver(solver_param, self.net.learnable())
+        if share is None:
+            self.solver = make_solver(solver_param, self.net.learnable())
+        else:
+            self.net.share_weights_from(share.net)
+            self.solver = share.solver
+            mine = [(id(e.tensor), e.lr_mult, e.decay_mult) for e in self.net.learnable()]
+            theirs = [(id(e.tensor), e.lr_mult, e.decay_mult) for e in self.solver.params]
+            if mine != theirs:
+                raise ValueError(f"{prototxt}: its learnable blobs (or their lr/decay multipliers) differ "
+                                 f"from {share.name}'s, so the two cannot share weights and solver")
         # what the data layer would deliver: mean-subtracted pixels (std ~60) times transform scale
         scale = next((lp.transform_param.scale for lp in original.layer if lp.type in ("Data", "ImageData")), 1.0)
         g = torch.Generator().manual_seed(1)
@@ -101,12 +117,13 @@ class Variant:
         net._saliency = one_by_one
 
     def step(self):
-        for p in self.net.parameters():
-            p.grad = None
         loss = self.net.loss(self.net(self.feed))
         loss.backward()
         self.solver.step_update()
         self._loss = loss.detach()
+        self.net.blobs, self.net.records = {}, None  # no activations kept between steps
+        for p in self.net.parameters():
+            p.grad = None
 
     @property
     def last_loss(self) -> float:
@@ -147,17 +164,40 @@ def time_variants(variants: dict[str, str], *, solver: str, iters: int, warmup: 
                   image_shape=(3, 32, 32), classes: int = 10, device="cpu") -> dict:
     """The engine's seconds per iteration of each prototxt in ``variants`` (name -> path)."""
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     sp = cio.read_solver_prototxt(solver)
-    built = {k: Variant(k, v, sp, batch, image_shape, classes, device, per_image_loop=k.endswith(LOOP_SUFFIX))
-             for k, v in variants.items()}
+    built = share_variants(variants, sp, batch, image_shape, classes, device)
     rows = time_steps(built, iters=iters, warmup=warmup, device=device)
-    del built  # free the nets before the next table (VGG16 x 4 variants needs the memory)
+    del built  # free the net before the next table
     gc.collect()
     for k, row in rows.items():
         row["prototxt"] = variants[k]
-    return {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
-            "image_shape": list(image_shape), "iters": iters, "warmup": warmup, "variants": rows}
+    res = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
+           "image_shape": list(image_shape), "iters": iters, "warmup": warmup, "shared_weights": True,
+           "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        res["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    res["variants"] = rows
+    return res
+
+
+def share_variants(variants: dict[str, str], solver_param, batch: int, image_shape, classes: int, device) -> dict:
+    """One Variant per prototxt (name -> path), all on the first one's weights and solver."""
+    built: dict[str, Variant] = {}
+    for k, v in variants.items():
+        first = next(iter(built.values()), None)
+        built[k] = Variant(k, v, solver_param, batch, image_shape, classes, device,
+                           per_image_loop=k.endswith(LOOP_SUFFIX), share=first)
+        gc.collect()  # the weights the new net was built with, now replaced by the shared ones
+    return built
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 TABLE6 = {
@@ -197,6 +237,10 @@ def _print_table(title: str, res: dict, paper: dict | None) -> None:
         if paper and k in paper:
             line += f" {paper[k][0]:.3f} +- {paper[k][1]:.3f} | {paper[k][0] / paper[first][0]:.3f} |"
         print(line)
+    memory = f"peak memory of the process: RSS {res['peak_rss_mb'] / 1024:.2f} GiB"
+    if "cuda_peak_allocated_mb" in res:
+        memory += f", CUDA allocated {res['cuda_peak_allocated_mb'] / 1024:.2f} GiB"
+    print(memory + " (the variants share one set of weights and one solver)")
 
 
 CAFFE_METHODS = {

@@ -30,7 +30,7 @@ from .net import filter_layers
 from .proto import caffe_pb2
 from .pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
 from .solver import caffe_rate
-from .train import Backend, net_params, prepare_solver
+from .train import Backend, net_params, prepare_solver, snapshot_model_path
 
 CPU = caffe_pb2.SolverParameter.CPU
 
@@ -91,7 +91,8 @@ class ExcitationHook:
         logits = net.blobs[self.logits].data
         labels = net.blobs[self.label].data if self.label else None
         classes = signal_classes(self.signal, torch.from_numpy(logits), labels, where=self.where)
-        return self.walker.excitation(self.blob, self.logits, classes.numpy(), stop_after=self.index)
+        return self.walker.excitation(self.blob, self.logits, classes.numpy(), stop_after=self.index,
+                                      check_finite=False)  # a NaN reaches the loss, where the run loop names it
 
 
 def install_saliency_hooks(net, net_param, source: str = "<net>") -> list[str]:
@@ -163,7 +164,7 @@ class CaffeBackend(Backend):
         if cfg.weights:
             self.net.copy_from(str(cfg.weights))
         if cfg.resume:
-            self.solver.restore(str(cfg.resume))
+            restore_beside(self.solver, cfg.resume)
         self.guided_layers = install_saliency_hooks(self.net, train_param, self.source)
         self.outputs = sorted(set(self.net.outputs).union(*(tn.outputs for tn in self.test_nets)))
         self.loss_weights = {blob: w for blob, w in self.net.blob_loss_weights.items() if w}
@@ -196,9 +197,33 @@ class CaffeBackend(Backend):
         ext = ".caffemodel.h5" if self.sp.snapshot_format == caffe_pb2.SolverParameter.HDF5 else ".caffemodel"
         return Path(f"{self.sp.snapshot_prefix}_iter_{self.solver.iter}{ext}")
 
+    def nonfinite_weights(self) -> str | None:
+        for name, blobs in self.net.params.items():
+            if not all(np.isfinite(b.data).all() for b in blobs):
+                return name
+        return None
+
     def results_extra(self) -> dict:
         return {"net": self.source, "test_source": self.test_sources, "device": "cpu (Caffe)",
                 "guided_layers": self.guided_layers}
+
+
+def restore_beside(solver, state_path) -> None:
+    """Caffe's ``solver.restore``, with the weights taken from beside the given .solverstate (not the
+    absolute learned_net path stored in it, which names the original run folder)."""
+    if str(state_path).endswith(".h5"):
+        solver.restore(str(state_path))
+        return
+    model = snapshot_model_path(state_path)   # named errors where Caffe would abort the process
+    state = cio.read_binary_proto(state_path, caffe_pb2.SolverState())
+    if state.learned_net == str(model):
+        solver.restore(str(state_path))
+        return
+    state.learned_net = str(model)
+    with tempfile.TemporaryDirectory(prefix="exdrop_resume_") as tmp:
+        moved = Path(tmp) / Path(state_path).name
+        cio.write_binary_proto(state, moved)
+        solver.restore(str(moved))
 
 
 # ---------------------------------------------------------------------- benchmark

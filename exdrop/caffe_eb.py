@@ -70,11 +70,16 @@ class CaffeExcitation:
         weights = [_t(b.data) for b in self.net.layers[i].blobs]
         return bound_rule(kind, g, weights, where)
 
-    def excitation(self, bottom: str, top: str, classes, stop_after: int | None = None) -> np.ndarray:
+    def excitation(self, bottom: str, top: str, classes, stop_after: int | None = None,
+                   check_finite: bool = True) -> np.ndarray:
         """p_EB at blob ``bottom`` from a one-hot of ``classes`` at blob ``top``.
 
         Walks from the layer producing ``top`` down to (not including) layer
         ``stop_after`` (default: the last producer of ``bottom`` before it).
+        ``check_finite``: a blob or weight on the walk that holds inf or NaN raises
+        :class:`exdrop.eb.NonFiniteError` naming it (the training step's hook turns
+        it off: there a NaN keeps its units and reaches the loss, where the run loop
+        names it).
         """
         start = self.producer(top)
         stop = self.producer(bottom, start) if stop_after is None else stop_after
@@ -83,6 +88,14 @@ class CaffeExcitation:
             name = self.names[i]
             bottoms, tops = list(self.net.bottom_names[name]), list(self.net.top_names[name])
             steps.append(eb.Step(_LazyRule(self, i), [_t(self.net.blobs[b].data) for b in bottoms], bottoms, tops))
+        if check_finite:
+            items = []
+            for k in eb.walked(steps, [top]):
+                i, step = stop + 1 + k, steps[k]
+                where = f"layer '{self.names[i]}'"
+                items += [(f"blob '{b}' (bottom of {where})", x) for b, x in zip(step.bottom_keys, step.bottoms)]
+                items += [(f"weight blob {w} of {where}", b.data) for w, b in enumerate(self.net.layers[i].blobs)]
+            eb.require_finite(items, f"{self.source}: excitation({bottom!r})")
         logits = _t(self.net.blobs[top].data)
         signal = eb.top_signal(logits, torch.as_tensor(np.asarray(classes)).reshape(-1).long())
         out = eb.walk(steps, {top: signal}, bottom)

@@ -2,7 +2,8 @@
 
     exdrop data cifar10 SOURCE [--out data/cifar10]     convert once into Datum LMDBs
     exdrop train SOLVER [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
-                        [--device auto|cpu|cuda] [--snapshot X.solverstate] [--weights X.caffemodel]
+                        [--device auto|cpu|cuda] [--snapshot X.solverstate [--inexact-resume]]
+                        [--weights X.caffemodel]
     exdrop bench [--iters N] [--batch B] [--device ...]  seconds per iteration, Standard vs ED
     exdrop bench caffe [--sizes 32,128] [--iters N]      real Caffe (CPU) next to the engine
 """
@@ -46,11 +47,13 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(solver=args.solver, out=args.out, backend=args.backend, max_iter=args.max_iter,
                       device=args.device, resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
-                      seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last)
+                      seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last,
+                      inexact_resume=args.inexact_resume)
     trainer = Trainer(cfg)
     try:
         res = trainer.run()
-    except TrainingDiverged:
+    except TrainingDiverged as exc:
+        print(f"exdrop: error: {exc}", file=sys.stderr)
         return 2
     acc = res.get("test_accuracy")
     print(f"final: {res['iterations']} iterations in {res['seconds']:.1f} s on {res['device']}; "
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (log.csv, results.json, snapshots/)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (the caffe backend: CPU only)")
     t.add_argument("--snapshot", help="resume from a .solverstate")
+    t.add_argument("--inexact-resume", action="store_true",
+                   help="resume even when the snapshot's .engine.pt (RNG and data cursors) is missing or "
+                        "unreadable: the data order and random draws then differ from the uninterrupted run")
     t.add_argument("--weights", help="initialise from a .caffemodel")
     t.add_argument("--test-interval", type=int)
     t.add_argument("--test-iter", type=int)

@@ -20,6 +20,7 @@ those rules, start from :func:`top_signal`, and pick the class with
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Hashable, NamedTuple, Sequence
 
 import torch
@@ -33,12 +34,81 @@ def safe_divide(top: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, top / torch.where(nonzero, z, torch.ones_like(z)), torch.zeros_like(top))
 
 
+# ----------------------------------------------------------------- float32 range
+# Caffe's EB evaluates bottom = X * ((top / (X W+)) W+^T) in float32 as written: Z overflows
+# past ~1e38 (S = 0: the mass is silently lost), a subnormal Z makes S = top / Z overflow
+# (inf, then inf * 0 = NaN), and products of small inputs underflow to Z = 0. The kernels
+# below evaluate the very same expression on operands rescaled by powers of two, which is
+# exact in binary floating point:
+#
+#   Xs = X * 2**-a            per image (per image and channel for pooling): max |Xs| ~ 1
+#   Wn = W+ * 2**-c           per output unit / channel: max Wn ~ 1, so 0 <= Z < 16 * fan-in
+#   S' = (top * 2**-k) / Z    per image, k from the exponent fields of top and Z such that
+#                             |S'| * fan-out < 2**(_HEAD + 23): the back product cannot overflow
+#   bottom = (Xs * (S' Wn^T)) * 2**k
+#
+# The factors cancel exactly, so wherever Caffe's float32 arithmetic neither overflows nor
+# underflows the result is bit for bit Caffe's (Z == 0 -> 0, no epsilon); elsewhere it is the
+# EB value rounded to float32 instead of inf, NaN or a silent 0. For every finite input the
+# result is finite; for non-negative inputs (activations after a ReLU) every unit lies in
+# [0, 1] up to rounding and the bottom's mass is the top mass that met Z > 0 (what is lost is
+# only what lies more than ~2**-149 below the largest activation of an image or weight of a
+# unit). A few batched elementwise ops, no host synchronisation. Non-finite inputs give
+# unspecified (typically NaN) results: the analysis entry points refuse them
+# (:func:`require_finite`) and guided dropout keeps a unit whose share is NaN.
+_HEAD = 64
+_NO_EXP = -1024
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2**e`` exactly, float32, for int32 ``e`` in [-126, 127] (built from the bits)."""
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def _ldexp(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``t * 2**e`` for int32 ``e`` in [-252, 254], in two exact steps (no spurious under/overflow)."""
+    h = e >> 1                       # floor(e / 2)
+    return t * _pow2(h) * _pow2(e - h)
+
+
+def _biased_exponent(t: torch.Tensor) -> torch.Tensor:
+    """The float32 exponent field of ``t`` (int32): ``|t| < 2**(field - 126)``, and
+    ``|t| >= 2**(field - 127)`` for normal numbers; 0 for zero and subnormals."""
+    return (t.view(torch.int32) >> 23) & 0xFF
+
+
+def _normalise(t: torch.Tensor, dims, nonneg: bool = False) -> torch.Tensor:
+    """``t`` times a power of two per slice (``dims`` reduced) so that its max |value| lies in
+    [1/2, 1) (in [2**-22, 4) at the ends of float32's range)."""
+    m = (t if nonneg else t.abs()).amax(dim=dims, keepdim=True)
+    e = torch.frexp(m)[1].clamp(-127, 126)        # 0 where m is 0, inf or NaN
+    return t * _pow2(-e)
+
+
+def _ceil_log2(n: int) -> int:
+    return max(int(n) - 1, 0).bit_length()
+
+
+def _ratio(top: torch.Tensor, z: torch.Tensor, fan_out: int, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S', k)``: ``S' = top / z * 2**-k``, 0 where ``z == 0``, one int32 ``k`` per slice of
+    ``dims`` (None: per element), chosen so that ``|S'| * fan_out <= 2**(_HEAD + 23)``."""
+    nonzero = z != 0
+    # |top / z| < 2**(d + 1) with d the difference of the exponent fields (a subnormal z,
+    # field 0, may be up to 2**23 smaller than that says: the head room absorbs it)
+    d = torch.where(nonzero, _biased_exponent(top) - _biased_exponent(z), torch.full_like(z, _NO_EXP, dtype=torch.int32))
+    e_max = d if dims is None else d.amax(dim=dims, keepdim=True)
+    k = torch.where(e_max > _NO_EXP, e_max + (1 + _ceil_log2(fan_out) - _HEAD), torch.zeros_like(e_max))
+    k = k.clamp(-252, 252)
+    s = torch.where(nonzero, _ldexp(top, -k) / torch.where(nonzero, z, torch.ones_like(z)), torch.zeros_like(top))
+    return s, k
+
+
 def eb_linear(x: torch.Tensor, weight: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """InnerProduct: ``x`` (B, ...) flattened to (B, K), ``weight`` (N, K), ``top`` (B, N)."""
-    xf = x.float().flatten(1)
-    wp = weight.float().clamp_min(0)
-    s = safe_divide(top.float(), xf @ wp.t())
-    return (xf * (s @ wp)).reshape(x.shape)
+    xs = _normalise(x.float().flatten(1), 1)
+    wn = _normalise(weight.float().clamp_min(0), 1, nonneg=True)
+    s, k = _ratio(top.float(), xs @ wn.t(), wn.shape[0], 1)
+    return _ldexp(xs * (s @ wn), k).reshape(x.shape)
 
 
 def eb_conv2d(
@@ -51,11 +121,12 @@ def eb_conv2d(
     groups: int = 1,
 ) -> torch.Tensor:
     """Convolution: convolve X with W+, divide, transposed convolution with W+, times X."""
-    x = x.float()
-    wp = weight.float().clamp_min(0)
-    z = F.conv2d(x, wp, None, stride, padding, dilation, groups)
-    s = safe_divide(top.float(), z)
-    return x * conv2d_input(x.shape, wp, s, stride, padding, dilation, groups)
+    xs = _normalise(x.float(), (1, 2, 3))
+    wn = _normalise(weight.float().clamp_min(0), (1, 2, 3), nonneg=True)
+    z = F.conv2d(xs, wn, None, stride, padding, dilation, groups)
+    o, _, kh, kw = wn.shape
+    s, k = _ratio(top.float(), z, (o // groups) * kh * kw, (1, 2, 3))
+    return _ldexp(xs * conv2d_input(xs.shape, wn, s, stride, padding, dilation, groups), k)
 
 
 def eb_relu(x: torch.Tensor, top: torch.Tensor, negative_slope: float = 0.0) -> torch.Tensor:
@@ -78,20 +149,28 @@ def eb_max_pool2d(x: torch.Tensor, top: torch.Tensor, kernel, stride, padding,
 def eb_avg_pool2d(x: torch.Tensor, top: torch.Tensor, kernel, stride, padding,
                   ceil_mode: bool = True, count_include_pad: bool = True) -> torch.Tensor:
     """Average pooling: each window splits its probability in proportion to its inputs."""
-    x = x.float()
-    z = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
-    s = safe_divide(top.float(), z)
-    back = torch.ops.aten.avg_pool2d_backward(s, x, _pair(kernel), _pair(stride), _pair(padding),
+    xs = _normalise(x.float(), (2, 3))      # channels are independent: per image and channel
+    z = F.avg_pool2d(xs, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    kh, kw = _pair(kernel)
+    s, k = _ratio(top.float(), z, kh * kw, (2, 3))
+    back = torch.ops.aten.avg_pool2d_backward(s, xs, _pair(kernel), _pair(stride), _pair(padding),
                                               ceil_mode, count_include_pad, None)
-    return x * back
+    return _ldexp(xs * back, k)
 
 
 def eb_eltwise_sum(xs: list[torch.Tensor], top: torch.Tensor, coeffs=None) -> list[torch.Tensor]:
     """Eltwise SUM: each input gets the share it contributed to the sum."""
-    coeffs = coeffs or [1.0] * len(xs)
-    parts = [c * x.float() for c, x in zip(coeffs, xs)]
-    s = safe_divide(top.float(), sum(parts))
-    return [p * s for p in parts]
+    coeffs = [float(c) for c in (coeffs or [1.0] * len(xs))]
+    xf = [x.float() for x in xs]
+    m = xf[0].abs()
+    for x in xf[1:]:
+        m = torch.maximum(m, x.abs())
+    scale = _pow2(-torch.frexp(m)[1].clamp(-127, 126))          # per element, over the inputs
+    cmax = max(abs(c) for c in coeffs)
+    shift = math.frexp(cmax)[1] if math.isfinite(cmax) else 0   # the coefficients by a power of two too
+    parts = [x * scale * math.ldexp(c, -shift) for c, x in zip(coeffs, xf)]
+    s, k = _ratio(top.float(), sum(parts), 1, None)
+    return [_ldexp(p * s, k) for p in parts]
 
 
 # ----------------------------------------------------------------- the top signal
@@ -170,6 +249,43 @@ def walk(steps: Sequence[Step], signals: dict, target: Hashable) -> torch.Tensor
             if s is not None:
                 signals[key] = signals[key] + s if key in signals else s
     return signals.get(target)
+
+
+def walked(steps: Sequence[Step], start) -> list[int]:
+    """Indices of the ``steps`` that :func:`walk` runs from signals at the keys ``start``
+    (those whose tops carry a signal), without computing anything."""
+    live, out = set(start), []
+    for i in range(len(steps) - 1, -1, -1):
+        step = steps[i]
+        if any(k in live for k in step.top_keys):
+            out.append(i)
+            live.difference_update(step.top_keys)
+            live.update(step.bottom_keys)
+    return out[::-1]
+
+
+class NonFiniteError(ValueError):
+    """An input of Excitation Backprop (a blob or a layer's weights) holds inf or NaN."""
+
+
+def require_finite(items, where: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first of ``items`` ((description, tensor or
+    array) pairs) that holds inf or NaN. One host synchronisation for all of them: for the
+    analysis entry points, not for a training step."""
+    items = [(name, torch.as_tensor(t)) for name, t in items if t is not None]
+    if not items:
+        return
+    flags = [torch.isfinite(t).all() for _, t in items]
+    if all(f.device == flags[0].device for f in flags):
+        flags = torch.stack(flags).tolist()
+    else:
+        flags = [bool(f) for f in flags]
+    for ok, (name, t) in zip(flags, items):
+        if not ok:
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            raise NonFiniteError(f"{where}: {name} is not finite ({nan} NaN, {inf} inf of {t.numel()} values); "
+                                 "Excitation Backprop needs finite activations and weights")
 
 
 def _pair(v):

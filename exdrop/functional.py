@@ -32,11 +32,17 @@ def retain_probability(p: torch.Tensor, base_retain: float) -> torch.Tensor:
         p_retain = 1 - (1-P)(N-1) p / (((1-P)N - 1) p + P)
 
     which gives 1 at p = 0, 0 at p = 1 and P at p = 1/N, and decreases in p.
+
+    The result is always a valid Bernoulli probability in [0, 1]: a share outside
+    [0, 1] is clamped into it first, and a NaN share gives 1 (the unit is kept, so a
+    NaN input reaches the loss, where the run loop reports the divergence, instead of
+    failing inside ``torch.bernoulli``). No host synchronisation.
     """
     if not 0.0 < base_retain <= 1.0:
         raise ValueError(f"base retain probability must be in (0, 1], got {base_retain}")
     n = p.shape[1]
     drop_rate = 1.0 - base_retain
+    p = torch.where(torch.isnan(p), torch.zeros_like(p), p)   # NaN share: keep the unit
     p = p.clamp(0.0, 1.0)
     denom = (drop_rate * n - 1.0) * p + base_retain
     # denom >= min(P, (1-P)(N-1)) > 0 on [0, 1] when N > 1; guard N == 1 anyway.
@@ -127,7 +133,7 @@ def guided_dropout(
     x's shape, which is then collapsed by :func:`unit_saliency`). ``p`` is the
     dropout probability as in ``torch.nn.functional.dropout``: the paper's base
     retain probability is P = 1 - p (the retain probability of a unit whose
-    share is 1/N).
+    share is 1/N). A NaN share keeps its unit (:func:`retain_probability`).
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability has to be in [0, 1), got {p} (base retain probability P = 1 - p)")

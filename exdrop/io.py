@@ -79,8 +79,20 @@ def _read_text(path) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prototxt file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise PrototxtError(path, None, None, "the file is UTF-16 encoded, not a UTF-8 text prototxt: "
+                                              "save it as UTF-8")
+    if b"\0" in data:
+        raise PrototxtError(path, None, None, "the file is binary, not a text prototxt (a .caffemodel, "
+                                              ".solverstate or .binaryproto?)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PrototxtError(path, line, None, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                                              f"{e.start}); save the prototxt as UTF-8") from None
 
 
 def parse_net(text: str, filename: str = "<string>") -> caffe_pb2.NetParameter:
@@ -93,6 +105,11 @@ def parse_solver(text: str, filename: str = "<string>") -> caffe_pb2.SolverParam
     sp = _parse_text(text, caffe_pb2.SolverParameter(), filename)
     for net in [sp.net_param, sp.train_net_param, *sp.test_net_param]:
         _check_not_v1(net, filename)
+    from exdrop.solver import solver_class  # lazy: exdrop.solver imports this module
+    try:
+        solver_class(sp)   # Caffe upgrades solver_type on reading; an unknown type fails at creation
+    except ValueError as e:
+        raise ValueError(f"{filename}: {e}") from None
     return sp
 
 

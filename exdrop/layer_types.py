@@ -131,7 +131,10 @@ class Layer(nn.Module):
         raise LayerError(f"layer '{self.name}' (type {self.type}): {msg}")
 
     def add_blob(self, shape: tuple[int, ...], filler) -> None:
-        self.blobs.append(nn.Parameter(fill(tuple(shape), filler)))
+        try:
+            self.blobs.append(nn.Parameter(fill(tuple(shape), filler)))
+        except ValueError as exc:
+            self.fail(str(exc))
 
     def param_spec(self, i: int):
         """(lr_mult, decay_mult, name) of learnable blob i, Caffe's defaults 1, 1."""
@@ -176,11 +179,30 @@ def module_layer(m: nn.Module, x: torch.Tensor):
 
 
 # ----------------------------------------------------------------- helpers
+def canonical_axis(axis: int, ndim: int, what: str = "axis") -> int:
+    """Caffe's Blob::CanonicalAxisIndex: -ndim <= axis < ndim, negative counts from the end."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{what} {axis} is out of range for a {ndim}-axis bottom")
+    return axis % ndim
+
+
+def positive(name: str, values, minimum: int = 1):
+    """Caffe's CHECK_GT(value, 0) on geometry fields (``minimum`` 0 for pads)."""
+    for v in values:
+        if v < minimum:
+            raise ValueError(f"{name} must be {'positive' if minimum == 1 else '>= 0'}, got {v}")
+    return values
+
+
 def _hw(param, single: str, h: str, w: str, default: int | None):
     """Caffe's repeated-or-(h, w) geometry fields, e.g. kernel_size / kernel_h, kernel_w."""
-    if param.HasField(h) or param.HasField(w):
-        return int(getattr(param, h)), int(getattr(param, w))
+    if param.HasField(h) != param.HasField(w):
+        raise ValueError(f"{h} and {w} must be given together")
     raw = getattr(param, single)
+    if param.HasField(h):
+        if (param.HasField(single) if isinstance(raw, int) else len(raw)):
+            raise ValueError(f"give {single} or {h} and {w}, not both")
+        return int(getattr(param, h)), int(getattr(param, w))
     if isinstance(raw, int):  # PoolingParameter's fields are scalars
         vals = [raw] if param.HasField(single) else []
     else:
@@ -198,7 +220,9 @@ def _hw(param, single: str, h: str, w: str, default: int | None):
 
 def _pair_or(param, single: str, h: str, w: str) -> tuple[int, int]:
     """A scalar field with (h, w) overrides, e.g. PoolingParameter's stride / stride_h, stride_w."""
-    if param.HasField(h) or param.HasField(w):
+    if param.HasField(h) != param.HasField(w):
+        raise ValueError(f"{h} and {w} must be given together")
+    if param.HasField(h):
         return int(getattr(param, h)), int(getattr(param, w))
     v = int(getattr(param, single))
     return v, v
@@ -236,10 +260,13 @@ class Convolution(Layer):
         if len(bottom_shapes[0]) != 4 or p.axis != 1:
             raise ValueError(f"only 2-D convolution on (N, C, H, W) is supported, got bottom {bottom_shapes[0]}")
         dil = list(p.dilation) or [1]
-        return SimpleNamespace(kernel=_hw(p, "kernel_size", "kernel_h", "kernel_w", None),
-                               stride=_hw(p, "stride", "stride_h", "stride_w", 1),
+        if len(dil) > 2:
+            raise ValueError(f"dilation: only 2-D geometry is supported, got {dil}")
+        positive("group", [p.group])
+        return SimpleNamespace(kernel=positive("kernel size", _hw(p, "kernel_size", "kernel_h", "kernel_w", None)),
+                               stride=positive("stride", _hw(p, "stride", "stride_h", "stride_w", 1)),
                                pad=_hw(p, "pad", "pad_h", "pad_w", 0),
-                               dilation=(dil[0], dil[-1]), groups=p.group)
+                               dilation=positive("dilation", (dil[0], dil[-1])), groups=p.group)
 
     @staticmethod
     def eb_rule(g, bottoms, weights, signals):
@@ -282,7 +309,8 @@ class InnerProduct(Layer):
     @staticmethod
     def geometry(lp, bottom_shapes):
         p = lp.inner_product_param
-        return SimpleNamespace(axis=p.axis % len(bottom_shapes[0]), transpose=p.transpose)
+        positive("num_output", [p.num_output])
+        return SimpleNamespace(axis=canonical_axis(p.axis, len(bottom_shapes[0])), transpose=p.transpose)
 
     @staticmethod
     def eb_rule(g, bottoms, weights, signals):
@@ -327,13 +355,16 @@ class Pooling(Layer):
         if p.pool == caffe_pb2.PoolingParameter.STOCHASTIC:
             raise ValueError("STOCHASTIC pooling is not supported")
         if p.global_pooling:
+            if any(p.HasField(f) for f in ("kernel_size", "kernel_h", "kernel_w")):
+                raise ValueError("with global_pooling: true the kernel size cannot be specified")
+            if _pair_or(p, "pad", "pad_h", "pad_w") != (0, 0) or _pair_or(p, "stride", "stride_h", "stride_w") != (1, 1):
+                raise ValueError("with global_pooling: true only pad 0 and stride 1 are supported")
             kernel, stride, pad = tuple(shape[2:]), (1, 1), (0, 0)
         else:
-            try:
-                kernel = _hw(p, "kernel_size", "kernel_h", "kernel_w", None)
-            except ValueError:
-                raise ValueError("kernel_size (or kernel_h and kernel_w) is required") from None
-            stride = _pair_or(p, "stride", "stride_h", "stride_w")
+            if not any(p.HasField(f) for f in ("kernel_size", "kernel_h", "kernel_w")):
+                raise ValueError("kernel_size (or kernel_h and kernel_w) is required")
+            kernel = positive("kernel size", _hw(p, "kernel_size", "kernel_h", "kernel_w", None))
+            stride = positive("stride", _pair_or(p, "stride", "stride_h", "stride_w"))
             pad = _pair_or(p, "pad", "pad_h", "pad_w")
         return SimpleNamespace(max=p.pool == caffe_pb2.PoolingParameter.MAX, kernel=kernel, stride=stride,
                                pad=pad, dilation=(1, 1), ceil_mode=True, count_include_pad=True)
@@ -459,7 +490,10 @@ class Dropout(Layer):
 class Softmax(Layer):
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        self.axis = lp.softmax_param.axis
+        try:
+            self.axis = canonical_axis(lp.softmax_param.axis, len(bottom_shapes[0]))
+        except ValueError as exc:
+            self.fail(str(exc))
         self.top_shapes = [tuple(bottom_shapes[0])]
 
     def forward(self, x):
@@ -475,7 +509,10 @@ class Flatten(Layer):
     @staticmethod
     def geometry(lp, bottom_shapes):
         p, shape = lp.flatten_param, bottom_shapes[0]
-        return SimpleNamespace(start=p.axis % len(shape), end=p.end_axis % len(shape))
+        start, end = canonical_axis(p.axis, len(shape)), canonical_axis(p.end_axis, len(shape), "end_axis")
+        if end < start:
+            raise ValueError(f"end_axis {p.end_axis} comes before axis {p.axis}")
+        return SimpleNamespace(start=start, end=end)
 
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
@@ -495,10 +532,19 @@ class Reshape(Layer):
         p, shape = lp.reshape_param, list(bottom_shapes[0])
         start = p.axis % (len(shape) + 1) if p.axis < 0 else p.axis
         end = len(shape) if p.num_axes == -1 else start + p.num_axes
-        new = [shape[start + i] if d == 0 else d for i, d in enumerate(p.shape.dim)]
+        if not 0 <= start <= end <= len(shape) or p.num_axes < -1:
+            raise ValueError(f"axis {p.axis} / num_axes {p.num_axes} do not fit a {len(shape)}-axis bottom")
+        dims = list(p.shape.dim)
+        if any(d < -1 for d in dims) or dims.count(-1) > 1:
+            raise ValueError(f"shape {dims}: dims must be >= 0, with at most one -1 (inferred)")
+        if any(d == 0 and start + i >= end for i, d in enumerate(dims)):
+            raise ValueError(f"shape {dims}: a 0 (copy) dim beyond the bottom's axes {tuple(shape)}")
+        new = [shape[start + i] if d == 0 else d for i, d in enumerate(dims)]
         out = shape[:start] + new + shape[end:]
         if -1 in out:
             known = int(np.prod([d for d in out if d != -1]))
+            if known == 0:
+                raise ValueError(f"cannot infer the -1 dim of {tuple(out)}")
             out[out.index(-1)] = int(np.prod(shape)) // known
         if int(np.prod(out)) != int(np.prod(shape)):
             raise ValueError(f"cannot reshape {tuple(shape)} to {tuple(out)}")
@@ -519,7 +565,7 @@ class Concat(Layer):
     @staticmethod
     def geometry(lp, bottom_shapes):
         p, first = lp.concat_param, bottom_shapes[0]
-        axis = (p.concat_dim if p.HasField("concat_dim") else p.axis) % len(first)
+        axis = canonical_axis(p.concat_dim if p.HasField("concat_dim") else p.axis, len(first))
         for s in bottom_shapes[1:]:
             if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != axis):
                 raise ValueError(f"bottom shapes {bottom_shapes} differ outside the concat axis {axis}")
@@ -548,6 +594,8 @@ class Eltwise(Layer):
         p = lp.eltwise_param
         if any(tuple(s) != tuple(bottom_shapes[0]) for s in bottom_shapes):
             raise ValueError(f"bottoms must have equal shapes, got {bottom_shapes}")
+        if len(p.coeff) and p.operation != caffe_pb2.EltwiseParameter.SUM:
+            raise ValueError("coeff is only for the SUM operation")
         coeff = list(p.coeff) or [1.0] * len(bottom_shapes)
         if len(coeff) != len(bottom_shapes):
             raise ValueError("needs one coeff per bottom")
@@ -618,9 +666,13 @@ class SoftmaxWithLoss(Layer):
     n_bottom = (2, 2)
     is_loss = True
 
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        return SimpleNamespace(axis=canonical_axis(lp.softmax_param.axis, len(bottom_shapes[0])))
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
-        self.axis = lp.softmax_param.axis % len(bottom_shapes[0])
+        self.axis = self.g.axis
         _check_labels(self, bottom_shapes[0], bottom_shapes[1], self.axis)
         lp_loss = lp.loss_param
         self.ignore = lp_loss.ignore_label if lp_loss.HasField("ignore_label") else None
@@ -659,10 +711,19 @@ class SoftmaxWithLoss(Layer):
 class Accuracy(Layer):
     n_bottom = (2, 2)
 
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p = lp.accuracy_param
+        axis = canonical_axis(p.axis, len(bottom_shapes[0]))
+        positive("top_k", [p.top_k])
+        if p.top_k > bottom_shapes[0][axis]:
+            raise ValueError(f"top_k {p.top_k} is more than the {bottom_shapes[0][axis]} classes")
+        return SimpleNamespace(axis=axis)
+
     def __init__(self, lp, bottom_shapes, phase):
         super().__init__(lp, bottom_shapes, phase)
         p = lp.accuracy_param
-        self.k, self.axis = p.top_k, p.axis % len(bottom_shapes[0])
+        self.k, self.axis = p.top_k, self.g.axis
         self.ignore = p.ignore_label if p.HasField("ignore_label") else None
         _check_labels(self, bottom_shapes[0], bottom_shapes[1], self.axis)
         self.top_shapes = [()]
@@ -763,8 +824,11 @@ class Python(Layer):
         obj.param_str, obj.phase = param_str, phase
         bottoms = [_NumpyBlob(shape=s) for s in bottom_shapes]
         tops = [_NumpyBlob() for _ in self.lp.top]
-        obj.setup(bottoms, tops)
-        obj.reshape(bottoms, tops)
+        try:
+            obj.setup(bottoms, tops)
+            obj.reshape(bottoms, tops)
+        except Exception as exc:   # a Python layer's own check (Caffe prints it and stops)
+            self.fail(f"{self.cls.__name__}.setup: {type(exc).__name__}: {exc}")
         self.obj = obj
         self.top_shapes = [t.shape for t in tops]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,14 +81,22 @@ class Net(nn.Module):
         self.phase = {"TRAIN": TRAIN, "TEST": TEST}.get(phase, phase)
         self.source, self.name = source, net_param.name
         self.device = torch.device(device or "cpu")
-        self.layer_params = filter_layers(net_param, self.phase, stages)
+        try:
+            self.layer_params = filter_layers(net_param, self.phase, stages)
+        except LayerError as exc:
+            raise LayerError(f"{source}: {exc}") from None
         self.layer_list = nn.ModuleList()
         self.sources = {}
         self.input_names: list[str] = []
         shapes: dict[str, tuple] = {}
         self._legacy_inputs(net_param, shapes, batch_size)
-        producer: dict[str, str] = {}
-        for lp in self.layer_params:
+        producer: dict[str, str] = {name: "the net's input" for name in self.input_names}
+        named: dict[str, int] = {}
+        for k, lp in enumerate(self.layer_params):
+            if lp.name in named:   # the first layer would never learn, or get the other's weights
+                raise LayerError(f"{source}: layers {named[lp.name]} and {k} are both named '{lp.name}' "
+                                 "(layer names must be unique: weights are saved and loaded by name)")
+            named[lp.name] = k
             if lp.type in DATA_TYPES or lp.type == "Input":
                 layer = self._data_layer(lp, batch_size)
             else:
@@ -107,11 +116,19 @@ class Net(nn.Module):
                 if len(layer.top_shapes) != len(lp.top) and lp.type != "SoftmaxWithLoss":
                     raise LayerError(f"{source}: layer '{lp.name}' (type {lp.type}) produces "
                                      f"{len(layer.top_shapes)} tops, the prototxt names {len(lp.top)}")
-            for t, s in zip(lp.top, layer.top_shapes):
+            for j, (t, s) in enumerate(zip(lp.top, layer.top_shapes)):
+                in_place = j < len(lp.bottom) and lp.bottom[j] == t
+                if t in producer and not in_place:   # Caffe's Net::AppendTop
+                    raise LayerError(f"{source}: top blob '{t}' of layer '{lp.name}' is also produced by "
+                                     f"{_who(producer[t])} (Caffe: produced by multiple sources); "
+                                     "write in place (top == bottom) or rename the top")
                 shapes[t] = tuple(s)
                 producer[t] = lp.name
             self.layer_list.append(layer)
         self.blob_shapes = shapes
+        if self.phase == TRAIN:
+            self._check_guided_layers()
+        self._check_label_ranges()
         self._share_named_params()
         self.outputs = self._find_outputs()
         self.loss_weights = self._loss_weights()
@@ -141,6 +158,9 @@ class Net(nn.Module):
     def _data_layer(self, lp, batch_size):
         if lp.type == "Input":
             p = lp.input_param
+            if len(p.shape) not in (1, len(lp.top)) or any(d <= 0 for sh in p.shape for d in sh.dim):
+                raise LayerError(f"{self.source}: layer '{lp.name}' (type Input): give one shape, or one per top, "
+                                 f"with positive dims (got {[list(sh.dim) for sh in p.shape]})")
             layer = _InputLayer(lp, [tuple(p.shape[min(i, len(p.shape) - 1)].dim) for i in range(len(lp.top))], batch_size)
             self.input_names += list(lp.top)
             return layer
@@ -153,6 +173,63 @@ class Net(nn.Module):
             raise LayerError(f"{self.source}: layer '{lp.name}' (type {lp.type}): {exc}") from exc
         self.sources[lp.name] = src
         return _DataLayer(lp, src)
+
+    def _check_guided_layers(self):
+        """A guided dropout layer needs p_EB from logits that depend on its blob (else p_EB is 0
+        everywhere and nothing is dropped), existing logits / label blobs, and a valid class."""
+        for i, layer in enumerate(self.layer_list):
+            if getattr(layer, "saliency", None) != "excitation":
+                continue
+            where = f"{self.source}: layer '{layer.name}'"
+            logits, label = self._signal_blobs(layer)
+            signal = layer.params.get("signal", "gt")
+            for what, blob in (("logits", logits), ("label", label if signal == "gt" else None)):
+                if blob is not None and blob not in self.blob_shapes:
+                    raise LayerError(f"{where}: {what} blob '{blob}' is not produced by any layer of the "
+                                     f"{self.phase_name} net")
+            if signal == "gt" and label is None:
+                raise LayerError(f"{where}: the ground-truth top signal needs a label blob: set 'label' in "
+                                 "its param_str, or use signal 'pred' or a class index")
+            blob = layer.lp.top[0]
+            if logits in (blob, layer.lp.bottom[0]):
+                raise LayerError(f"{where}: it sits on the logits blob '{logits}' itself; Excitation Backprop "
+                                 "needs layers between the dropout and the logits")
+            if not self._logits_depend_on(i, blob, logits):
+                raise LayerError(f"{where}: the logits blob '{logits}' does not depend on its blob '{blob}', so "
+                                 "p_EB would be zero everywhere and nothing dropped; move it below the logits")
+            classes = int(np.prod(self.blob_shapes[logits][1:]))
+            if isinstance(signal, int) and not 0 <= signal < classes:
+                raise LayerError(f"{where}: signal class {signal} is outside the logits' {classes} classes "
+                                 f"(blob '{logits}')")
+
+    def _logits_depend_on(self, start: int, blob: str, logits: str) -> bool:
+        """Whether blob ``logits`` is computed from ``blob`` as written by layer ``start``."""
+        needed = {logits}
+        for j in range(len(self.layer_list) - 1, start, -1):
+            lp = self.layer_list[j].lp
+            if any(t in needed for t in lp.top):
+                needed.difference_update(t for t in lp.top if t not in lp.bottom)
+                needed.update(lp.bottom)
+        return blob in needed
+
+    def _check_label_ranges(self):
+        """Labels of a data layer feeding a SoftmaxWithLoss or an Accuracy must be classes of its logits."""
+        label_source = {lp.top[1]: name for name, lp in ((n, self.layer(n).lp) for n in self.sources)
+                        if len(lp.top) > 1}
+        for layer in self.layer_list:
+            if layer.type not in ("SoftmaxWithLoss", "Accuracy") or layer.lp.bottom[1] not in label_source:
+                continue
+            name = label_source[layer.lp.bottom[1]]
+            labels = self.sources[name].labels
+            classes = self.blob_shapes[layer.lp.bottom[0]][layer.axis]
+            bad = (labels < 0) | (labels >= classes)
+            if layer.ignore is not None:
+                bad &= labels != layer.ignore
+            if bad.any():
+                k = int(bad.nonzero()[0, 0])
+                raise LayerError(f"{self.source}: layer '{name}' ({self.sources[name].kind}): record {k} (0-based, "
+                                 f"in reading order) has label {int(labels[k])}, outside the {classes} classes of "
+                                 f"layer '{layer.name}' (logits '{layer.lp.bottom[0]}')")
 
     def _share_named_params(self):
         """ParamSpec.name shares one blob between layers (Caffe's param sharing)."""
@@ -239,7 +316,7 @@ class Net(nn.Module):
                 if all(t in blobs for t in lp.top):
                     continue
                 if isinstance(layer, _InputLayer):
-                    raise ValueError(f"input blob(s) {list(lp.top)} of layer '{lp.name}' must be fed")
+                    raise ValueError(f"{self.source}: input blob(s) {list(lp.top)} of layer '{lp.name}' must be fed")
                 tops = layer()
                 if self.channels_last:
                     tops = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tops)
@@ -354,7 +431,16 @@ class Net(nn.Module):
         target = self.blobs[bottom]
         # Walk only the layers after the last producer of the bottom blob.
         last = max((k for k, (j, _, tops) in enumerate(self.records) if any(t is target for t in tops)), default=-1)
-        return self._walk(self.records[last + 1:], logits, classes, target)
+        records = self.records[last + 1:]
+        # Analysis, not training: a non-finite blob or weight on the walk is a named error.
+        steps = [eb.Step(None, b, [id(x) for x in b], [id(x) for x in t]) for _, b, t in records]
+        items = []
+        for i in eb.walked(steps, [id(logits)]):
+            layer = self.layer_list[records[i][0]]
+            items += [(f"blob '{n}' (bottom of layer '{layer.name}')", x) for n, x in zip(layer.lp.bottom, records[i][1])]
+            items += [(f"weight blob {w} of layer '{layer.name}'", p) for w, p in enumerate(layer.blobs)]
+        eb.require_finite(items, f"{self.source}: excitation({bottom!r})")
+        return self._walk(records, logits, classes, target)
 
     # ------------------------------------------------------------- data
     def data_state(self) -> dict:
@@ -394,6 +480,10 @@ class _DataLayer(nn.Module):
 
     def forward(self):
         return tuple(self.source.next_batch()[: len(self.lp.top)])
+
+
+def _who(producer: str) -> str:
+    return producer if producer == "the net's input" else f"layer '{producer}'"
 
 
 def _with_batch_size(lp, batch_size: int):

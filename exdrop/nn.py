@@ -104,7 +104,7 @@ class ExcitationDropout(_GuidedDropout):
         if saliency is None:
             if self.head is None:
                 raise ValueError("ExcitationDropout needs `head` (or an explicit `saliency`)")
-            saliency = excitation_through(self.head, x, target, signal=self.signal)
+            saliency = excitation_through(self.head, x, target, signal=self.signal, check_finite=False)
         return self._drop(x, saliency)
 
 
@@ -185,21 +185,32 @@ class StandardDropout(nn.Module):
 
 @torch.no_grad()
 def excitation_through(head: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
-                       signal: str | int = "gt") -> torch.Tensor:
+                       signal: str | int = "gt", check_finite: bool = True) -> torch.Tensor:
     """p_EB at ``x`` through a sequential ``head``, from a one-hot at its output.
 
     The class of each image's signal is ``target`` (``signal="gt"``), the
     head's prediction (``"pred"``) or a fixed index. Dropout layers in the head
     act as the identity (test mode), as in the prototxt engine.
+
+    ``check_finite`` (default True): an input of a module or a parameter that
+    holds inf or NaN raises :class:`exdrop.eb.NonFiniteError` naming it (one host
+    synchronisation). :class:`ExcitationDropout`'s training step passes False: a
+    NaN there keeps its units and reaches the loss.
     """
     from .layer_types import module_layer  # the rule table: Caffe layer types
 
     modules = list(head) if isinstance(head, nn.Sequential) else [head]
-    steps, h = [], x.detach()
+    steps, h, inputs = [], x.detach(), []
     for i, m in enumerate(modules):
         kind, rule = module_layer(m, h)
         steps.append(eb.Step(rule, [h], [i], [i + 1]))
+        if check_finite:
+            name = f"module {i} ({type(m).__name__})"
+            inputs.append((f"the input of {name}", h))
+            inputs += [(f"parameter '{p}' of {name}", v) for p, v in m.named_parameters()]
         h = h if kind.is_dropout else m(h)
+    if check_finite:
+        eb.require_finite(inputs, "excitation_through")
     classes = eb.signal_classes(signal, h, target, "ExcitationDropout")
     out = eb.walk(steps, {len(modules): eb.top_signal(h, classes)}, 0)
     return out if out is not None else torch.zeros_like(x, dtype=torch.float32)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import json
+import os
 import sys
 import types
 import weakref
@@ -124,31 +126,77 @@ def parse_param_str(text: str, where: str = "param_str") -> dict:
     return out
 
 
+LAYER_PATH_ENV = "EXDROP_LAYER_PATH"
+REPO_LAYERS = Path(__file__).resolve().parents[1] / "layers"
+
+
 def layer_search_paths(extra: list[Path] | None = None) -> list[Path]:
-    """Folders where Python layer modules are found: ``layers/`` first, as in Caffe's PYTHONPATH."""
-    root = Path(__file__).resolve().parents[1]
-    paths = list(extra or []) + [root / "layers", Path.cwd() / "layers", Path.cwd()]
+    """The folders exdrop itself adds for Python layer modules, in search order: the repo's
+    ``layers/``, then the folders named in ``$EXDROP_LAYER_PATH`` (os.pathsep-separated), then
+    ``extra`` (a net's ``search_paths``). Installed packages (sys.path) are searched between
+    ``layers/`` and these; the current directory is never searched unless named here."""
+    configured = [Path(p) for p in os.environ.get(LAYER_PATH_ENV, "").split(os.pathsep) if p]
     seen, out = set(), []
-    for p in paths:
+    for p in [REPO_LAYERS, *configured, *(Path(p) for p in extra or [])]:
+        p = p.expanduser().resolve()
         if p not in seen and p.is_dir():
             seen.add(p)
             out.append(p)
     return out
 
 
+def _module_search_order(extra: list[Path] | None) -> list[str]:
+    """``layers/``, sys.path without the current directory, then the configured folders."""
+    folders = [str(p) for p in layer_search_paths(extra)]
+    repo = folders[:1] if folders and folders[0] == str(REPO_LAYERS.resolve()) else []
+    configured = folders[len(repo):]
+    cwd = Path.cwd().resolve()
+    installed = [p for p in sys.path if p and Path(p).resolve() != cwd and p not in folders]
+    return [*repo, *installed, *configured]
+
+
+def _import_layer_module(module: str, order: list[str]):
+    """Import ``module`` (its top-level package) from the folders ``order``, in that order."""
+    top = module.split(".")[0]
+    if top not in sys.modules:
+        spec = importlib.machinery.PathFinder.find_spec(top, order)
+        if spec is None or spec.loader is None:
+            raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[top] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(top, None)
+            raise
+    return importlib.import_module(module)
+
+
 def load_layer_class(module: str, layer: str, layer_name: str, extra_paths: list[Path] | None = None):
-    """Import ``module`` (from ``layers/`` or sys.path) and return its class ``layer``."""
-    for p in reversed(layer_search_paths(extra_paths)):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
+    """Import ``module`` and return its class ``layer``.
+
+    Looked up in the repo's ``layers/``, then installed packages, then ``$EXDROP_LAYER_PATH``
+    and ``extra_paths``; never in the current directory by accident (``python -m`` puts it on
+    sys.path: it is skipped unless configured). ``layers/`` goes first on sys.path and the
+    configured folders last, so that a layer file can import its siblings.
+    """
+    repo = str(REPO_LAYERS.resolve())
+    for p in map(str, layer_search_paths(extra_paths)):
+        if p == repo and p not in sys.path:
+            sys.path.insert(0, p)
+        elif p not in sys.path:
+            sys.path.append(p)
+    order = _module_search_order(extra_paths)
     # A classic layer file starts with `import caffe`: without pycaffe it gets the stand-in.
     lend = "caffe" not in sys.modules and importlib.util.find_spec("caffe") is None
     if lend:
         sys.modules["caffe"] = _STAND_IN
     try:
-        mod = importlib.import_module(module)
+        mod = _import_layer_module(module, order)
     except ImportError as exc:
-        what = ("not found (looked in layers/ and on sys.path)" if exc.name == module
+        where = f"layers/, installed packages, ${LAYER_PATH_ENV}" + (", search_paths" if extra_paths else "")
+        what = (f"not found (looked in {where}; never in the current directory: name a folder in "
+                f"${LAYER_PATH_ENV} to use one)" if exc.name in (module, module.split(".")[0])
                 else f"failed to import: {exc}")
         raise ImportError(f"layer '{layer_name}': python_param module '{module}' {what}") from exc
     finally:

@@ -15,7 +15,12 @@ BASE_COLUMNS = ["iter", "phase", "lr", "elapsed_s"]
 
 
 class RunLog:
-    def __init__(self, out: Path, outputs, resume_iter: int | None = None):
+    """``resume_iter``: a resumed run's iteration; the rows before it are kept. A snapshot at
+    iteration N is written after the display row of N - 1 and before the test at N, so the test
+    rows at N are kept too when ``retest_at_resume`` is False (the resumed run will not test at N
+    again: N was the end of the first run, its final test)."""
+
+    def __init__(self, out: Path, outputs, resume_iter: int | None = None, retest_at_resume: bool = True):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.columns = BASE_COLUMNS + sorted(set(outputs))
@@ -24,7 +29,8 @@ class RunLog:
         kept = []
         if resume_iter is not None and path.exists():
             with open(path, newline="") as f:  # keep what happened before the snapshot
-                kept = [r for r in csv.DictReader(f) if int(r["iter"]) < resume_iter]
+                kept = [r for r in csv.DictReader(f) if int(r["iter"]) < resume_iter or (
+                    int(r["iter"]) == resume_iter and r["phase"].startswith("test") and not retest_at_resume)]
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
         self.writer.writeheader()

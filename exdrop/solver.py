@@ -33,7 +33,7 @@ from exdrop import io as caffe_io
 from exdrop.proto import caffe_pb2
 
 __all__ = ["ParamEntry", "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver",
-           "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "make_solver", "SOLVER_TYPES"]
+           "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "make_solver", "solver_class", "SOLVER_TYPES"]
 
 
 def _f32(x) -> float:
@@ -71,6 +71,8 @@ def caffe_rate(p, it: int, step: int) -> tuple[float, int]:
             step += 1
         rate = base_lr * math.pow(gamma, step)
     elif policy == "poly":
+        if p.max_iter <= 0:
+            raise ValueError("lr_policy 'poly' needs max_iter > 0")
         rate = base_lr * math.pow(1.0 - it / float(p.max_iter), power)
     elif policy == "sigmoid":
         rate = base_lr * (1.0 / (1.0 + math.exp(-gamma * (it - float(p.stepsize)))))
@@ -345,7 +347,7 @@ _LEGACY = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTE
            caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam"}
 
 
-def _solver_class(param: caffe_pb2.SolverParameter) -> type:
+def solver_class(param: caffe_pb2.SolverParameter) -> type:
     """The class for ``type`` or the legacy ``solver_type`` enum
     (Caffe's UpgradeSolverType in src/caffe/util/upgrade_proto.cpp)."""
     name = param.type
@@ -355,10 +357,19 @@ def _solver_class(param: caffe_pb2.SolverParameter) -> type:
                              "type field (string) cannot be both specified.")
         name = _LEGACY[param.solver_type]
     if name not in SOLVER_TYPES:
-        raise ValueError(f"Unknown solver type: {name!r} (known: {', '.join(SOLVER_TYPES)})")
+        raise ValueError(f"Unknown solver type: {name!r} (known types: {', '.join(SOLVER_TYPES)})")
     return SOLVER_TYPES[name]
 
 
-def make_solver(param: caffe_pb2.SolverParameter, params: list[ParamEntry]) -> Solver:
-    """Build the solver named by ``param.type`` (or legacy ``solver_type``)."""
-    return _solver_class(param)(param, params)
+_solver_class = solver_class
+
+
+def make_solver(param: caffe_pb2.SolverParameter, params: list[ParamEntry], source: str | None = None) -> Solver:
+    """Build the solver named by ``param.type`` (or legacy ``solver_type``); ``source``, the
+    solver file, prefixes error messages."""
+    try:
+        return solver_class(param)(param, params)
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {e}") from None

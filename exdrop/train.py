@@ -23,17 +23,21 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import platform
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from google.protobuf import text_format
 
 from . import io as cio
 from .net import Net
+from .proto import caffe_pb2
 from .pylayer import TEST, TRAIN
 from .runlog import RunLog, budget, format_row
 from .snapshot import load_weights, save_weights
@@ -42,8 +46,16 @@ from .solver import make_solver
 BACKENDS = ("engine", "caffe")
 
 
+# Caffe's SoftmaxWithLoss takes -log(max(prob, FLT_MIN)): a loss that sits here has saturated.
+CLAMPED_LOSS = -math.log(float(np.finfo(np.float32).tiny))   # 87.3365
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the weights became NaN or infinite, or the loss sat at Caffe's clamp."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot file that cannot be used for an exact resume (missing, truncated, foreign)."""
 
 
 @dataclass
@@ -64,15 +76,26 @@ class TrainConfig:
     progress: bool = True
     amp: str | None = None             # "bf16": autocast the forward (EB stays float32)
     channels_last: bool = False
+    inexact_resume: bool = False       # resume even without the engine state (other data order and RNG)
     overrides: dict = field(default_factory=dict)
 
 
 def pick_device(requested: str, solver_mode: int) -> torch.device:
     """``auto``: CUDA when there is one (solver_mode GPU or CPU alike), else CPU."""
     if requested and requested != "auto":
-        dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        try:
+            dev = torch.device(requested)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {requested}: not a device torch knows ({exc}); use auto, cpu or cuda") from None
+        if dev.type == "cuda":
+            seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if not seen:
+                build = (f"built for CUDA {torch.version.cuda}, but torch.cuda.is_available() is False"
+                         if torch.version.cuda else "a CPU-only build")
+                raise ValueError(f"--device {requested}: torch {torch.__version__} sees no CUDA device ({build}); "
+                                 "use --device cpu or auto")
+            if dev.index is not None and dev.index >= seen:
+                raise ValueError(f"--device {requested}: torch sees {seen} CUDA device(s), numbered 0 to {seen - 1}")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -90,7 +113,20 @@ def load_solver(cfg: TrainConfig):
         sp.test_iter.append(cfg.test_iter)
     for key, value in cfg.overrides.items():
         setattr(sp, key, value)
+    check_solver(sp, cfg.solver)
     return sp
+
+
+def check_solver(sp, source: str) -> None:
+    """Counts the run loop relies on, refused with the solver file named (command-line overrides included)."""
+    problems = [f"max_iter is {sp.max_iter}, it must be positive"] if sp.max_iter <= 0 else []
+    problems += [f"{key} is {getattr(sp, key)}, it must be 0 (off) or positive"
+                 for key in ("test_interval", "display", "snapshot") if getattr(sp, key) < 0]
+    problems += [f"test_iter is {n}, it must be 0 or positive" for n in sp.test_iter if n < 0]
+    problems += [f"{key} is {getattr(sp, key)}, it must be at least 1"
+                 for key in ("average_loss", "iter_size") if getattr(sp, key) < 1]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems) + " (command-line overrides included)")
 
 
 def prepare_solver(cfg: TrainConfig, **settings):
@@ -184,8 +220,90 @@ class Backend:
     def snapshot(self, elapsed: float) -> Path:
         raise NotImplementedError
 
+    def nonfinite_weights(self) -> str | None:
+        """The first layer whose learnable blobs hold NaN or inf, or None (checked before a snapshot)."""
+        return None
+
     def results_extra(self) -> dict:
         return {}
+
+
+# ---------------------------------------------------------------------- snapshot files
+def engine_state_path(state_path) -> Path:
+    return Path(str(state_path).removesuffix(".solverstate") + ".engine.pt")
+
+
+def snapshot_model_path(state_path) -> Path:
+    """The weights of ``X.solverstate``: its learned_net's file name, beside the given .solverstate
+    (the run folder may have moved since; the absolute path stored in it is not followed)."""
+    state_path = Path(state_path)
+    if not state_path.is_file():
+        raise FileNotFoundError(f"snapshot {state_path} not found")
+    learned = cio.read_binary_proto(state_path, caffe_pb2.SolverState()).learned_net
+    model = state_path.parent / Path(learned).name if learned else state_path.with_suffix(".caffemodel")
+    if not model.is_file():
+        raise FileNotFoundError(f"{state_path}: its weights {model} are missing (the solver state names "
+                                f"learned_net {learned or '(none)'}; Caffe's snapshots keep the .caffemodel "
+                                "beside the .solverstate)")
+    return model
+
+
+def remove_unfinished_snapshots(folder: Path) -> list[Path]:
+    """Delete the ``*.tmp`` files that a run killed while writing a snapshot leaves behind."""
+    stale = sorted(Path(folder).glob("*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def plain_state(value, where: str = "state"):
+    """``value`` as tensors, numbers, strings, lists and dicts only: what ``torch.load(weights_only=True)`` reads."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_state(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"engine state {where} is a {type(value).__name__}, not a plain value")
+
+
+def plain_to(value, device):
+    """A plain state's tensors moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: plain_to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_to(v, device) for v in value]
+    return value
+
+
+ENGINE_STATE_KEYS = ("iter", "elapsed", "torch_rng", "solver", "data")
+
+
+def read_engine_state(path: Path) -> dict:
+    """The ``.engine.pt`` beside a .solverstate, loaded as data only (nothing in it is run)."""
+    if not path.is_file():
+        raise SnapshotError(f"the engine state {path} is missing (a snapshot killed while being written, "
+                            "or copied without it)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SnapshotError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists "
+                            f"and dicts, which loading could run as code; nothing from it was run ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise SnapshotError(f"{path}: truncated or not an engine state ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ENGINE_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SnapshotError(f"{path}: incomplete engine state (no {', '.join(missing)})")
+    return state
 
 
 class EngineBackend(Backend):
@@ -218,8 +336,9 @@ class EngineBackend(Backend):
             if cfg.amp else contextlib.nullcontext
         if cfg.weights:
             load_weights(self.train_net, cfg.weights)
-        self.solver = make_solver(sp, self.train_net.learnable())
+        self.solver = make_solver(sp, self.train_net.learnable(), cfg.solver)
         self.elapsed = 0.0
+        self.loop_state: dict = {}   # the run loop's display window, saved with each snapshot
         if cfg.resume:
             self._restore(cfg.resume)
         self.outputs = sorted(set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets)))
@@ -259,39 +378,62 @@ class EngineBackend(Backend):
         return {name: (v / n_iter).mean().item() for name, v in sums.items()}
 
     def snapshot(self, elapsed: float) -> Path:
+        """``.caffemodel``, ``.engine.pt``, then ``.solverstate``: each written as ``.tmp`` first, renamed
+        when all three are complete, the .solverstate last, so a kill leaves no .solverstate without its set."""
         base = f"{self.sp.snapshot_prefix}_iter_{self.solver.iter}"
-        model = Path(base + ".caffemodel")
-        save_weights(self.train_net, model)
-        self.solver.save_solverstate(base + ".solverstate", str(model))
-        torch.save({"iter": self.solver.iter, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "solver": self.solver.state_dict(),
-                    "data": {"train": self.train_net.data_state(),
-                             "test": [tn.data_state() for tn in self.test_nets]}},
-                   base + ".engine.pt.tmp")
-        os.replace(base + ".engine.pt.tmp", base + ".engine.pt")
+        model, extra, state = Path(base + ".caffemodel"), Path(base + ".engine.pt"), Path(base + ".solverstate")
+        tmp = {path: Path(f"{path}.tmp") for path in (model, extra, state)}
+        save_weights(self.train_net, tmp[model])
+        engine_state = {"iter": self.solver.iter, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "solver": self.solver.state_dict(),
+                        "data": {"train": self.train_net.data_state(),
+                                 "test": [tn.data_state() for tn in self.test_nets]},
+                        "loop": self.loop_state}
+        torch.save(plain_state(engine_state), tmp[extra])
+        self.solver.save_solverstate(tmp[state], str(model))
+        for path in (model, extra, state):
+            os.replace(tmp[path], path)
         return model
 
+    def nonfinite_weights(self) -> str | None:
+        layers = [layer for layer in self.train_net.layer_list if len(layer.blobs)]
+        if not layers:
+            return None
+        finite = torch.stack([torch.stack([torch.isfinite(p).all() for p in layer.blobs]).all() for layer in layers])
+        bad = (~finite).nonzero().flatten().tolist()   # one host sync, before a snapshot only
+        return layers[bad[0]].name if bad else None
+
     def _restore(self, state_path: str) -> None:
-        """Continue a run from ``X.solverstate`` (weights from its learned_net)."""
-        if not Path(state_path).exists():
-            raise FileNotFoundError(f"snapshot {state_path} not found")
-        learned = self.solver.restore_solverstate(state_path)
-        model = Path(learned) if learned else Path(state_path).with_suffix(".caffemodel")
-        if not model.exists():
-            model = Path(state_path).with_suffix(".caffemodel")
+        """Continue a run from ``X.solverstate``: the weights beside it, the solver state, and the RNG
+        and data cursors of ``X.engine.pt``; without a usable engine state only if ``inexact_resume``."""
+        model = snapshot_model_path(state_path)
+        self.solver.restore_solverstate(state_path)
         load_weights(self.train_net, model)
-        extra = Path(str(state_path).removesuffix(".solverstate") + ".engine.pt")
-        if extra.exists():
-            st = torch.load(extra, map_location="cpu", weights_only=False)
-            self.solver.load_state_dict(st["solver"])
-            torch.set_rng_state(st["torch_rng"])
-            if st.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(st["cuda_rng"])
-            self.train_net.load_data_state(st["data"]["train"])
-            for tn, ds in zip(self.test_nets, st["data"]["test"]):
-                tn.load_data_state(ds)
-            self.elapsed = st.get("elapsed", 0.0)
+        extra = engine_state_path(state_path)
+        try:
+            st = read_engine_state(extra)
+            if int(st["iter"]) != self.solver.iter:
+                raise SnapshotError(f"{extra} is for iteration {st['iter']}, {state_path} for {self.solver.iter}")
+        except SnapshotError as exc:
+            if not self.cfg.inexact_resume:
+                raise SnapshotError(f"cannot resume {state_path} exactly: {exc}. Resume from an earlier snapshot, "
+                                    "or pass --inexact-resume to continue without it") from None
+            print(f"exdrop: warning: inexact resume from {state_path}: {exc}. What differs from the "
+                  "uninterrupted run: the data order (every data layer starts again from its first record), the "
+                  "random draws (dropout masks, mirrors, crops: torch's RNG as seeded at start-up), and the "
+                  "elapsed time (counted from 0); the weights and the solver state are the snapshot's.",
+                  file=sys.stderr)
+            return
+        self.solver.load_state_dict(st["solver"])
+        torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        self.train_net.load_data_state(st["data"]["train"])
+        for tn, ds in zip(self.test_nets, st["data"]["test"]):
+            tn.load_data_state(ds)
+        self.elapsed = float(st.get("elapsed", 0.0))
+        self.loop_state = {k: plain_to(v, self.device) for k, v in st.get("loop", {}).items()}
 
     def results_extra(self) -> dict:
         dev = self.device
@@ -311,6 +453,40 @@ def make_backend(cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------- the loop
+class DivergenceWatch:
+    """Every iteration's loss, watched on its own device: :meth:`add` never syncs with the host;
+    :meth:`read` syncs once (the run loop reads it before it writes or shows anything).
+
+    Keeps the first iteration whose loss is NaN or inf, and whether every loss since the last
+    :meth:`new_window` sat at Caffe's clamp (a saturated softmax: Adam's runaway case)."""
+
+    def __init__(self):
+        self.first_bad = None   # int64 scalar: the first non-finite iteration, -1 while there is none
+        self.clamped = None     # bool scalar: every loss of the window at the clamp
+        self.window = 0         # iterations in the window
+
+    def add(self, it: int, loss) -> None:
+        loss = torch.as_tensor(loss).detach()
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        if self.clamped is None:
+            self.clamped = torch.ones((), dtype=torch.bool, device=loss.device)
+        self.first_bad.masked_fill_(~torch.isfinite(loss) & (self.first_bad < 0), it)
+        self.clamped &= loss.float() >= CLAMPED_LOSS * (1 - 1e-5)
+        self.window += 1
+
+    def read(self) -> tuple[int | None, bool]:
+        """(first non-finite iteration or None, whether the whole window sat at the clamp)."""
+        if self.first_bad is None:
+            return None, False
+        clamped = self.clamped if self.clamped is not None else torch.zeros_like(self.first_bad)
+        first_bad, clamped = torch.stack([self.first_bad, clamped.long()]).tolist()
+        return (first_bad if first_bad >= 0 else None), bool(clamped) and self.window > 0
+
+    def new_window(self) -> None:
+        self.clamped, self.window = None, 0
+
+
 class Trainer:
     """Caffe's Solver::Solve over a backend (the engine unless ``cfg.backend`` says otherwise)."""
 
@@ -320,13 +496,25 @@ class Trainer:
         self.sp, self.out = self.backend.sp, self.backend.out
         self.elapsed = self.backend.elapsed
         self.last_snapshot: Path | None = None
-        self.log = RunLog(self.out, self.backend.outputs, self.backend.iter if cfg.resume else None)
+        self.last_good: Path | None = Path(cfg.resume) if cfg.resume else None   # the newest finite snapshot
+        self.watch = DivergenceWatch()
+        remove_unfinished_snapshots(self.out / "snapshots")
+        # the loss smoothing and output sums of the display window, carried by the engine's snapshots
+        carried = getattr(self.backend, "loop_state", None) or {}
+        self.recent: list = list(carried.get("recent_losses", []))   # the last average_loss losses
+        self.outputs_sum: dict = dict(carried.get("outputs_sum", {}))
+        self.outputs_n: int = int(carried.get("outputs_n", 0))
+        self.log = RunLog(self.out, self.backend.outputs, self.backend.iter if cfg.resume else None,
+                          retest_at_resume=self._tests_at(self.backend.iter))
+
+    def _tests_at(self, it: int) -> bool:
+        """Whether this run tests at iteration ``it`` (on schedule, or the final test at max_iter)."""
+        sp = self.sp
+        scheduled = bool(sp.test_interval) and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization)
+        return self.backend.num_test_nets > 0 and (scheduled or it >= sp.max_iter)
 
     def run(self) -> dict:
         sp, backend = self.sp, self.backend
-        recent: list = []  # the last average_loss losses: Caffe's smoothed loss
-        outputs_sum: dict = {}
-        outputs_n = 0
         status, error = "finished", None
         bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
         stop = {"flag": False}
@@ -336,28 +524,27 @@ class Trainer:
             while backend.iter < sp.max_iter and not stop["flag"]:
                 it = backend.iter
                 if sp.test_interval and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization):
+                    self.check_finite()
                     self.test(bar, time.perf_counter() - t0)
                 rate = backend.learning_rate()
                 loss, outputs = backend.step()
-                recent = (recent + [loss])[-max(1, sp.average_loss):]
+                self.watch.add(it, loss)
+                self.recent = (self.recent + [loss])[-max(1, sp.average_loss):]   # Caffe's smoothed loss
                 for name, v in outputs.items():
-                    outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
-                outputs_n += 1
+                    self.outputs_sum[name] = self.outputs_sum[name] + v if name in self.outputs_sum else v
+                self.outputs_n += 1
                 if sp.display and it % sp.display == 0:
+                    self.check_finite(window_end=it)
                     row = {"iter": it, "phase": "train", "lr": rate, "elapsed_s": time.perf_counter() - t0}
-                    row.update({k: float(v / outputs_n) for k, v in outputs_sum.items()})
-                    row["loss"] = float(sum(recent) / len(recent))
-                    outputs_sum, outputs_n = {}, 0
-                    if not math.isfinite(row["loss"]):
-                        raise TrainingDiverged(
-                            f"{self.cfg.solver}: loss is {row['loss']} at iteration {it} "
-                            f"(net {sp.net or 'net_param'}, {backend.name} backend); "
-                            "lower base_lr or check the data")
+                    row.update({k: float(v / self.outputs_n) for k, v in self.outputs_sum.items()})
+                    row["loss"] = float(sum(self.recent) / len(self.recent))
+                    self.outputs_sum, self.outputs_n = {}, 0
                     self._log(row, bar)
                 if bar is not None:
                     bar.update(1)
                 if sp.snapshot and backend.iter % sp.snapshot == 0:
                     self.snapshot(time.perf_counter() - t0)
+            self.check_finite(window_end=backend.iter - 1 if not sp.display else None)
             if stop["flag"]:
                 status = "interrupted"
         except TrainingDiverged as exc:
@@ -370,18 +557,39 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.elapsed = time.perf_counter() - t0
-        if status == "finished":
-            if sp.snapshot_after_train and (not sp.snapshot or backend.iter % sp.snapshot):
-                self.snapshot(self.elapsed)
-            if backend.num_test_nets:  # always a final test (Caffe: only on a test_interval multiple)
-                self.test(None, self.elapsed)
-        elif status == "interrupted":
-            self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
+        try:
+            if status == "finished":
+                if sp.snapshot_after_train and (not sp.snapshot or backend.iter % sp.snapshot):
+                    self.snapshot(self.elapsed)
+                if backend.num_test_nets:  # always a final test (Caffe: only on a test_interval multiple)
+                    self.test(None, self.elapsed)
+            elif status == "interrupted":
+                self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
+        except TrainingDiverged as exc:
+            status, error = "diverged", str(exc)
         results = self._results(status, error)
         if error:
-            print(error)
             raise TrainingDiverged(error)
         return results
+
+    def check_finite(self, window_end: int | None = None) -> None:
+        """Raise :class:`TrainingDiverged` if a loss since the start was NaN/inf, or (at the end of a
+        display window, ``window_end`` its last iteration) every loss of the window sat at the clamp."""
+        first_bad, clamped = self.watch.read()
+        if first_bad is not None:
+            raise TrainingDiverged(self._diverged(f"the loss is not finite (NaN or inf) at iteration {first_bad}"))
+        if window_end is not None:
+            if clamped:
+                start = window_end - self.watch.window + 1
+                raise TrainingDiverged(self._diverged(
+                    f"the loss sat at Caffe's clamp -log(FLT_MIN) = {CLAMPED_LOSS:.4f} at every iteration from "
+                    f"{start} to {window_end} (the softmax saturated)"))
+            self.watch.new_window()
+
+    def _diverged(self, what: str) -> str:
+        good = f"last good snapshot: {self.last_good}" if self.last_good else "no snapshot was written before it"
+        return (f"{self.cfg.solver}: {what} (net {self.sp.net or 'net_param'}, {self.backend.name} backend); "
+                f"{good}; no snapshot after it was written. Lower base_lr or check the data")
 
     def test(self, bar=None, elapsed: float = 0.0) -> list[dict]:
         rows = []
@@ -395,7 +603,15 @@ class Trainer:
         return rows
 
     def snapshot(self, elapsed: float) -> Path:
-        self.last_snapshot = self.backend.snapshot(elapsed)
+        """A snapshot, only of finite weights after finite losses (else :class:`TrainingDiverged`)."""
+        self.check_finite()
+        bad_layer = self.backend.nonfinite_weights() if hasattr(self.backend, "nonfinite_weights") else None
+        if bad_layer:
+            raise TrainingDiverged(self._diverged(
+                f"the weights of layer '{bad_layer}' are not finite (NaN or inf) at iteration {self.backend.iter}"))
+        self.backend.loop_state = {"recent_losses": self.recent, "outputs_sum": self.outputs_sum,
+                                   "outputs_n": self.outputs_n}
+        self.last_snapshot = self.last_good = self.backend.snapshot(elapsed)
         return self.last_snapshot
 
     def _log(self, row: dict, bar) -> None:

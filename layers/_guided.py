@@ -30,17 +30,20 @@ class DropoutLayerBase(caffe.Layer):
         params = dict(cls.defaults)
         given = parse_param_str(param_str, cls.__name__ + " param_str")
         if "p" in given:
+            p = given["p"]
+            ratio = f"{1 - p:g}" if isinstance(p, (int, float)) and not isinstance(p, bool) else "1 - p"
             raise ValueError(
                 f"{cls.__name__} param_str: the key 'p' (the retain probability P) was renamed "
                 f"'dropout_ratio', Caffe's DropoutParameter name, and now means the probability of "
-                f"dropping: write {{'dropout_ratio': {1 - float(given['p']):g}}} for p {given['p']}")
+                f"dropping: write {{'dropout_ratio': {ratio}}} for p {p!r}")
         unknown = set(given) - set(params)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown param_str keys {sorted(unknown)}; known: {sorted(params)}")
+        for key, value in given.items():
+            problem = _type_problem(key, value, params[key])
+            if problem:
+                raise ValueError(f"{cls.__name__} param_str: {key} must be {problem}, got {value!r}")
         params.update(given)
-        ratio = params.get("dropout_ratio")
-        if ratio is not None and not 0.0 <= float(ratio) < 1.0:
-            raise ValueError(f"{cls.__name__}: dropout_ratio must be in [0, 1), got {ratio}")
         return params
 
     def reshape(self, bottom, top):
@@ -64,3 +67,21 @@ class DropoutLayerBase(caffe.Layer):
     def multiplier(self, x):
         """(forward multiplier, gradient multiplier) as numpy arrays broadcastable to x."""
         raise NotImplementedError
+
+
+def _type_problem(key, value, default):
+    """What ``value`` of param_str key ``key`` should be (judged by its default), or None if fine."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "dropout_ratio":
+        return None if number and 0.0 <= value < 1.0 else "in [0, 1) (a number)"
+    if key == "signal":
+        if value in ("gt", "pred") or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return None
+        return "'gt', 'pred' or a class index (an int >= 0)"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "True or False"
+    if default is None:   # blob names
+        return None if value is None or (isinstance(value, str) and value) else "a blob name (a string)"
+    if isinstance(default, float):
+        return None if number else "a number"
+    return None if isinstance(value, type(default)) else f"a {type(default).__name__}"

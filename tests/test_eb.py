@@ -301,3 +301,177 @@ def test_cnn2_p_eb_depends_on_class(cnn2_recorded):
     b = net.excitation("ip1", classes=torch.tensor([1, 1, 1, 1]))
     assert not torch.allclose(a, b)
     assert torch.allclose(net.excitation("ip1", classes=torch.tensor([0, 3, 7, 9])), net.excitation("ip1"))
+
+
+# ------------------------------------------------------------------ every rule against its definition
+#
+# Independent per-image references (plain loops over the definition, float64) for each layer
+# type's EB rule, compared with the rule as the engine applies it: net.layer(name).excite(...).
+
+RULES_NET = """
+layer { name: "in" type: "Input" top: "a" top: "b" top: "v"
+        input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } shape { dim: 2 dim: 3 dim: 4 dim: 5 }
+                      shape { dim: 2 dim: 7 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "v" top: "ip"
+        inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "ipt" type: "InnerProduct" bottom: "a" top: "ipt"
+        inner_product_param { num_output: 4 transpose: true weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "relu" type: "ReLU" bottom: "a" top: "relu" }
+layer { name: "leaky" type: "ReLU" bottom: "a" top: "leaky" relu_param { negative_slope: 0.1 } }
+layer { name: "lrn" type: "LRN" bottom: "a" top: "lrn" lrn_param { local_size: 3 } }
+layer { name: "lrnw" type: "LRN" bottom: "a" top: "lrnw" lrn_param { local_size: 3 norm_region: WITHIN_CHANNEL } }
+layer { name: "drop" type: "Dropout" bottom: "a" top: "drop" dropout_param { dropout_ratio: 0.3 } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum"
+        eltwise_param { operation: SUM coeff: 2 coeff: 0.5 } }
+layer { name: "sum1" type: "Eltwise" bottom: "a" bottom: "b" top: "sum1" }
+layer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "cat" }
+layer { name: "cat2" type: "Concat" bottom: "a" bottom: "b" top: "cat2" concat_param { axis: 2 } }
+layer { name: "split" type: "Split" bottom: "a" top: "s1" top: "s2" top: "s3" }
+layer { name: "flat" type: "Flatten" bottom: "a" top: "flat" }
+layer { name: "reshape" type: "Reshape" bottom: "a" top: "reshape" reshape_param { shape { dim: 0 dim: -1 dim: 5 } } }
+layer { name: "pmax" type: "Pooling" bottom: "a" top: "pmax" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "pave" type: "Pooling" bottom: "a" top: "pave" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+"""
+
+
+@pytest.fixture(scope="module")
+def rules_net():
+    torch.manual_seed(0)
+    return Net(io.parse_net(RULES_NET, "rules.prototxt"), TEST, source="rules.prototxt")
+
+
+def _excite(net, name, bottoms, signals):
+    with torch.no_grad():
+        return net.layer(name).excite([torch.from_numpy(b.astype(np.float32)) for b in bottoms], None,
+                                      [None if s is None else torch.from_numpy(s.astype(np.float32)) for s in signals])
+
+
+def _acts(rng, shape, dead=0.3):
+    """Post-ReLU-like activations with some exact zeros (dead units)."""
+    x = rng.random(shape) + 0.05
+    x[rng.random(shape) < dead] = 0.0
+    return x.astype(np.float32).astype(np.float64)
+
+
+def _signal(rng, shape):
+    return rng.random(shape).astype(np.float32).astype(np.float64)
+
+
+def naive_eb_fc(x, w, top):
+    """Per image: P(x_k | y_n) = x_k w+_nk / Z_n, Z_n = sum_k x_k w+_nk (0 where Z_n = 0)."""
+    B, K = x.shape
+    N = w.shape[0]
+    out = np.zeros((B, K))
+    for b in range(B):
+        for n in range(N):
+            z = sum(x[b, k] * max(w[n, k], 0.0) for k in range(K))
+            if z == 0:
+                continue
+            for k in range(K):
+                out[b, k] += top[b, n] * x[b, k] * max(w[n, k], 0.0) / z
+    return out
+
+
+@pytest.mark.parametrize("name", ["ip", "ipt"])
+def test_rule_inner_product_matches_definition(rules_net, name):
+    rng = np.random.default_rng(10)
+    layer = rules_net.layer(name)
+    shape = rules_net.blob_shapes[layer.lp.bottom[0]]
+    x = _acts(rng, shape)
+    x[1] = 0.0                      # a dead image: every Z = 0, no mass, no NaN
+    top = _signal(rng, (2, 4))
+    w = layer.blobs[0].detach().double().numpy()
+    w = w.T if name == "ipt" else w  # transpose: true stores (K, N)
+    (got,) = _excite(rules_net, name, [x], [top])
+    want = naive_eb_fc(x.reshape(2, -1), w, top).reshape(shape)
+    assert got.shape == shape
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7)
+    assert (got[1] == 0).all()
+
+
+@pytest.mark.parametrize("name,slope", [("relu", 0.0), ("leaky", 0.1)])
+def test_rule_relu_matches_definition(rules_net, name, slope):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32).astype(np.float64)
+    x[0, 0, 0, :] = 0.0                        # exactly 0 is not positive
+    top = _signal(rng, x.shape) + 0.1          # non-zero where the input is <= 0 too
+    assert (top[x <= 0] != 0).all()
+    want = np.zeros_like(x)
+    for i in np.ndindex(*x.shape):
+        want[i] = top[i] if x[i] > 0 else slope * top[i]
+    (got,) = _excite(rules_net, name, [x], [top])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=0)
+    if slope == 0.0:
+        assert (got.numpy()[x <= 0] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["lrn", "lrnw", "drop", "flat", "reshape"])
+def test_rule_identity_layers_match_definition(rules_net, name):
+    # LRN and Dropout pass each unit's probability to the same unit; Flatten and Reshape move
+    # it to the same position in C order (the signal comes in the top's shape)
+    rng = np.random.default_rng(12)
+    x = _acts(rng, (2, 3, 4, 5))
+    tshape = rules_net.blob_shapes[name]
+    top = _signal(rng, tshape)
+    flat_top = top.reshape(-1)
+    want = np.zeros(x.shape)
+    for pos, i in enumerate(np.ndindex(*x.shape)):   # C order: the flat position of unit i
+        want[i] = flat_top[pos]
+    (got,) = _excite(rules_net, name, [x], [top])
+    assert got.shape == x.shape
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("name,coeff", [("sum", (2.0, 0.5)), ("sum1", (1.0, 1.0))])
+def test_rule_eltwise_sum_matches_definition(rules_net, name, coeff):
+    rng = np.random.default_rng(13)
+    a, b = _acts(rng, (2, 3, 4, 5), 0.5), _acts(rng, (2, 3, 4, 5), 0.5)
+    top = _signal(rng, a.shape)
+    want_a, want_b = np.zeros(a.shape), np.zeros(a.shape)
+    for i in np.ndindex(*a.shape):
+        z = coeff[0] * a[i] + coeff[1] * b[i]
+        if z != 0:
+            want_a[i] = top[i] * coeff[0] * a[i] / z
+            want_b[i] = top[i] * coeff[1] * b[i] / z
+    got_a, got_b = _excite(rules_net, name, [a, b], [top])
+    np.testing.assert_allclose(got_a.numpy(), want_a, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(got_b.numpy(), want_b, rtol=1e-6, atol=1e-8)
+    assert ((a == 0) & (b == 0)).any() and (got_a.numpy()[(a == 0) & (b == 0)] == 0).all()
+
+
+@pytest.mark.parametrize("name,axis", [("cat", 1), ("cat2", 2)])
+def test_rule_concat_matches_definition(rules_net, name, axis):
+    rng = np.random.default_rng(14)
+    a, b = _acts(rng, (2, 3, 4, 5)), _acts(rng, (2, 3, 4, 5))
+    top = _signal(rng, rules_net.blob_shapes[name])
+    want_a, want_b = np.zeros(a.shape), np.zeros(b.shape)
+    for i in np.ndindex(*a.shape):
+        j = list(i)
+        want_a[i] = top[tuple(j)]
+        j[axis] += a.shape[axis]
+        want_b[i] = top[tuple(j)]
+    got_a, got_b = _excite(rules_net, name, [a, b], [top])
+    np.testing.assert_array_equal(got_a.numpy(), want_a)
+    np.testing.assert_array_equal(got_b.numpy(), want_b)
+
+
+def test_rule_split_matches_definition(rules_net):
+    rng = np.random.default_rng(15)
+    x = _acts(rng, (2, 3, 4, 5))
+    s1, s3 = _signal(rng, x.shape), _signal(rng, x.shape)
+    want = np.zeros(x.shape)
+    for i in np.ndindex(*x.shape):
+        want[i] = s1[i] + s3[i]                  # the top without a signal adds nothing
+    (got,) = _excite(rules_net, "split", [x], [s1, None, s3])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert _excite(rules_net, "split", [x], [None, None, None]) == [None]
+
+
+@pytest.mark.parametrize("name,method", [("pmax", "max"), ("pave", "ave")])
+def test_rule_pooling_through_the_layer(rules_net, name, method):
+    rng = np.random.default_rng(16)
+    x = _acts(rng, (2, 3, 4, 5), 0.2)
+    x[0, 0] = 0.0                              # all-zero windows
+    top = _signal(rng, rules_net.blob_shapes[name])
+    (got,) = _excite(rules_net, name, [x], [top])
+    np.testing.assert_allclose(got.numpy(), naive_eb_pool(x, top, 3, 2, 1, method), rtol=1e-5, atol=1e-7)

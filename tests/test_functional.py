@@ -351,3 +351,44 @@ def test_modules_reject_p_outside_torch_range():
     with pytest.raises(ValueError, match="dropout probability"):
         StandardDropout(p=1.5)
     assert "p=0.2" in repr(StandardDropout(p=0.2))
+
+
+# ------------------------------------------------------------------ always a valid Bernoulli probability
+
+@pytest.mark.parametrize("n", [2, 3, 5, 7, 2048])
+@pytest.mark.parametrize("P", [0.1, 0.2, 0.7, 0.8, 0.9, 0.95])
+def test_retain_probability_is_a_valid_probability_in_float32(n, P):
+    # In float32, 1 - drop at p_EB = 1 rounds to -1.2e-7 for some (N, P): the result is clamped,
+    # so torch.bernoulli (which refuses anything outside [0, 1]) always gets a probability.
+    p = torch.zeros(3, n)
+    p[0, 0] = 1.0
+    p[1] = 1.0 / n
+    r = Fx.retain_probability(p, P)
+    assert (r >= 0).all() and (r <= 1).all(), r[0, 0].item()
+    assert r[0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(r[2], torch.ones(n))
+    torch.bernoulli(r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_retain_probability_clamps_shares_and_keeps_nan(dtype):
+    # shares outside [0, 1] count as 0 or 1; a NaN share keeps its unit (retain 1), so a NaN
+    # input reaches the loss instead of failing inside torch.bernoulli
+    big = torch.finfo(dtype).max
+    vals = [-0.2, -big, -math.inf, 0.0, 1.0, 1.5, big, math.inf, math.nan]
+    want = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    for n, P in ((2048, 0.5), (10, 0.5), (2, 0.8), (1, 0.5)):
+        for v, w in zip(vals, want):
+            p = torch.zeros(1, n, dtype=dtype)
+            p[0, 0] = v
+            r = Fx.retain_probability(p, P)
+            assert not torch.isnan(r).any(), (n, P, v)
+            assert (r >= 0).all() and (r <= 1).all(), (n, P, v, r[0, 0].item())
+            if n > 1:
+                assert r[0, 0].item() == pytest.approx(w, abs=1e-6), (n, P, v, r[0, 0].item())
+            torch.bernoulli(r)
+    share = torch.tensor([[math.nan, 0.5, 0.5, 0.0], [math.inf, 1e38, -1.0, math.nan]])
+    g = torch.Generator().manual_seed(0)
+    out = Fx.guided_dropout(torch.ones(2, 4), share, 0.5, rescale=False, generator=g)
+    assert out[0, 0] == 1.0 and out[0, 3] == 1.0 and out[1, 2] == 1.0 and out[1, 3] == 1.0
+    assert out[1, 0] == 0.0 and out[1, 1] == 0.0

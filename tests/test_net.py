@@ -59,9 +59,16 @@ def pooling_layer(h, w, k, s, p, method):
 def test_pool_cases_cover_padding_and_partial_windows():
     assert len(REGULAR) > 200
     assert any(p > 0 for _, _, _, p in REGULAR)
-    # a case where ceil mode adds a partial window and one where the pad correction bites
-    assert caffe_formula(8, 3, 2, 0) == 4 and (8 - 3) // 2 + 1 == 3
-    assert caffe_formula(5, 2, 2, 1) == 3 and int(math.ceil((5 + 2 - 2) / 2)) + 1 == 4
+    # the grid holds cases where ceil mode adds a partial window and where the pad correction bites
+    assert any(caffe_formula(*c) != (c[0] + 2 * c[3] - c[1]) // c[2] + 1 for c in REGULAR)
+    assert any(caffe_formula(*c) < int(math.ceil((c[0] + 2 * c[3] - c[1]) / c[2])) + 1 for c in REGULAR)
+    # the engine on one of each, values from pooling_layer.cpp by hand: 8, k3, s2 -> 4 (floor
+    # mode: 3); 5, k2, s2, pad 1 -> 3 (ceil alone: 4)
+    assert caffe_pooled_size(8, 3, 2, 0) == 4 and caffe_pooled_size(5, 2, 2, 1) == 3
+    max_, ave = caffe_pb2.PoolingParameter.MAX, caffe_pb2.PoolingParameter.AVE
+    assert pooling_layer(8, 5, 3, 2, 0, max_).top_shapes == [(2, 3, 4, 2)]
+    assert pooling_layer(5, 8, 2, 2, 1, ave).top_shapes == [(2, 3, 3, 5)]
+    assert tuple(pooling_layer(5, 8, 2, 2, 1, ave)(torch.rand(2, 3, 5, 8)).shape) == (2, 3, 3, 5)
 
 
 @pytest.mark.parametrize("method", [caffe_pb2.PoolingParameter.MAX, caffe_pb2.PoolingParameter.AVE])
@@ -91,15 +98,18 @@ def test_pooling_known_values():
 
 
 def test_pooling_stride_larger_than_kernel_is_consistent():
+    """Stride > kernel without pad: Caffe's last window can start past the image (it outputs
+    -FLT_MAX or 0 there). The engine refuses every such geometry, in either axis and for both
+    methods, naming the layer, rather than build a net whose shapes or values differ from Caffe's."""
     assert EMPTY_LAST, "no such case in the grid"
     for h, k, s, p in EMPTY_LAST:
-        try:
-            layer = pooling_layer(h, h, k, s, p, caffe_pb2.PoolingParameter.MAX)
-        except LayerError as exc:
-            assert "'pool'" in str(exc)
-            continue
-        out = layer(torch.rand(2, 3, h, h))
-        assert tuple(out.shape) == layer.top_shapes[0], (h, k, s, p, tuple(out.shape), layer.top_shapes[0])
+        assert caffe_pooled_size(h, k, s, p) == caffe_formula(h, k, s, p)
+        w = next(w for w in range(k, 20) if not _empty_last_window(w, k, s, p))
+        for method in (caffe_pb2.PoolingParameter.MAX, caffe_pb2.PoolingParameter.AVE):
+            for hh, ww in ((h, h), (h, w), (w, h)):
+                with pytest.raises(LayerError, match="starts outside") as ei:
+                    pooling_layer(hh, ww, k, s, p, method)
+                assert "'pool'" in str(ei.value), (h, k, s, p)
 
 
 # ------------------------------------------------------------------ CNN-2 shapes
@@ -518,11 +528,22 @@ def test_moved_ed_after_ip2():
     assert names.index("drop") == names.index("relu5") + 1 and names.index("drop") > names.index("ip2")
     net, records = _train_two_steps(text)
     drop_idx = [l.name for l in net.layer_list].index("drop")
-    _, bottoms, tops = [r for r in records[-1] if r[0] == drop_idx][0]
-    x, y = bottoms[0], tops[0]
-    assert y.shape == (4, 2048)
-    dropped = (y == 0) & (x > 0)
-    assert dropped.any() and ((y != 0) & (x > 0)).any()
+    n_kept = []
+    for recs in records:
+        _, bottoms, tops = [r for r in recs if r[0] == drop_idx][0]
+        x, y = bottoms[0].detach(), tops[0].detach()
+        assert y.shape == (4, 2048)
+        dropped = (y == 0) & (x > 0)
+        assert dropped.any() and ((y != 0) & (x > 0)).any()
+        # a unit with x == 0 has p_EB 0, hence retain probability 1 (Eqn 3): it is kept. So each
+        # image's kept count is known, and its rescale factor is 2048 / kept, that image's alone
+        kept = (x == 0) | (y != 0)
+        for b in range(4):
+            factor = 2048 / kept[b].sum().item()
+            live = x[b] > 0
+            assert torch.allclose(y[b][live], x[b][live] * kept[b][live] * factor, rtol=1e-5), b
+            n_kept.append(int(kept[b].sum()))
+    assert len(set(n_kept)) > 1, "every image kept as many units: per-image and batch rescale agree"
 
 
 def test_moved_ed_after_conv3_drops_whole_maps():
@@ -531,6 +552,7 @@ def test_moved_ed_after_conv3_drops_whole_maps():
     assert names.index("drop") == names.index("relu3") + 1
     net, records = _train_two_steps(text)
     drop_idx = [l.name for l in net.layer_list].index("drop")
+    kept_counts = []
     for recs in records:
         _, bottoms, tops = [r for r in recs if r[0] == drop_idx][0]
         x, y = bottoms[0].detach(), tops[0].detach()
@@ -549,9 +571,12 @@ def test_moved_ed_after_conv3_drops_whole_maps():
                 assert ((y[b, c] != 0) == nz).all(), (b, c)    # nonzero exactly where conv3 was
                 scales.append((y[b, c][nz] / x[b, c][nz]))
             s = torch.cat(scales)
-            assert torch.allclose(s, s[0].expand_as(s), rtol=1e-5)   # one per-image rescale factor
-            assert s[0].item() >= 1.0
+            # one factor per image: 256 / kept maps (an all-zero map has p_EB 0: always kept)
+            n_kept = int((kept_maps | ~live).sum())
+            kept_counts.append(n_kept)
+            assert torch.allclose(s, torch.full_like(s, 256 / n_kept), rtol=1e-5), (b, s[0].item(), n_kept)
         assert n_dropped > 0
+    assert len(set(kept_counts)) > 1, "every image kept as many maps: per-image and batch rescale agree"
 
 
 # ------------------------------------------------------------------ param_str names

@@ -71,7 +71,7 @@ def download_cifar10(dest, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, progr
 
 def _from_pickles(pickles: dict[str, bytes], where: str) -> RawDataset:
     def batch(name):
-        d = _unpickle(pickles[name])
+        d = _unpickle(pickles[name], f"{where}: member {name}")
         data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)[:, ::-1]   # RGB rows -> BGR CHW
         labels = np.asarray(d[b"labels"], np.int64)
         names = [f.decode() if isinstance(f, bytes) else str(f) for f in d.get(b"filenames", [])]
@@ -82,7 +82,8 @@ def _from_pickles(pickles: dict[str, bytes], where: str) -> RawDataset:
         raise ValueError(f"no data_batch_* files in {where}")
     classes = CIFAR10_CLASSES
     if "batches.meta" in pickles:
-        classes = [c.decode() if isinstance(c, bytes) else c for c in _unpickle(pickles["batches.meta"])[b"label_names"]]
+        meta = _unpickle(pickles["batches.meta"], f"{where}: member batches.meta")
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta[b"label_names"]]
     ds = RawDataset(classes=list(classes), fmt="cifar-python")
     for split, names in (("train", train_names), ("test", ["test_batch"] if "test_batch" in pickles else [])):
         if not names:

@@ -82,6 +82,10 @@ def _finish(img: np.ndarray, resize) -> np.ndarray:
     return img[None] if img.ndim == 2 else np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
+def _is_visible(path: str) -> bool:
+    return not any(part.startswith(".") or part == "__MACOSX" for part in path.split("/"))
+
+
 def _is_image(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     if base.startswith(".") or "__MACOSX/" in name:   # hidden files, macOS AppleDouble "._x.jpg"
@@ -92,9 +96,12 @@ def _is_image(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # sources
 # ----------------------------------------------------------------------------------------------
-def _tree_splits(rel_paths: list[str], load_rel: Callable[[str], np.ndarray], where: str) -> RawDataset:
+def _tree_splits(rel_paths: list[str], load_rel: Callable[[str], np.ndarray], where: str,
+                 dirs=()) -> RawDataset:
     """Find the folder whose subfolders (the classes) hold the images; ``train``/``test`` (or
-    ``val``) sibling roots give a train and a test split."""
+    ``val``) sibling roots give a train and a test split. ``dirs``: every folder of the tree
+    (relative paths), so that a class folder without images is an error, not a silent
+    renumbering of the classes after it."""
     roots: dict[str, dict[str, list[str]]] = {}
     for p in rel_paths:
         parts = p.split("/")
@@ -115,6 +122,13 @@ def _tree_splits(rel_paths: list[str], load_rel: Callable[[str], np.ndarray], wh
         split_roots = {"train": by_base["train"]}
         if test is not None:
             split_roots["test"] = test
+    for root in split_roots.values():
+        empty = sorted(d for d in dirs if d and d.rpartition("/")[0] == root and _is_visible(d)
+                       and d.rpartition("/")[2] not in roots[root])
+        if empty:
+            raise ValueError(f"class folder(s) {empty} in {where} hold no images: every folder next to "
+                             "the other classes is a class (its index is its sorted position); add images "
+                             "or remove the folder")
     classes = sorted(roots[split_roots["train"]])
     cidx = {c: i for i, c in enumerate(classes)}
     ds = RawDataset(classes=classes)
@@ -132,13 +146,14 @@ def _tree_splits(rel_paths: list[str], load_rel: Callable[[str], np.ndarray], wh
 
 
 def _read_folder(root: Path, resize=None, gray=False) -> RawDataset:
-    rel = []
+    rel, dirs = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        dirs += [Path(dirpath, d).relative_to(root).as_posix() for d in dirnames]
         for f in filenames:
             if _is_image(f):
                 rel.append(Path(dirpath, f).relative_to(root).as_posix())
-    ds = _tree_splits(rel, lambda r: _imread(str(root / r), resize, gray), str(root))
+    ds = _tree_splits(rel, lambda r: _imread(str(root / r), resize, gray), str(root), dirs)
     ds.fmt = "folder"
     return ds
 
@@ -203,8 +218,11 @@ def _iter_tar_fast(path: Path):
                     raise _TarFallback
                 yield name.decode("utf-8", "surrogateescape"), data[:size]
             elif typ in (b"1", b"2", b"3", b"4", b"5", b"6"):
+                name = pax_name or long_name or name
                 long_name = pax_name = None
                 f.read(padded)
+                if typ == b"5":
+                    yield name.decode("utf-8", "surrogateescape").rstrip("/") + "/", None
             else:
                 raise _TarFallback
 
@@ -219,11 +237,19 @@ def _iter_tar(path: Path):
         for m in tf:
             if m.isfile():
                 yield m.name, tf.extractfile(m).read()
+            elif m.isdir():
+                yield m.name.rstrip("/") + "/", None
+
+
+class _Members(dict):
+    """Image member -> bytes, plus ``dirs``: every folder of the archive."""
+    dirs: set
 
 
 def _scan_tar(path: Path, progress=True) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """One streaming pass over a tar: (image member -> bytes, cifar pickle member -> bytes)."""
-    images, pickles = {}, {}
+    images, pickles = _Members(), {}
+    images.dirs = set()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -232,7 +258,13 @@ def _scan_tar(path: Path, progress=True) -> tuple[dict[str, bytes], dict[str, by
         if name.startswith("./"):
             name = name[2:]
         base = name.rsplit("/", 1)[-1]
-        if _is_image(name):
+        folder = name.rstrip("/").rpartition("/")[0]
+        while folder:   # the folders of every member, whether the archive lists them or not
+            images.dirs.add(folder)
+            folder = folder.rpartition("/")[0]
+        if data is None:
+            images.dirs.add(name.rstrip("/"))
+        elif _is_image(name):
             images[name] = data
         elif base.startswith(("data_batch_", "test_batch", "batches.meta")):
             pickles[base] = data
@@ -244,7 +276,8 @@ def _scan_tar(path: Path, progress=True) -> tuple[dict[str, bytes], dict[str, by
 
 
 def _tar_dataset(path: Path, images: dict[str, bytes], resize=None, gray=False) -> RawDataset:
-    ds = _tree_splits(sorted(images), lambda r: _decode(images[r], f"{r} in {path}", resize, gray), str(path))
+    ds = _tree_splits(sorted(images), lambda r: _decode(images[r], f"{r} in {path}", resize, gray), str(path),
+                      sorted(getattr(images, "dirs", ())))
     ds.fmt = "tar"
     return ds
 
@@ -483,5 +516,31 @@ def prepare_image_dataset(source, out_dir, val_size: int | None = None, seed: in
                                  "'path label' list file.")
 
 
-def _unpickle(buf: bytes):
-    return pickle.load(io.BytesIO(buf), encoding="bytes")
+def _unpickle(buf: bytes, where: str = "pickle"):
+    """A CIFAR batch pickle: dicts, lists, bytes and numpy arrays only. Any other global (a
+    function a crafted pickle would call) is refused before it is looked up, so nothing runs.
+    (Python 3 writes bytes at protocol 2 as ``_codecs.encode(text, "latin1")``: admitted for
+    latin1 only.)"""
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def latin1_bytes(text, encoding):
+        if encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}: only latin1 is read")
+        return text.encode("latin1")
+
+    class CifarUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise ValueError(f"{where}: refused: the pickle asks for {module}.{name}, which a CIFAR-10 "
+                                 "batch never holds (only numpy arrays, dicts, lists and bytes are read)")
+            if name == "encode":
+                return latin1_bytes
+            if name == "_reconstruct":
+                return np.ndarray.__reduce__(np.zeros(0))[0]   # numpy's own _reconstruct, whatever its module
+            return getattr(np, name)
+
+    try:
+        return CifarUnpickler(io.BytesIO(buf), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"{where}: not a readable CIFAR-10 batch pickle ({type(exc).__name__}: {exc})") from None

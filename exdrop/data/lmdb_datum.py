@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["write_datum_lmdb", "DatumLMDB", "CorruptRecordError", "datum_to_array", "array_to_datum"]
+__all__ = ["write_datum_lmdb", "DatumLMDB", "CorruptRecordError", "datum_to_array", "array_to_datum",
+           "check_lmdb_file"]
 
 
 class CorruptRecordError(ValueError):
@@ -191,6 +193,57 @@ def write_datum_lmdb(path, images, labels, encoded: bool = False, names: Sequenc
 # ----------------------------------------------------------------------------------------------
 # Reader
 # ----------------------------------------------------------------------------------------------
+_MDB_MAGIC = 0xBEEFC0DE
+_PAGE_HEADER = 16   # mp_pgno (8), mp_pad, mp_flags, mp_lower, mp_upper (2 each)
+_P_META = 0x08
+
+
+def _read_meta(f, offset: int) -> dict | None:
+    """One LMDB meta page (64-bit layout of mdb.c's MDB_meta) at ``offset``, None if it is not one."""
+    f.seek(offset)
+    raw = f.read(_PAGE_HEADER + 136)
+    if len(raw) < _PAGE_HEADER + 136:
+        return None
+    flags = struct.unpack_from("<H", raw, 10)[0]
+    magic, version = struct.unpack_from("<II", raw, _PAGE_HEADER)
+    if not flags & _P_META or magic != _MDB_MAGIC:
+        return None
+    m = _PAGE_HEADER + 24                   # mm_dbs[0] (free DB): its md_pad holds the page size
+    psize = struct.unpack_from("<I", raw, m)[0]
+    entries = struct.unpack_from("<Q", raw, m + 48 + 32)[0]   # mm_dbs[1] (main DB): md_entries
+    last_pg, txnid = struct.unpack_from("<QQ", raw, m + 96)
+    return {"psize": psize, "entries": entries, "last_pg": last_pg, "txnid": txnid}
+
+
+def check_lmdb_file(path) -> int:
+    """Validate an LMDB's meta pages and size before mapping it; returns its record count.
+
+    lmdb maps the file: a truncated ``data.mdb`` kills the process with SIGBUS on the first
+    read past its end, and a zeroed meta page gives a bare ``lmdb.InvalidError``. Like
+    ``mdb_env_read_header`` both meta pages must be valid; the newer one (higher txnid) must
+    fit in the file: ``(last_pg + 1) * page_size`` bytes.
+    """
+    path = Path(path)
+    data = path / "data.mdb" if path.is_dir() else path
+    if not data.is_file():
+        raise FileNotFoundError(f"LMDB {path}: no data.mdb in it")
+    size = data.stat().st_size
+    with open(data, "rb") as f:
+        first = _read_meta(f, 0)
+        if first is None:
+            raise ValueError(f"LMDB {path}: {data.name} is not an LMDB file or its meta page 0 is "
+                             f"corrupt (zeroed?); rebuild the LMDB")
+        second = _read_meta(f, first["psize"]) if 512 <= first["psize"] <= 1 << 16 else None
+    if second is None:
+        raise ValueError(f"LMDB {path}: meta page 1 of {data.name} is corrupt (zeroed?); rebuild the LMDB")
+    meta = max(first, second, key=lambda m: m["txnid"])
+    need = (meta["last_pg"] + 1) * meta["psize"]
+    if size < need:
+        raise ValueError(f"LMDB {path}: {data.name} is truncated: {size} bytes, its meta page says "
+                         f"{need} ({meta['last_pg'] + 1} pages of {meta['psize']}); rebuild the LMDB")
+    return int(meta["entries"])
+
+
 class DatumLMDB:
     """Read-only view of a Caffe Datum LMDB (records in key order, as Caffe's Data layer reads)."""
 
@@ -198,9 +251,13 @@ class DatumLMDB:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"LMDB not found: {self.path}")
+        check_lmdb_file(self.path)
         lmdb = _lmdb()
-        self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                              subdir=self.path.is_dir(), max_readers=64)
+        try:
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
+                                  subdir=self.path.is_dir(), max_readers=64)
+        except lmdb.Error as e:
+            raise ValueError(f"LMDB {self.path}: cannot open it: {e}") from None
         self._shape = None
 
     def close(self):
@@ -227,10 +284,14 @@ class DatumLMDB:
 
     def records(self, force_color=False, force_gray=False) -> Iterator[tuple[str, np.ndarray, int]]:
         """Yield ``(key, chw_array, label)`` in key order."""
-        with self._env.begin(buffers=False) as txn:
-            for k, v in txn.cursor():
-                a, lab = self._decode(k, v, force_color, force_gray)
-                yield k.decode(errors="replace"), a, lab
+        lmdb = _lmdb()
+        try:
+            with self._env.begin(buffers=False) as txn:
+                for k, v in txn.cursor():
+                    a, lab = self._decode(k, v, force_color, force_gray)
+                    yield k.decode(errors="replace"), a, lab
+        except lmdb.Error as e:
+            raise ValueError(f"LMDB {self.path} is corrupt: {e}; rebuild the LMDB") from None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -267,6 +328,8 @@ class DatumLMDB:
                 out = out.astype(np.float32)
             out[i] = a
             labels[i] = lab
+        if out is None:
+            raise ValueError(f"LMDB {self.path} says it holds {n} records but none can be read; rebuild it")
         if i + 1 != n:
             out, labels = out[: i + 1], labels[: i + 1]
         return out, labels

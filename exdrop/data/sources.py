@@ -277,14 +277,21 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
     if (new_height > 0) != (new_width > 0):
         raise ValueError(f"layer '{layer_name}': new_height and new_width must be set together")
     entries = []
-    for ln, line in enumerate(Path(list_path).read_text().splitlines(), 1):
+    try:
+        text = Path(list_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"layer '{layer_name}': list file {list_path} is not UTF-8 text "
+                         "(expected 'path label' lines)") from None
+    for ln, line in enumerate(text.splitlines(), 1):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue
         pos = line.rfind(" ")
-        if pos < 0:
-            raise ValueError(f"layer '{layer_name}': {list_path}:{ln}: expected 'path label', got {line!r}")
-        entries.append((root_folder + line[:pos], int(line[pos + 1:])))
+        label = line[pos + 1:].strip()
+        if pos < 0 or not label.lstrip("-").isdigit():
+            raise ValueError(f"layer '{layer_name}': {list_path}:{ln}: expected 'path label' with an integer "
+                             f"label, got {line!r}")
+        entries.append((root_folder + line[:pos], int(label)))
     if not entries:
         raise ValueError(f"layer '{layer_name}': list file {list_path} is empty")
     flag = cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE
