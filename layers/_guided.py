@@ -82,6 +82,4 @@ def _type_problem(key, value, default):
         return None if isinstance(value, bool) else "True or False"
     if default is None:   # blob names
         return None if value is None or (isinstance(value, str) and value) else "a blob name (a string)"
-    if isinstance(default, float):
-        return None if number else "a number"
-    return None if isinstance(value, type(default)) else f"a {type(default).__name__}"
+    return None if isinstance(value, type(default)) else f"of type {type(default).__name__}"

@@ -140,3 +140,109 @@ def test_guided_and_standard_dropout_argument_ranges():
         with pytest.raises(ValueError):
             Fx.retain_probability(share, bad)
     assert torch.allclose(Fx.retain_probability(share, 1.0), torch.ones_like(share))
+
+
+def test_signal_classes_exact():
+    logits = torch.tensor([[0.0, 5, 1], [9, 0, 0]])
+    got = eb.signal_classes(2, logits)
+    assert got.tolist() == [2, 2] and got.dtype == torch.long
+    assert eb.signal_classes(0, logits).tolist() == [0, 0]
+    labels = torch.tensor([[1.0], [2.0]])
+    got = eb.signal_classes("gt", logits, labels)
+    assert got.tolist() == [1, 2] and got.dtype == torch.long
+    for bad in (3, -1):
+        with pytest.raises(ValueError) as ei:
+            eb.signal_classes(bad, logits, None, "L")
+        assert str(ei.value) == f"L: signal class {bad} is outside the logits' 3 classes"
+    for bad in (True, 1.0, None, "x"):
+        with pytest.raises(ValueError) as ei:
+            eb.signal_classes(bad, logits, None, "L")
+        assert str(ei.value) == f"L: signal must be 'gt', 'pred' or a class index, got {bad!r}"
+    with pytest.raises(ValueError) as ei:
+        eb.signal_classes("gt", logits)
+    assert str(ei.value) == ("ExcitationDropout: the ground-truth top signal (signal 'gt') needs the labels: "
+                             "give the label blob (or `target`), or use signal 'pred' or a class index")
+
+
+def _step(bottoms, tops):
+    return eb.Step(lambda b, s: s, [], list(bottoms), list(tops))
+
+
+def test_walked_lists_the_steps_the_walk_runs():
+    steps = [_step(["x"], ["a"]), _step(["a"], ["b"]), _step(["x"], ["side"]), _step(["b"], ["c"]),
+             _step(["c"], ["logits"])]
+    assert eb.walked(steps, ["logits"]) == [0, 1, 3, 4]
+    assert eb.walked(steps, ["c"]) == [0, 1, 3]
+    assert eb.walked(steps, ["side"]) == [2]
+    assert eb.walked(steps, ["nothing"]) == []
+    assert eb.walked([], ["logits"]) == []
+    assert eb.walked(steps[:1], ["a"]) == [0]
+
+
+def test_require_finite_names_the_first_bad_item():
+    eb.require_finite([], "W")
+    eb.require_finite([("a", torch.ones(3)), ("none", None)], "W")
+    bad = torch.tensor([1.0, float("nan"), float("inf"), float("-inf"), 2.0])
+    with pytest.raises(eb.NonFiniteError) as ei:
+        eb.require_finite([("blob 'a'", torch.ones(2)), ("blob 'b'", bad), ("blob 'c'", bad)], "W")
+    assert str(ei.value) == ("W: blob 'b' is not finite (1 NaN, 2 inf of 5 values); "
+                             "Excitation Backprop needs finite activations and weights")
+    import numpy as np
+    with pytest.raises(eb.NonFiniteError, match=r"^W: w is not finite \(0 NaN, 1 inf of 2 values\)"):
+        eb.require_finite([("none", None), ("w", np.array([np.inf, 1.0], np.float32))], "W")
+
+
+def test_top_signal_one_image_and_shapes():
+    sig = eb.top_signal(torch.zeros(1, 4), torch.tensor([2]))
+    assert sig.tolist() == [[0.0, 0.0, 1.0, 0.0]] and sig.dtype == torch.float32
+    sig = eb.top_signal(torch.zeros(2, 3, 1, 1, dtype=torch.float64), torch.tensor([1, 0]))
+    assert sig.shape == (2, 3, 1, 1) and sig.dtype == torch.float32
+    assert sig.flatten(1).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+def test_the_generator_decides_the_masks():
+    x = torch.ones(3, 50)
+    share = torch.rand(3, 50, generator=torch.Generator().manual_seed(1))
+    share = share / share.sum(1, keepdim=True)
+    runs = []
+    for seed in (0, 1):   # the global RNG moves, the passed generator does not
+        torch.manual_seed(seed)
+        runs.append((Fx.standard_dropout(x, 0.5, generator=torch.Generator().manual_seed(5)),
+                     Fx.guided_dropout(x, share, 0.5, generator=torch.Generator().manual_seed(5))))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_standard_dropout_units_of_other_shapes():
+    g = torch.Generator().manual_seed(0)
+    one = Fx.standard_dropout(torch.ones(1, 400), 0.5, generator=g)     # a batch of one image
+    assert one.shape == (1, 400) and 100 < int((one == 0).sum()) < 300
+    seq = Fx.standard_dropout(torch.ones(64, 3, 5), 0.5, per_image=True, generator=g)   # (N, C, L): every element a unit
+    assert not (seq == seq[:, :, :1]).all(), "a 3-D blob is not a conv blob: its elements are units"
+
+
+def test_guided_dropout_passes_grad_rescale_on():
+    x = torch.ones(2, 6, requires_grad=True)
+    share = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1.0]])   # the unit with all the mass is dropped
+    Fx.guided_dropout(x, share, 0.5, rescale=True, grad_rescale=False).sum().backward()
+    assert torch.equal(x.grad, (share == 0).float())                      # the bare 0/1 mask
+    x.grad = None
+    Fx.guided_dropout(x, share, 0.5, rescale=True, grad_rescale=True).sum().backward()
+    assert torch.allclose(x.grad, (share == 0).float() * 6 / 5)           # mask / kept fraction
+
+
+def test_retain_probability_message():
+    with pytest.raises(ValueError) as ei:
+        Fx.retain_probability(torch.zeros(1, 3), 0.0)
+    assert str(ei.value) == "base retain probability must be in (0, 1], got 0.0"
+
+
+def test_a_new_key_is_checked_against_its_default_type(layers_mod):
+    base = layers_mod["StandardDropout"]
+
+    class WithCount(base):
+        defaults = {**base.defaults, "count": 3}
+
+    assert WithCount.parse("{'count': 5}")["count"] == 5
+    with pytest.raises(ValueError) as ei:
+        WithCount.parse("{'count': 'five'}")
+    assert str(ei.value) == "WithCount param_str: count must be of type int, got 'five'"
