@@ -5,16 +5,30 @@ is; the tiny net reads a small LMDB with Data layers, so both backends can train
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 from google.protobuf import text_format
 
 from exdrop import io as cio
 from exdrop.bench import with_input_layer
+from exdrop.caffe_env import caffe_unavailable_reason
 from exdrop.pylayer import TEST, TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def require_pycaffe(what: str) -> None:
+    """Skip loudly (a warning with the reason) where real pycaffe cannot be imported."""
+    reason = caffe_unavailable_reason()
+    if reason is not None:
+        msg = f"pycaffe NOT AVAILABLE: {reason} -- run `make caffe`; {what} did not run"
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        pytest.skip(msg)
+
+
 CNN2 = {
     "none": ROOT / "prototxt/cnn2/cifar10/train_val_none.prototxt",
     "standard": ROOT / "prototxt/cnn2/cifar10/train_val_standard.prototxt",
@@ -188,5 +202,5 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(1e-8, float(np.abs(b).max()))) if b.size else 0.0
 
 
-__all__ = ["ROOT", "CNN2", "CNN2_SOLVER", "TRAIN", "TEST", "cnn2_param", "write_param", "write_cnn2",
+__all__ = ["ROOT", "require_pycaffe", "CNN2", "CNN2_SOLVER", "TRAIN", "TEST", "cnn2_param", "write_param", "write_cnn2",
            "write_misc", "MISC_SHAPES", "write_tiny", "fixed_input", "rel_err"]

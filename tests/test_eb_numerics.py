@@ -289,7 +289,8 @@ def test_walk_any_magnitude(seed, exps, positive):
     x = _arr(rng, (2, 3, 8, 8), act[0], signed=not positive)
     label = torch.tensor([0, 2])
     with torch.no_grad():
-        blobs = net({"data": x, "label": label}, record=True)
+        net({"data": x, "label": label}, record=True)
+
     def finite_above(name):           # the inputs of the walk down to blob `name`
         target = net.blobs[name]
         last = max(k for k, (_, _, tops) in enumerate(net.records) if any(t is target for t in tops))

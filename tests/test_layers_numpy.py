@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from exdrop import functional as Fx
 from exdrop import pylayer
 from exdrop.pylayer import TEST, TRAIN, set_saliency_hook
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import require_pycaffe  # noqa: E402
 
 LAYER_MODULES = ("_guided", "excitation_dropout", "activation_dropout", "standard_dropout")
 
@@ -267,12 +268,7 @@ def _p_eb_by_hand(h, w2, label):
 
 @pytest.mark.caffe
 def test_caffe_hook_gives_fresh_p_eb_every_forward(tmp_path):
-    from exdrop.caffe_env import caffe_unavailable_reason
-    reason = caffe_unavailable_reason()
-    if reason is not None:
-        msg = f"pycaffe NOT AVAILABLE: {reason} -- run `make caffe`; the fresh-p_EB check inside Caffe did not run"
-        warnings.warn(msg, UserWarning, stacklevel=1)
-        pytest.skip(msg)
+    require_pycaffe("the fresh-p_EB check inside Caffe")
     from exdrop import io as cio
     from exdrop.caffe_backend import install_saliency_hooks, load_caffe
     caffe = load_caffe()

@@ -10,7 +10,7 @@ function everywhere.
 from __future__ import annotations
 
 import re
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from exdrop import eb, io
-from exdrop.caffe_env import caffe_unavailable_reason
 from exdrop.layer_types import REGISTRY, TORCH_MODULES, Layer, LayerError, register
 from exdrop.net import Net
 from exdrop.nn import ExcitationDropout, excitation_through
 from exdrop.pylayer import TEST
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import require_pycaffe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,11 +132,7 @@ def test_without_the_class_the_type_is_unknown_everywhere(tmp_path):
 
 
 def test_caffe_side_uses_the_same_table(absval, tmp_path):
-    reason = caffe_unavailable_reason()
-    if reason is not None:
-        msg = f"pycaffe NOT AVAILABLE: {reason} -- the Caffe side of the rule table was not checked"
-        warnings.warn(msg, UserWarning, stacklevel=1)
-        pytest.skip(msg)
+    require_pycaffe("the Caffe side of the rule table")
     from exdrop.caffe_env import import_caffe
     from exdrop.caffe_eb import CaffeExcitation
     from exdrop.snapshot import save_weights
