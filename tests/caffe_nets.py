@@ -24,7 +24,7 @@ def require_pycaffe(what: str) -> None:
     """Skip loudly (a warning with the reason) where real pycaffe cannot be imported."""
     reason = caffe_unavailable_reason()
     if reason is not None:
-        msg = f"pycaffe NOT AVAILABLE: {reason} -- run `make caffe`; {what} did not run"
+        msg = f"pycaffe NOT AVAILABLE: {reason} -- {what} did not run"
         warnings.warn(msg, UserWarning, stacklevel=2)
         pytest.skip(msg)
 
