@@ -1,11 +1,12 @@
-"""Command line: ``python -m exdrop {train,data,bench} ...``.
+"""Command line: python -m exdrop {train,data,bench,plot} ... (or the exdrop script).
 
     exdrop data cifar10 SOURCE [--out data/cifar10]     convert once into Datum LMDBs
-    exdrop train SOLVER [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
+    exdrop train SOLVER [--net NET] [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
                         [--device auto|cpu|cuda] [--snapshot X.solverstate [--inexact-resume]]
-                        [--weights X.caffemodel]
+                        [--weights X.caffemodel] [--display N] [--keep-snapshots K]
     exdrop bench [--iters N] [--batch B] [--device ...]  seconds per iteration, Standard vs ED
     exdrop bench caffe [--sizes 32,128] [--iters N]      real Caffe (CPU) next to the engine
+    exdrop plot RUN [RUN ...] [--out PNG]                training curves from each run's log.csv
 """
 from __future__ import annotations
 

@@ -37,3 +37,37 @@ def test_module_docstring_examples_run():
     torch.manual_seed(0)
     res = doctest.testmod(exdrop.nn, extraglobs={"torch": torch, "nn": torch.nn}, optionflags=doctest.ELLIPSIS)
     assert res.attempted >= 7 and res.failed == 0, res
+
+
+FENCES = re.findall(r"(?:^|\n)([^\n]*)\n```([^\n]*)\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_every_code_block_is_classified():
+    """Each block is python (run above), protobuf (parsed below) or sh: marked long, or run here."""
+    kinds = [lang for _, lang, _ in FENCES]
+    assert kinds and set(kinds) <= {"python", "sh", "protobuf"}, kinds
+    for before, lang, body in FENCES:
+        if lang == "sh":
+            assert before.startswith("<!-- long:") or before == "<!-- tested -->", \
+                f"README shell block {body.splitlines()[0]!r} is neither marked long nor tested"
+
+
+@pytest.mark.parametrize("body", [b for _, lang, b in FENCES if lang == "protobuf"])
+def test_readme_prototxt_snippets_parse(body):
+    from google.protobuf import text_format
+
+    from exdrop.proto import caffe_pb2
+    text = body.replace("layer {", "", 1).rsplit("}", 1)[0]
+    lp = text_format.Parse(text, caffe_pb2.LayerParameter())
+    assert lp.type == "Python" and "dropout_ratio" in lp.python_param.param_str
+
+
+@pytest.mark.parametrize("body", [b for before, lang, b in FENCES if lang == "sh" and before == "<!-- tested -->"])
+def test_readme_tested_shell_blocks_run(body, tmp_path):
+    import subprocess
+    root = README.parent
+    for line in body.splitlines():
+        cmd = line.split("#")[0].strip()
+        if cmd:
+            done = subprocess.run(["bash", "-c", cmd], cwd=root, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, f"README: `{cmd}` failed:\n{done.stderr[-2000:]}"
