@@ -16,10 +16,19 @@ OUT      ?= models/cnn2_cifar10_$(VARIANT)
 DEVICE   ?= auto
 BACKEND  ?= engine
 RESUME   ?=
-ITERS    ?= 20
+NET      ?=
+KEEP     ?=
+# DISPLAY: also X11's variable (e.g. ":0"); taken from the environment only when it is a number
+DISPLAY  ?=
+# bench / bench-table6 timed iterations (bench: 20 when empty; bench-table6: its own default)
+ITERS    ?=
+
+_no_digits = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst 0,,$(1)))))))))))
+display_arg = $(if $(filter command line,$(origin DISPLAY)),--display $(DISPLAY),$(if $(strip $(DISPLAY)),$(if $(call _no_digits,$(strip $(DISPLAY))),,--display $(strip $(DISPLAY)))))
 
 train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
-	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME))
+	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
+	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
 .PHONY: help setup test caffe data-cifar10 train-cifar10 bench bench-table6 prototxt mutation
 
@@ -30,9 +39,13 @@ help:
 	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 with the paper's solver"
 	@echo "     DATA=<cifar-10-python.tar.gz | image folder | .tgz | list>  MAX_ITER=<n>  OUT=<run folder>"
 	@echo "     VARIANT=ed|standard|none|activation|maskimg|ed_authors  DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
+	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
+	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
+	@echo "     (without DATA: the LMDBs already converted in DATA_DIR, else the official archive is downloaded)"
 	@echo "make data-cifar10          convert DATA into $(DATA_DIR)/{train,val}_lmdb once"
-	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100)"
-	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 T6_ITERS=<n>"
+	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100), ITERS=<n> (20)"
+	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 ITERS=<n>"
+	@echo "                           BATCH=<b>; writes models/bench/table6_<net>_<cpu|cuda>.json"
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 	@echo "make prototxt              regenerate the train_val_/solver_ variants from each folder's base*.prototxt"
 	@echo "make mutation              mutation testing (mutmut) of exdrop/{solver,eb,functional}.py and layers/*.py;"
@@ -89,15 +102,21 @@ else
 endif
 
 bench:
-	$(PY) -m exdrop bench cnn2-cifar10 --iters $(ITERS) --device $(DEVICE) --json models/bench/cnn2_cifar10.json
+	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(DEVICE) --json models/bench/cnn2_cifar10.json
 
-# Table 6 runtimes; NETS=cnn2,vgg16  T6_ITERS=<n> (default: 100 on CUDA, few on CPU)  BATCH=50  DEVICE
+# Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU; T6_ITERS is the
+# old name)  BATCH=50  DEVICE. DEVICE=auto is resolved here, so the JSON is named _cpu or _cuda.
 NETS ?= cnn2,vgg16
 comma := ,
+t6_iters = $(or $(ITERS),$(T6_ITERS))
 # One process per net, so each JSON's peak_rss_mb (ru_maxrss) is that net's own; the variants
 # share one net's weights and Adam state (VGG16, batch 50, CPU: see README "Table 6 on CPU").
 bench-table6:
+	dev=$(DEVICE); \
+	if [ "$$dev" = auto ]; then \
+	  dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") || exit 1; \
+	fi; \
 	for net in $(subst $(comma), ,$(NETS)); do \
-	  $(PY) -m exdrop bench table6 --nets $$net --device $(DEVICE) $(if $(T6_ITERS),--iters $(T6_ITERS)) \
-	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$(DEVICE).json || exit 1; \
+	  $(PY) -m exdrop bench table6 --nets $$net --device $$dev $(if $(t6_iters),--iters $(t6_iters)) \
+	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$${dev%%:*}.json || exit 1; \
 	done

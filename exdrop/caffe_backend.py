@@ -181,7 +181,7 @@ class CaffeBackend(Backend):
         loss = sum(w * float(blobs[b].data.sum()) for b, w in self.loss_weights.items())
         return loss, {o: float(np.mean(blobs[o].data)) for o in self.net.outputs}
 
-    def test(self, k: int) -> dict:
+    def test(self, k: int, tick=None) -> dict:
         tn = self.test_nets[k]
         tn.share_with(self.net)  # Caffe's Solver::Test does this first; else the test net keeps its fillers
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
@@ -190,6 +190,8 @@ class CaffeBackend(Backend):
             tn.forward()
             for o in tn.outputs:
                 sums[o] = sums.get(o, 0.0) + float(np.mean(tn.blobs[o].data))
+            if tick is not None:
+                tick()
         return {o: v / n_iter for o, v in sums.items()}
 
     def snapshot(self, elapsed: float) -> Path:

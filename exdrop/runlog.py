@@ -18,9 +18,12 @@ class RunLog:
     """``resume_iter``: a resumed run's iteration; the rows before it are kept. A snapshot at
     iteration N is written after the display row of N - 1 and before the test at N, so the test
     rows at N are kept too when ``retest_at_resume`` is False (the resumed run will not test at N
-    again: N was the end of the first run, its final test)."""
+    again: N was the end of the first run, its final test). ``display``: the run's display interval; a
+    resumed log drops the train rows off that schedule (a run's closing row at its last iteration,
+    which the continued run does not have)."""
 
-    def __init__(self, out: Path, outputs, resume_iter: int | None = None, retest_at_resume: bool = True):
+    def __init__(self, out: Path, outputs, resume_iter: int | None = None, retest_at_resume: bool = True,
+                 display: int | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.columns = BASE_COLUMNS + sorted(set(outputs))
@@ -31,6 +34,8 @@ class RunLog:
             with open(path, newline="") as f:  # keep what happened before the snapshot
                 kept = [r for r in csv.DictReader(f) if int(r["iter"]) < resume_iter or (
                     int(r["iter"]) == resume_iter and r["phase"].startswith("test") and not retest_at_resume)]
+            if display is not None:
+                kept = [r for r in kept if r["phase"] != "train" or (display and int(r["iter"]) % display == 0)]
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
         self.writer.writeheader()

@@ -21,10 +21,12 @@ schedules: ``step() -> (loss, {output: value})``, ``test(k) -> {output: mean}``,
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import pickle
 import platform
+import shlex
 import signal
 import sys
 import time
@@ -48,6 +50,9 @@ BACKENDS = ("engine", "caffe")
 
 # Caffe's SoftmaxWithLoss takes -log(max(prob, FLT_MIN)): a loss that sits here has saturated.
 CLAMPED_LOSS = -math.log(float(np.finfo(np.float32).tiny))   # 87.3365
+
+# The progress bar's loss is read from the device (a host sync) at most this often, between display points.
+PROGRESS_SECONDS = 1.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,6 +82,8 @@ class TrainConfig:
     amp: str | None = None             # "bf16": autocast the forward (EB stays float32)
     channels_last: bool = False
     inexact_resume: bool = False       # resume even without the engine state (other data order and RNG)
+    net: str | None = None             # a net prototxt replacing the solver's net (train and test phases)
+    keep_snapshots: int = 1            # snapshot sets kept: the newest N (0: all)
     overrides: dict = field(default_factory=dict)
 
 
@@ -113,6 +120,14 @@ def load_solver(cfg: TrainConfig):
         sp.test_iter.append(cfg.test_iter)
     for key, value in cfg.overrides.items():
         setattr(sp, key, value)
+    if cfg.net:
+        # one net for both phases, as the solver's `net:` (Caffe filters it by phase); the
+        # solver's own net fields would otherwise win (train_net) or add test nets
+        for key in ("net_param", "train_net", "train_net_param"):
+            sp.ClearField(key)
+        del sp.test_net[:]
+        del sp.test_net_param[:]
+        sp.net = str(cfg.net)
     check_solver(sp, cfg.solver)
     return sp
 
@@ -213,8 +228,8 @@ class Backend:
         """One training iteration: ``(loss, {output: value})``."""
         raise NotImplementedError
 
-    def test(self, k: int) -> dict:
-        """One pass of test net ``k``: ``{output: mean}``."""
+    def test(self, k: int, tick=None) -> dict:
+        """One pass of test net ``k``: ``{output: mean}``; ``tick()`` (if given) after each iteration."""
         raise NotImplementedError
 
     def snapshot(self, elapsed: float) -> Path:
@@ -231,6 +246,56 @@ class Backend:
 # ---------------------------------------------------------------------- snapshot files
 def engine_state_path(state_path) -> Path:
     return Path(str(state_path).removesuffix(".solverstate") + ".engine.pt")
+
+
+def snapshot_state_path(model_path) -> Path:
+    """The ``.solverstate`` (``.solverstate.h5``) written with ``X.caffemodel`` (``X.caffemodel.h5``)."""
+    s = str(model_path)
+    for model, state in ((".caffemodel.h5", ".solverstate.h5"), (".caffemodel", ".solverstate")):
+        if s.endswith(model):
+            return Path(s[:-len(model)] + state)
+    return Path(s)
+
+
+SNAPSHOT_SUFFIXES = (".caffemodel", ".caffemodel.h5", ".solverstate", ".solverstate.h5", ".engine.pt")
+
+
+def prune_snapshots(prefix, newest: int, keep: int) -> list[Path]:
+    """Delete the snapshot sets of ``<prefix>_iter_N.*`` other than iteration ``newest`` (just
+    completed) and the ``keep - 1`` others written most recently; ``keep`` 0 keeps them all.
+    Returns the deleted files. Called only after the new set is complete (its .solverstate renamed)."""
+    if keep <= 0:
+        return []
+    prefix = Path(prefix)
+    folder, stem = prefix.parent, prefix.name + "_iter_"
+    sets: dict[int, list[Path]] = {}
+    for path in folder.glob(glob.escape(stem) + "*") if folder.is_dir() else []:
+        rest = path.name[len(stem):]
+        for suffix in SNAPSHOT_SUFFIXES:
+            if rest.endswith(suffix) and rest[:-len(suffix)].isdigit():
+                sets.setdefault(int(rest[:-len(suffix)]), []).append(path)
+                break
+    if newest not in sets:
+        return []   # the new set is not where expected: delete nothing
+
+    def written(it):
+        return max((p.stat().st_mtime for p in sets[it] if p.exists()), default=0.0)
+
+    others = sorted((it for it in sets if it != newest), key=lambda it: (written(it), it), reverse=True)
+    removed = []
+    for it in others[keep - 1:]:
+        # the .solverstate first: a kill in between leaves no .solverstate without its set
+        for path in sorted(sets[it], key=lambda p: not p.name.endswith((".solverstate", ".solverstate.h5"))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def normal_file_mode(path) -> None:
+    """The mode ``open()`` gives a new file (0666 less the umask): temporary files are created 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def snapshot_model_path(state_path) -> Path:
@@ -284,7 +349,8 @@ def plain_to(value, device):
     return value
 
 
-ENGINE_STATE_KEYS = ("iter", "elapsed", "torch_rng", "solver", "data")
+# What the .solverstate cannot hold; the solver's history (Adam's m and v) comes from the .solverstate.
+ENGINE_STATE_KEYS = ("iter", "elapsed", "torch_rng", "data")
 
 
 def read_engine_state(path: Path) -> dict:
@@ -365,7 +431,7 @@ class EngineBackend(Backend):
         return loss_sum / passes, {k: v / passes for k, v in outputs_sum.items()}
 
     @torch.no_grad()
-    def test(self, k: int) -> dict:
+    def test(self, k: int, tick=None) -> dict:
         tn = self.test_nets[k]
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, torch.Tensor] = {}
@@ -375,6 +441,8 @@ class EngineBackend(Backend):
             for name in tn.outputs:
                 v = blobs[name].detach().float()
                 sums[name] = sums[name] + v if name in sums else v
+            if tick is not None:
+                tick()   # host only: no sync
         return {name: (v / n_iter).mean().item() for name, v in sums.items()}
 
     def snapshot(self, elapsed: float) -> Path:
@@ -384,14 +452,16 @@ class EngineBackend(Backend):
         model, extra, state = Path(base + ".caffemodel"), Path(base + ".engine.pt"), Path(base + ".solverstate")
         tmp = {path: Path(f"{path}.tmp") for path in (model, extra, state)}
         save_weights(self.train_net, tmp[model])
+        # only what the .solverstate lacks: its history (Adam's m and v, float32) restores the solver exactly
         engine_state = {"iter": self.solver.iter, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "solver": self.solver.state_dict(),
                         "data": {"train": self.train_net.data_state(),
                                  "test": [tn.data_state() for tn in self.test_nets]},
                         "loop": self.loop_state}
         torch.save(plain_state(engine_state), tmp[extra])
         self.solver.save_solverstate(tmp[state], str(model))
+        for path in (model, extra, state):
+            normal_file_mode(tmp[path])
         for path in (model, extra, state):
             os.replace(tmp[path], path)
         return model
@@ -425,7 +495,8 @@ class EngineBackend(Backend):
                   "elapsed time (counted from 0); the weights and the solver state are the snapshot's.",
                   file=sys.stderr)
             return
-        self.solver.load_state_dict(st["solver"])
+        # the solver (iter, current_step, history) is the .solverstate's, restored above; an older
+        # engine state's copy of the history ("solver") equals it and is not needed
         torch.set_rng_state(st["torch_rng"])
         if st.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda_rng"])
@@ -505,7 +576,10 @@ class Trainer:
         self.outputs_sum: dict = dict(carried.get("outputs_sum", {}))
         self.outputs_n: int = int(carried.get("outputs_n", 0))
         self.log = RunLog(self.out, self.backend.outputs, self.backend.iter if cfg.resume else None,
-                          retest_at_resume=self._tests_at(self.backend.iter))
+                          retest_at_resume=self._tests_at(self.backend.iter), display=self.sp.display)
+        self.bar = None
+        self._shown_at = time.perf_counter()
+        self._last_rate = 0.0
 
     def _tests_at(self, it: int) -> bool:
         """Whether this run tests at iteration ``it`` (on schedule, or the final test at max_iter)."""
@@ -516,17 +590,18 @@ class Trainer:
     def run(self) -> dict:
         sp, backend = self.sp, self.backend
         status, error = "finished", None
-        bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
+        bar = self.bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
         stop = {"flag": False}
         old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
         t0 = time.perf_counter() - self.elapsed
+        start_iter = backend.iter
         try:
             while backend.iter < sp.max_iter and not stop["flag"]:
                 it = backend.iter
                 if sp.test_interval and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization):
                     self.check_finite()
                     self.test(bar, time.perf_counter() - t0)
-                rate = backend.learning_rate()
+                rate = self._last_rate = backend.learning_rate()
                 loss, outputs = backend.step()
                 self.watch.add(it, loss)
                 self.recent = (self.recent + [loss])[-max(1, sp.average_loss):]   # Caffe's smoothed loss
@@ -535,11 +610,11 @@ class Trainer:
                 self.outputs_n += 1
                 if sp.display and it % sp.display == 0:
                     self.check_finite(window_end=it)
-                    row = {"iter": it, "phase": "train", "lr": rate, "elapsed_s": time.perf_counter() - t0}
-                    row.update({k: float(v / self.outputs_n) for k, v in self.outputs_sum.items()})
-                    row["loss"] = float(sum(self.recent) / len(self.recent))
+                    row = self._train_row(it, rate, time.perf_counter() - t0)
                     self.outputs_sum, self.outputs_n = {}, 0
                     self._log(row, bar)
+                elif bar is not None and self._progress_due(it == start_iter):
+                    self._show_loss(bar)   # one host sync, at most every PROGRESS_SECONDS
                 if bar is not None:
                     bar.update(1)
                 if sp.snapshot and backend.iter % sp.snapshot == 0:
@@ -547,6 +622,7 @@ class Trainer:
             self.check_finite(window_end=backend.iter - 1 if not sp.display else None)
             if stop["flag"]:
                 status = "interrupted"
+            self._final_train_row(start_iter, time.perf_counter() - t0, bar)
         except TrainingDiverged as exc:
             status, error = "diverged", str(exc)
         except KeyboardInterrupt:
@@ -556,6 +632,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, old)
             if bar is not None:
                 bar.close()
+            self.bar = None
         self.elapsed = time.perf_counter() - t0
         try:
             if status == "finished":
@@ -565,12 +642,83 @@ class Trainer:
                     self.test(None, self.elapsed)
             elif status == "interrupted":
                 self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
+                self._say_how_to_resume()
         except TrainingDiverged as exc:
             status, error = "diverged", str(exc)
         results = self._results(status, error)
+        self._plot()
         if error:
             raise TrainingDiverged(error)
         return results
+
+    def _smoothed_loss(self) -> float:
+        """Caffe's smoothed loss: the mean of the last ``average_loss`` losses (one host sync)."""
+        return float(sum(self.recent) / len(self.recent))
+
+    def _train_row(self, it: int, rate: float, elapsed: float) -> dict:
+        row = {"iter": it, "phase": "train", "lr": rate, "elapsed_s": elapsed}
+        if self.outputs_n:
+            row.update({k: float(v / self.outputs_n) for k, v in self.outputs_sum.items()})
+        row["loss"] = self._smoothed_loss()
+        return row
+
+    def _progress_due(self, first: bool) -> bool:
+        """Whether the bar's loss is due for a refresh: at the first iteration, then every
+        PROGRESS_SECONDS (a host-side clock: deciding costs no device sync)."""
+        now = time.perf_counter()
+        if first or now - self._shown_at >= PROGRESS_SECONDS:
+            self._shown_at = now
+            return True
+        return False
+
+    def _show_loss(self, bar) -> None:
+        bar.set_postfix({"loss": f"{self._smoothed_loss():.4f}"}, refresh=False)
+
+    def _final_train_row(self, start_iter: int, elapsed: float, bar) -> None:
+        """A train row at the run's last iteration when the display schedule did not log one, so that
+        log.csv, the bar and results.json end on the same smoothed loss. The display window's output
+        sums are left as they are (a snapshot after this carries them on, as without this row)."""
+        last = self.backend.iter - 1
+        if last < start_iter or not self.recent:
+            return
+        if self.sp.display and last % self.sp.display == 0:
+            return
+        self._log(self._train_row(last, self._last_rate, elapsed), bar)
+
+    def _say_how_to_resume(self) -> None:
+        if not self.last_snapshot:
+            return
+        state = snapshot_state_path(self.last_snapshot)
+        cfg = self.cfg
+        args = ["exdrop", "train", str(cfg.solver), "--out", str(self.out)]
+        for flag, value, default in (("--backend", cfg.backend, "engine"), ("--max-iter", cfg.max_iter, None),
+                                     ("--device", cfg.device, "auto"), ("--net", cfg.net, None)):
+            if value is not None and value != default:
+                args += [flag, str(value)]
+        args += ["--snapshot", str(state)]
+        lines = [f"exdrop: interrupted at iteration {self.backend.iter}; snapshot {state}",
+                 f"  resume with: {shlex.join(args)}"]
+        solver = Path(cfg.solver)
+        if solver.parent.as_posix().endswith("cnn2/cifar10") and solver.name.startswith("solver_"):
+            make = [f"RESUME={state}", f"OUT={self.out}", f"VARIANT={solver.stem.removeprefix('solver_')}"]
+            make += [f"MAX_ITER={cfg.max_iter}"] if cfg.max_iter is not None else []
+            make += [f"DEVICE={cfg.device}"] if cfg.device not in (None, "auto") else []
+            make += ["BACKEND=caffe"] if cfg.backend == "caffe" else []
+            lines.append(f"  or:          make train-cifar10 {shlex.join(make)}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    def _plot(self) -> None:
+        """``<run folder>/curves.png`` by :func:`exdrop.plot.plot_run`, where that module exists; a
+        plotting problem is a one-line warning, never a lost run."""
+        import importlib.util
+        try:
+            if importlib.util.find_spec("exdrop.plot") is None:
+                return
+            from .plot import plot_run
+            plot_run(self.out)
+        except Exception as exc:  # noqa: BLE001 - the run's records are already written
+            print(f"exdrop: warning: no training curves for {self.out} ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
 
     def check_finite(self, window_end: int | None = None) -> None:
         """Raise :class:`TrainingDiverged` if a loss since the start was NaN/inf, or (at the end of a
@@ -597,10 +745,21 @@ class Trainer:
         for k in range(n):
             row = {"iter": self.backend.iter, "phase": "test" if n == 1 else f"test{k}",
                    "lr": self.backend.learning_rate(), "elapsed_s": elapsed}
-            row.update(self.backend.test(k))
+            row.update(self._run_test(k, n))
             self._log(row, bar)
             rows.append(row)
         return rows
+
+    def _run_test(self, k: int, n: int) -> dict:
+        """Test net ``k``, with its own transient bar (one tick per test iteration, host side only)."""
+        if not self.cfg.progress or not _takes_tick(self.backend.test):
+            return self.backend.test(k)
+        sp = self.sp
+        total = sp.test_iter[min(k, len(sp.test_iter) - 1)] if len(sp.test_iter) else None
+        from tqdm import tqdm
+        with tqdm(total=total, desc="test" if n == 1 else f"test{k}", unit="it", leave=False,
+                  dynamic_ncols=True, position=1 if self.bar is not None else 0) as tbar:
+            return self.backend.test(k, tick=lambda: tbar.update(1))
 
     def snapshot(self, elapsed: float) -> Path:
         """A snapshot, only of finite weights after finite losses (else :class:`TrainingDiverged`)."""
@@ -612,6 +771,8 @@ class Trainer:
         self.backend.loop_state = {"recent_losses": self.recent, "outputs_sum": self.outputs_sum,
                                    "outputs_n": self.outputs_n}
         self.last_snapshot = self.last_good = self.backend.snapshot(elapsed)
+        if self.cfg.keep_snapshots > 0:   # the new set is complete: the older ones may go
+            prune_snapshots(self.sp.snapshot_prefix, self.backend.iter, self.cfg.keep_snapshots)
         return self.last_snapshot
 
     def _log(self, row: dict, bar) -> None:
@@ -621,6 +782,7 @@ class Trainer:
                 print(format_row(row), flush=True)
         elif row["phase"] == "train":
             bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k in self.log.columns[4:]}, refresh=False)
+            self._shown_at = time.perf_counter()
         else:
             bar.write(format_row(row))
 
@@ -628,7 +790,9 @@ class Trainer:
         iters = self.backend.iter
         res = {"status": status, "backend": self.backend.name, "solver": str(self.cfg.solver),
                "solver_used": str(self.out / "solver.prototxt"), "iterations": iters, "max_iter": self.sp.max_iter,
-               "budget": budget(self.sp.max_iter, cio.read_solver_prototxt(self.cfg.solver).max_iter)}
+               "budget": budget(self.sp.max_iter, cio.read_solver_prototxt(self.cfg.solver).max_iter),
+               "net_override": str(self.cfg.net) if self.cfg.net else None,
+               "keep_snapshots": self.cfg.keep_snapshots}
         res.update(self.log.summary())
         res.update({"seconds": round(self.elapsed, 2), "seconds_per_iter": round(self.elapsed / max(1, iters), 4)})
         res.update(self.backend.results_extra())
@@ -642,6 +806,14 @@ class Trainer:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _takes_tick(method) -> bool:
+    import inspect
+    try:
+        return "tick" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _progress(enabled: bool, start: int, total: int):

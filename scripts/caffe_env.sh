@@ -5,7 +5,9 @@
 #   source scripts/caffe_env.sh [BUILD_DIR]      # sourced: exports into the current shell
 #
 # BUILD_DIR defaults to $EXDROP_CAFFE_DIR, else <repo>/build/caffe. Exports EXDROP_CAFFE_DIR,
-# PYTHONPATH (BUILD_DIR/python prepended) and GLOG_minloglevel=2 (quiet Caffe's logging).
+# PYTHONPATH (BUILD_DIR/python and <repo>/layers prepended: the ExcitationDropout Python layers,
+# so that caffe.Net can open the repository's prototxts and snapshots) and GLOG_minloglevel=2
+# (quiet Caffe's logging).
 # Exits (or returns) 1 with a message on stderr if pycaffe is not built there.
 
 _exdrop_caffe_env() {
@@ -20,7 +22,7 @@ _exdrop_caffe_env() {
   py_dir="$build_dir/python"
   _EXDROP_EXPORTS=(
     "EXDROP_CAFFE_DIR=$build_dir"
-    "PYTHONPATH=$py_dir${PYTHONPATH:+:$PYTHONPATH}"
+    "PYTHONPATH=$py_dir:$repo_root/layers${PYTHONPATH:+:$PYTHONPATH}"
     "GLOG_minloglevel=2"
   )
 }

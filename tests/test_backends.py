@@ -25,7 +25,7 @@ from caffe_nets import ROOT, TINY_LOSS, TINY_NET, write_tiny  # noqa: E402
 
 RESULT_KEYS = {"status", "backend", "solver", "solver_used", "iterations", "max_iter", "budget", "test_accuracy",
                "test_loss", "best_test_accuracy", "train_loss", "seconds", "seconds_per_iter", "net", "test_source",
-               "device", "guided_layers", "torch", "host", "snapshot"}
+               "device", "guided_layers", "torch", "host", "snapshot", "net_override", "keep_snapshots"}
 OVERRIDES = ["--max-iter", "6", "--display", "2", "--test-interval", "3", "--test-iter", "1",
              "--snapshot-every", "2", "--seed", "5", "--device", "cpu", "--quiet"]
 
@@ -50,14 +50,15 @@ def test_engine_run_folder(tmp_path):
     rows = _rows(out / "log.csv")
     assert list(rows[0]) == ["iter", "phase", "lr", "elapsed_s", "accuracy", "loss"]
     assert [(r["iter"], r["phase"]) for r in rows] == [("0", "train"), ("2", "train"), ("3", "test"),
-                                                       ("4", "train"), ("6", "test")]
+                                                       ("4", "train"), ("5", "train"), ("6", "test")]
     res = json.loads((out / "results.json").read_text())
     assert set(res) == RESULT_KEYS
     assert res["backend"] == "engine" and res["status"] == "finished" and res["iterations"] == 6
     assert res["guided_layers"] == ["drop"] and res["solver_used"] == str(out / "solver.prototxt")
     assert res["snapshot"] == str(out.resolve() / "snapshots" / "tiny_ed_iter_6.caffemodel")
-    for it in (2, 4, 6):
-        assert (out / "snapshots" / f"tiny_ed_iter_{it}.solverstate").is_file()
+    # keep_snapshots 1 (the default): the newest set only
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
+        f"tiny_ed_iter_6{ext}" for ext in (".caffemodel", ".engine.pt", ".solverstate")]
 
 
 # ---------------------------------------------------------------------- the loop over a stub
@@ -113,10 +114,11 @@ def test_loop_schedule_over_a_stub_backend(tmp_path):
     assert snaps == [8, 10]          # every `snapshot`, and snapshot_after_train
     rows = _rows(tmp_path / "run" / "log.csv")
     train = [r for r in rows if r["phase"] == "train"]
-    assert [int(r["iter"]) for r in train] == [0, 4, 8]
+    assert [int(r["iter"]) for r in train] == [0, 4, 8, 9]   # 9: the last iteration, off the display schedule
     # the loss is Caffe's smoothed loss over average_loss steps; outputs average since the last display
-    assert [float(r["loss"]) for r in train] == [10.0, (8 + 7 + 6) / 3, (4 + 3 + 2) / 3]
-    assert [float(r["acc"]) for r in train] == [0.0, (1 + 2 + 3 + 4) / 4, (5 + 6 + 7 + 8) / 4]
+    assert [float(r["loss"]) for r in train] == [10.0, (8 + 7 + 6) / 3, (4 + 3 + 2) / 3, (3 + 2 + 1) / 3]
+    assert [float(r["acc"]) for r in train] == [0.0, (1 + 2 + 3 + 4) / 4, (5 + 6 + 7 + 8) / 4, 9.0]
+    assert res["train_loss"] == (3 + 2 + 1) / 3
     assert res["backend"] == "stub" and res["iterations"] == 10 and res["snapshot"].endswith("stub_iter_10.caffemodel")
     assert res["budget"] == "reduced: 10 of the solver's 20 iterations"
     assert set(res) == RESULT_KEYS

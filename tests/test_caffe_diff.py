@@ -30,6 +30,7 @@ The nets' prototxts come from tests/caffe_nets.py. Each test prints its measured
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 import warnings
@@ -40,6 +41,8 @@ import pytest
 import torch
 
 from exdrop import io as cio
+from exdrop import train as train_module
+from exdrop.train import TrainConfig
 from exdrop.caffe_env import caffe_unavailable_reason
 from exdrop.cli import main as exdrop_main
 from exdrop.net import Net
@@ -601,7 +604,11 @@ def _check_run(out: Path, iterations: int, display: int, guided=("drop",)) -> di
     rows = _rows(out / "log.csv")
     train_rows = [r for r in rows if r["phase"] == "train"]
     test_rows = [r for r in rows if r["phase"] == "test"]
-    assert [int(r["iter"]) for r in train_rows] == list(range(0, iterations, display)), rows
+    # every display point, and a closing row at the last iteration when that is not one
+    expected = list(range(0, iterations, display))
+    expected += [iterations - 1] if expected[-1] != iterations - 1 else []
+    assert [int(r["iter"]) for r in train_rows] == expected, rows
+    assert res["train_loss"] == pytest.approx(float(train_rows[-1]["loss"]), rel=1e-5)
     assert [int(r["iter"]) for r in test_rows] == [iterations], rows
     assert all(np.isfinite(float(r["loss"])) for r in rows), rows
     assert 0.0 <= float(test_rows[0]["accuracy"]) <= 1.0
@@ -623,6 +630,11 @@ def _solver_for(net_path: Path, folder: Path) -> Path:
     path = folder / "solver_ed.prototxt"
     path.write_text(text_format.MessageToString(sp))
     return path
+
+
+@dataclasses.dataclass
+class _KeepAllSnapshots(TrainConfig):
+    keep_snapshots: int = 0
 
 
 def _train(solver: Path, out: Path, *args: str, backend: str = "caffe") -> int:
@@ -655,8 +667,10 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
     overrides = ["--max-iter", "6", "--display", "2", "--test-interval", "3", "--test-iter", "1",
                  "--snapshot-every", "2", "--seed", "5", "--device", "cpu"]
     runs = {b: tmp_path / f"run_{b}" for b in ("engine", "caffe")}
-    for backend, out in runs.items():
-        assert _train(solver, out, *overrides, backend=backend) == 0
+    for backend, out in runs.items():   # every snapshot set kept: the resume below takes an earlier one
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_module, "TrainConfig", _KeepAllSnapshots)
+            assert _train(solver, out, *overrides, backend=backend) == 0
     sps = {b: cio.read_solver_prototxt(out / "solver.prototxt") for b, out in runs.items()}
     for backend, sp in sps.items():
         assert (sp.max_iter, sp.display, sp.test_interval, list(sp.test_iter), sp.snapshot, sp.random_seed) \
@@ -672,7 +686,7 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
     assert list(rows["engine"][0]) == list(rows["caffe"][0]) == ["iter", "phase", "lr", "elapsed_s", "accuracy", "loss"]
     steps = {b: [(r["iter"], r["phase"]) for r in rs] for b, rs in rows.items()}
     assert steps["engine"] == steps["caffe"] == [("0", "train"), ("2", "train"), ("3", "test"), ("4", "train"),
-                                                 ("6", "test")]
+                                                 ("5", "train"), ("6", "test")]
     assert set(results["engine"]) == set(results["caffe"])
     for backend, res in results.items():
         assert res["backend"] == backend and res["status"] == "finished" and res["iterations"] == 6

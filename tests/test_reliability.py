@@ -4,6 +4,7 @@ snapshot write resumes bit-exactly or refuses with the reason; a NaN/inf or a sa
 stops the run naming the iteration and the last good snapshot, with nothing non-finite on disk;
 bad inputs get named errors. All on the tiny LMDB net of tests/caffe_nets.py (CPU, seconds)."""
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import torch
 from exdrop import io as cio
 from exdrop.cli import main as exdrop_main
 from exdrop.pylayer import load_layer_class
+from exdrop import train as train_module
 from exdrop.train import CLAMPED_LOSS, Trainer, TrainConfig, TrainingDiverged, prepare_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,8 +49,15 @@ def tiny(tmp_path_factory):
     """The tiny solver and its uninterrupted run (the reference every resume must equal)."""
     tmp = tmp_path_factory.mktemp("tiny")
     solver = write_tiny(tmp)
-    assert exdrop_main(["train", str(solver), "--out", str(tmp / "full"), *RUN]) == 0
+    with pytest.MonkeyPatch.context() as mp:   # every snapshot set kept: the tests resume from each
+        mp.setattr(train_module, "TrainConfig", _KeepAllSnapshots)
+        assert exdrop_main(["train", str(solver), "--out", str(tmp / "full"), *RUN]) == 0
     return solver, tmp / "full"
+
+
+@dataclasses.dataclass
+class _KeepAllSnapshots(TrainConfig):
+    keep_snapshots: int = 0
 
 
 # A command line that dies by SIGKILL at a chosen point: after `iter:N` steps, or on the
@@ -159,7 +168,9 @@ def test_resume_reads_the_weights_beside_the_solverstate(tiny, tmp_path, capsys)
     saved = original.read_bytes()
     try:
         shutil.copy(full / "snapshots" / "tiny_ed_iter_2.caffemodel", original)
-        assert exdrop_main(["train", str(solver), "--out", str(moved), *RUN, "--snapshot", str(state)]) == 0
+        with pytest.MonkeyPatch.context() as mp:   # snapshot 4 stays for the second resume below
+            mp.setattr(train_module, "TrainConfig", _KeepAllSnapshots)
+            assert exdrop_main(["train", str(solver), "--out", str(moved), *RUN, "--snapshot", str(state)]) == 0
     finally:
         original.write_bytes(saved)
     assert _final_model(moved) == _final_model(full)

@@ -7,6 +7,7 @@ Accepted sources: the official ``cifar-10-python.tar.gz`` (or its extracted
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tarfile
 import urllib.request
@@ -45,7 +46,16 @@ def download_cifar10(dest, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5, progr
         return out
     part = out.with_name(out.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+        try:
+            r = urllib.request.urlopen(url, timeout=60)
+        except (OSError, http.client.HTTPException) as exc:   # URLError, timeouts, refused connections
+            reason = getattr(exc, "reason", None) or exc
+            raise OSError(
+                f"could not download CIFAR-10 from {url} ({reason}). Without a network: fetch that file "
+                f"elsewhere (md5 {md5}) and put it at {out}, or point to a copy with DATA=<path> "
+                f"(make train-cifar10 / make data-cifar10) or --data <path> (exdrop train); an image tree "
+                f"or .tgz of CIFAR-10 JPEGs works too.") from None
+        with r, open(part, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             bar = None
             if progress:
