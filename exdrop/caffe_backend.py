@@ -30,7 +30,8 @@ from .net import filter_layers
 from .proto import caffe_pb2
 from .pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
 from .solver import caffe_rate
-from .train import Backend, net_params, prepare_solver, snapshot_model_path
+from .snapshot import snapshot_model_path
+from .train import Backend, net_params, prepare_solver
 
 CPU = caffe_pb2.SolverParameter.CPU
 

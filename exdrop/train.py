@@ -21,10 +21,8 @@ schedules: ``step() -> (loss, {output: value})``, ``test(k) -> {output: mean}``,
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
-import pickle
 import platform
 import shlex
 import signal
@@ -39,10 +37,11 @@ from google.protobuf import text_format
 
 from . import io as cio
 from .net import Net
-from .proto import caffe_pb2
 from .pylayer import TEST, TRAIN
 from .runlog import RunLog, budget, format_row
-from .snapshot import load_weights, save_weights
+from .snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state, plain_to,
+                       prune_snapshots, read_engine_state, remove_unfinished_snapshots, save_weights,
+                       snapshot_model_path, snapshot_state_path)
 from .solver import make_solver
 
 BACKENDS = ("engine", "caffe")
@@ -57,10 +56,6 @@ PROGRESS_SECONDS = 1.0
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite, or the loss sat at Caffe's clamp."""
-
-
-class SnapshotError(ValueError):
-    """A snapshot file that cannot be used for an exact resume (missing, truncated, foreign)."""
 
 
 @dataclass
@@ -241,135 +236,6 @@ class Backend:
 
     def results_extra(self) -> dict:
         return {}
-
-
-# ---------------------------------------------------------------------- snapshot files
-def engine_state_path(state_path) -> Path:
-    return Path(str(state_path).removesuffix(".solverstate") + ".engine.pt")
-
-
-def snapshot_state_path(model_path) -> Path:
-    """The ``.solverstate`` (``.solverstate.h5``) written with ``X.caffemodel`` (``X.caffemodel.h5``)."""
-    s = str(model_path)
-    for model, state in ((".caffemodel.h5", ".solverstate.h5"), (".caffemodel", ".solverstate")):
-        if s.endswith(model):
-            return Path(s[:-len(model)] + state)
-    return Path(s)
-
-
-SNAPSHOT_SUFFIXES = (".caffemodel", ".caffemodel.h5", ".solverstate", ".solverstate.h5", ".engine.pt")
-
-
-def prune_snapshots(prefix, newest: int, keep: int) -> list[Path]:
-    """Delete the snapshot sets of ``<prefix>_iter_N.*`` other than iteration ``newest`` (just
-    completed) and the ``keep - 1`` others written most recently; ``keep`` 0 keeps them all.
-    Returns the deleted files. Called only after the new set is complete (its .solverstate renamed)."""
-    if keep <= 0:
-        return []
-    prefix = Path(prefix)
-    folder, stem = prefix.parent, prefix.name + "_iter_"
-    sets: dict[int, list[Path]] = {}
-    for path in folder.glob(glob.escape(stem) + "*") if folder.is_dir() else []:
-        rest = path.name[len(stem):]
-        for suffix in SNAPSHOT_SUFFIXES:
-            if rest.endswith(suffix) and rest[:-len(suffix)].isdigit():
-                sets.setdefault(int(rest[:-len(suffix)]), []).append(path)
-                break
-    if newest not in sets:
-        return []   # the new set is not where expected: delete nothing
-
-    def written(it):
-        return max((p.stat().st_mtime for p in sets[it] if p.exists()), default=0.0)
-
-    others = sorted((it for it in sets if it != newest), key=lambda it: (written(it), it), reverse=True)
-    removed = []
-    for it in others[keep - 1:]:
-        # the .solverstate first: a kill in between leaves no .solverstate without its set
-        for path in sorted(sets[it], key=lambda p: not p.name.endswith((".solverstate", ".solverstate.h5"))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def normal_file_mode(path) -> None:
-    """The mode ``open()`` gives a new file (0666 less the umask): temporary files are created 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def snapshot_model_path(state_path) -> Path:
-    """The weights of ``X.solverstate``: its learned_net's file name, beside the given .solverstate
-    (the run folder may have moved since; the absolute path stored in it is not followed)."""
-    state_path = Path(state_path)
-    if not state_path.is_file():
-        raise FileNotFoundError(f"snapshot {state_path} not found")
-    learned = cio.read_binary_proto(state_path, caffe_pb2.SolverState()).learned_net
-    model = state_path.parent / Path(learned).name if learned else state_path.with_suffix(".caffemodel")
-    if not model.is_file():
-        raise FileNotFoundError(f"{state_path}: its weights {model} are missing (the solver state names "
-                                f"learned_net {learned or '(none)'}; Caffe's snapshots keep the .caffemodel "
-                                "beside the .solverstate)")
-    return model
-
-
-def remove_unfinished_snapshots(folder: Path) -> list[Path]:
-    """Delete the ``*.tmp`` files that a run killed while writing a snapshot leaves behind."""
-    stale = sorted(Path(folder).glob("*.tmp")) if Path(folder).is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def plain_state(value, where: str = "state"):
-    """``value`` as tensors, numbers, strings, lists and dicts only: what ``torch.load(weights_only=True)`` reads."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_state(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(f"engine state {where} is a {type(value).__name__}, not a plain value")
-
-
-def plain_to(value, device):
-    """A plain state's tensors moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: plain_to(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_to(v, device) for v in value]
-    return value
-
-
-# What the .solverstate cannot hold; the solver's history (Adam's m and v) comes from the .solverstate.
-ENGINE_STATE_KEYS = ("iter", "elapsed", "torch_rng", "data")
-
-
-def read_engine_state(path: Path) -> dict:
-    """The ``.engine.pt`` beside a .solverstate, loaded as data only (nothing in it is run)."""
-    if not path.is_file():
-        raise SnapshotError(f"the engine state {path} is missing (a snapshot killed while being written, "
-                            "or copied without it)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SnapshotError(f"{path}: refused: it holds objects other than tensors, numbers, strings, lists "
-                            f"and dicts, which loading could run as code; nothing from it was run ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise SnapshotError(f"{path}: truncated or not an engine state ({type(exc).__name__}: {exc})") from None
-    missing = [k for k in ENGINE_STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise SnapshotError(f"{path}: incomplete engine state (no {', '.join(missing)})")
-    return state
 
 
 class EngineBackend(Backend):

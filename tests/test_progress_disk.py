@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from exdrop import train as train_module
-from exdrop.train import Trainer, TrainConfig, prune_snapshots
+from exdrop.snapshot import prune_snapshots
+from exdrop.train import Trainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import write_tiny  # noqa: E402
@@ -35,7 +36,7 @@ def _adam(tmp_path, solver) -> Path:
     """The tiny solver with Adam (two history sets: m and v)."""
     text = solver.read_text().replace('type: "SGD"', 'type: "Adam"\nmomentum2: 0.999')
     path = tmp_path / "solver_adam.prototxt"
-    path.write_text(text.replace(f'net: "tiny_ed.prototxt"', f'net: "{solver.parent / "tiny_ed.prototxt"}"'))
+    path.write_text(text.replace('net: "tiny_ed.prototxt"', f'net: "{solver.parent / "tiny_ed.prototxt"}"'))
     return path
 
 
