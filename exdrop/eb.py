@@ -25,6 +25,7 @@ from typing import Callable, Hashable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair  # torch's (h, w) helper
 from torch.nn.grad import conv2d_input
 
 
@@ -286,7 +287,3 @@ def require_finite(items, where: str) -> None:
             inf = int(torch.isinf(t).sum())
             raise NonFiniteError(f"{where}: {name} is not finite ({nan} NaN, {inf} inf of {t.numel()} values); "
                                  "Excitation Backprop needs finite activations and weights")
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

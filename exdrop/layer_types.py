@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair  # torch's (h, w) helper
 from torch import nn
 
 from . import eb
@@ -226,10 +227,6 @@ def _pair_or(param, single: str, h: str, w: str) -> tuple[int, int]:
         return int(getattr(param, h)), int(getattr(param, w))
     v = int(getattr(param, single))
     return v, v
-
-
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int) -> int:
