@@ -30,7 +30,8 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
-.PHONY: help setup test caffe data-cifar10 train-cifar10 bench bench-table6 prototxt mutation
+.PHONY: table2 table4
+.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 train-cifar10 bench bench-table6 prototxt mutation
 
 help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch, and real pycaffe via"
@@ -38,14 +39,28 @@ help:
 	@echo "make test                  run the test suite (pycaffe tests run where 'make caffe' built it)"
 	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 with the paper's solver"
 	@echo "     DATA=<cifar-10-python.tar.gz | image folder | .tgz | list>  MAX_ITER=<n>  OUT=<run folder>"
-	@echo "     VARIANT=ed|standard|none|activation|maskimg|ed_authors  DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
+	@echo "     VARIANT=ed|standard|standard_both|none|activation|maskimg|curriculum|adaptive|information|ed_authors"
+	@echo "     DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
 	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
 	@echo "     (without DATA: the LMDBs already converted in DATA_DIR, else the official archive is downloaded)"
 	@echo "make data-cifar10          convert DATA into $(DATA_DIR)/{train,val}_lmdb once"
+	@echo "make data-cifar100         convert CIFAR100=<cifar-100-python.tar.gz | folder | .tgz | list> (or DATA=)"
+	@echo "                           into $(CIFAR100_DIR)/{train,val,test}_lmdb once (default: the official archive,"
+	@echo "                           downloaded and md5-checked when missing)"
+	@echo "make data-caltech256       convert CALTECH256=<256_ObjectCategories folder | .tar> into"
+	@echo "                           $(CALTECH256_DIR)/{train,test,val}_lmdb once: SPLIT=0..4 of the paper's five"
+	@echo "                           random splits of 50 train + 20 test images per class, 128x128"
 	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100), ITERS=<n> (20)"
 	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 ITERS=<n>"
 	@echo "                           BATCH=<b>; writes models/bench/table6_<net>_<cpu|cuda>.json"
+	@echo "make table2                the paper's Table 2 and Fig. 3: every method, DATASETS=cifar10,cifar100,caltech256"
+	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu> BUDGET=paper|cpu WORKERS=<n> METHODS=<subset>"
+	@echo "                           DATA= CIFAR100= CALTECH256= (raw sources); results/table2.md + the sweep folder"
+	@echo "                           results/table2_<datasets>_<budget>/ (runs, plan.txt, JSON, fig3_<dataset>.png);"
+	@echo "                           stopped and started again, finished runs are kept and snapshots resumed"
+	@echo "make table4                the paper's Table 4: Standard first fc / both fcs and Excitation at rates"
+	@echo "                           0.25 / 0.5 / 0.75, same knobs; results/table4.md"
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 	@echo "make prototxt              regenerate the train_val_/solver_ variants from each folder's base*.prototxt"
 	@echo "make mutation              mutation testing (mutmut) of exdrop/{solver,eb,functional}.py and layers/*.py;"
@@ -94,6 +109,19 @@ caffe:
 data-cifar10:
 	$(PY) -m exdrop data cifar10 $(DATA) --out $(DATA_DIR)
 
+# data-cifar100 / data-caltech256: the source (DATA=, as given on the command line, works for CIFAR-100
+# too), the output folders the prototxts read, the Caltech-256 split
+CIFAR100       ?= $(if $(filter command line,$(origin DATA)),$(DATA),data/cifar-100-python.tar.gz)
+CIFAR100_DIR   ?= data/cifar100
+CALTECH256     ?= data/256_ObjectCategories.tar
+CALTECH256_DIR ?= data/caltech256
+SPLIT          ?= 0
+data-cifar100:
+	$(PY) -m exdrop data --dataset cifar100 $(CIFAR100) --out $(CIFAR100_DIR)
+
+data-caltech256:
+	$(PY) -m exdrop data --dataset caltech256 $(CALTECH256) --split $(SPLIT) --out $(CALTECH256_DIR)
+
 train-cifar10:
 ifeq ($(BACKEND),caffe)
 	$(PY) -m exdrop train --backend caffe $(train_args) --data $(DATA) --data-dir $(DATA_DIR)
@@ -120,3 +148,27 @@ bench-table6:
 	  $(PY) -m exdrop bench table6 --nets $$net --device $$dev $(if $(t6_iters),--iters $(t6_iters)) \
 	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$${dev%%:*}.json || exit 1; \
 	done
+
+# The paper's comparisons through the sweep runner (exdrop sweep): DATASETS=cifar10,cifar100,caltech256
+# SEEDS=<n> BUDGET=paper|cpu WORKERS=<n> METHODS=<subset> SWEEP_OUT=<folder> AMP=bf16|'' (override
+# the budget's). Raw sources: DATA (CIFAR-10), CIFAR100, CALTECH256, as for the data-* targets.
+DATASETS ?= cifar10
+SEEDS    ?= $(if $(filter cpu,$(BUDGET)),1,5)
+BUDGET   ?= paper
+WORKERS  ?= 1
+METHODS  ?=
+SWEEP_OUT ?=
+sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --workers $(WORKERS) --device $(DEVICE) \
+	--data cifar10=$(DATA) \
+	--data cifar100=$(if $(filter command line environment,$(origin CIFAR100)),$(CIFAR100),data/cifar-100-python.tar.gz) \
+	--data caltech256=$(CALTECH256) \
+	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) \
+	$(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
+
+table2:
+	$(PY) -m exdrop sweep --table 2 $(sweep_args)
+	@cp $(or $(SWEEP_OUT),results/table2_$(subst $(comma),_,$(DATASETS))_$(BUDGET))/table2.md results/table2.md
+
+table4:
+	$(PY) -m exdrop sweep --table 4 $(sweep_args)
+	@cp $(or $(SWEEP_OUT),results/table4_$(subst $(comma),_,$(DATASETS))_$(BUDGET))/table4.md results/table4.md

@@ -17,6 +17,7 @@ the engine on the same CNN-2 nets, arrays and solver, in the same rounds.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -77,8 +78,11 @@ class Variant:
     """One prototxt ready to train on fixed random data."""
 
     def __init__(self, name: str, prototxt: str, solver_param, batch: int, image_shape, classes: int, device,
-                 per_image_loop: bool = False, share: "Variant | None" = None):
-        """``share``: another Variant whose weights and solver this one uses (by layer name)."""
+                 per_image_loop: bool = False, share: "Variant | None" = None, amp: str | None = None,
+                 compile: bool = False):
+        """``share``: another Variant whose weights and solver this one uses (by layer name).
+        ``amp`` "bf16": the forward under bfloat16 autocast (EB stays float32, as in training);
+        ``compile``: the net's layers run through torch.compile."""
         original = cio.read_net_prototxt(prototxt)
         param = with_input_layer(original, TRAIN, batch, image_shape)
         torch.manual_seed(0)
@@ -101,6 +105,12 @@ class Variant:
                      "label": torch.randint(0, classes, (batch,), generator=g).to(device)}
         if per_image_loop:
             self._loop_saliency()
+        self.autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp \
+            else contextlib.nullcontext
+        if compile:
+            for layer in self.net.layer_list:
+                if len(layer.blobs):   # the convolutions and inner products: the bulk of the work
+                    layer.forward = torch.compile(layer.forward, dynamic=False)
 
     def _loop_saliency(self):
         """The authors' way: EB one image at a time in a Python loop (to show what batching buys)."""
@@ -117,7 +127,8 @@ class Variant:
         net._saliency = one_by_one
 
     def step(self):
-        loss = self.net.loss(self.net(self.feed))
+        with self.autocast():
+            loss = self.net.loss(self.net(self.feed))
         loss.backward()
         self.solver.step_update()
         self._loss = loss.detach()
@@ -192,6 +203,52 @@ def share_variants(variants: dict[str, str], solver_param, batch: int, image_sha
                            per_image_loop=k.endswith(LOOP_SUFFIX), share=first)
         gc.collect()  # the weights the new net was built with, now replaced by the shared ones
     return built
+
+
+def precision_variants(prototxt: str, solver: str, batch: int, device, compile_too: bool = True) -> dict:
+    """One prototxt as float32, bf16 autocast and (``compile_too``) torch.compile'd float32, all
+    on one set of weights and one solver: the speed side of the CPU budget's choice."""
+    sp = cio.read_solver_prototxt(solver)
+    built = {"float32": Variant("float32", prototxt, sp, batch, (3, 32, 32), 10, device)}
+    built["bf16 autocast"] = Variant("bf16 autocast", prototxt, sp, batch, (3, 32, 32), 10, device,
+                                     share=built["float32"], amp="bf16")
+    if compile_too:
+        built["torch.compile"] = Variant("torch.compile", prototxt, sp, batch, (3, 32, 32), 10, device,
+                                         share=built["float32"], compile=True)
+    return built
+
+
+def processes_vs_threads(prototxt: str, solver: str, iters: int, batch: int) -> dict:
+    """Throughput of one process with all cores' threads against one single-thread process per core,
+    each running ``iters`` training iterations of ``prototxt`` (the two ways a sweep can use a CPU)."""
+    import subprocess
+    cores = os.cpu_count() or 1
+    code = ("import sys, time, torch; from exdrop import bench, io; "
+            "torch.set_num_threads(int(sys.argv[1])); "
+            "v = bench.Variant('x', sys.argv[2], io.read_solver_prototxt(sys.argv[3]), int(sys.argv[5]), (3, 32, 32), 10, 'cpu'); "
+            "v.step(); t = time.perf_counter(); [v.step() for _ in range(int(sys.argv[4]))]; "
+            "print(time.perf_counter() - t)")
+
+    def launch(threads, n):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        return subprocess.Popen([sys.executable, "-c", code, str(threads), prototxt, solver, str(n), str(batch)],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+    t = time.perf_counter()
+    one = launch(cores, iters * cores)
+    one.wait()
+    one_wall = time.perf_counter() - t
+    t = time.perf_counter()
+    many = [launch(1, iters) for _ in range(cores)]
+    for p in many:
+        p.wait()
+    many_wall = time.perf_counter() - t
+    total = iters * cores
+    return {"cores": cores, "iterations": total,
+            "one_process_s_per_iter": float(one.stdout.read()) / total,
+            "processes_s_per_iter": max(float(p.stdout.read()) for p in many) / iters / cores,
+            "one_process_wall_s": one_wall, "processes_wall_s": many_wall,
+            "throughput_ratio_processes_to_one": one_wall / many_wall}
 
 
 def peak_rss_mb() -> float:
@@ -356,6 +413,23 @@ def main(args) -> int:
     from .train import pick_device
     device = pick_device(args.device, 0)
     out: dict = {}
+    if args.what == "precision":
+        proto, solver = CNN2_CIFAR10["Excitation"], "prototxt/cnn2/cifar10/solver_ed.prototxt"
+        built = precision_variants(proto, solver, args.batch or 100, device, compile_too=not args.no_compile)
+        rows = time_steps(built, iters=args.iters or 10, warmup=2 if args.warmup is None else args.warmup,
+                          device=device)
+        res = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "batch": args.batch or 100, "iters": args.iters or 10,
+               "warmup": 2 if args.warmup is None else args.warmup, "peak_rss_mb": peak_rss_mb(), "variants": rows}
+        _print_table("CNN-2 ED on CIFAR-10 (32x32): float32 vs bf16 autocast vs torch.compile", res, None)
+        if device.type == "cpu" and not args.no_processes:
+            pt = processes_vs_threads(proto, solver, args.iters or 10, args.batch or 100)
+            res["processes_vs_threads"] = pt
+            print(f"{pt['cores']} single-thread processes vs one {pt['cores']}-thread process, "
+                  f"{pt['iterations']} iterations each way: wall {pt['processes_wall_s']:.1f} s vs "
+                  f"{pt['one_process_wall_s']:.1f} s, throughput ratio {pt['throughput_ratio_processes_to_one']:.3f}")
+        _write_json(args.json, res)
+        return 0
     if args.what == "cnn2-cifar10":
         res = time_variants(CNN2_CIFAR10, solver="prototxt/cnn2/cifar10/solver_ed.prototxt", iters=args.iters,
                             warmup=2 if args.warmup is None else args.warmup, batch=args.batch or 100, device=device)

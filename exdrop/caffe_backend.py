@@ -120,6 +120,13 @@ def install_saliency_hooks(net, net_param, source: str = "<net>") -> list[str]:
     return hooked
 
 
+def iteration_layers(net) -> list:
+    """The Python layers of a ``caffe.Net`` whose class asks for the solver's iteration
+    (``needs_iteration``, e.g. Curriculum Dropout). Caffe does not tell a Python layer the
+    iteration: the driver sets ``layer.iteration = solver.iter`` on each before every step."""
+    return [layer for layer in net.layers if getattr(type(layer), "needs_iteration", False)]
+
+
 def caffe_solver(caffe, sp):
     """pycaffe's solver for the SolverParameter ``sp``, with Caffe's own test, display and
     snapshot schedule off: inside ``solver.step`` Caffe would test and snapshot again."""
@@ -167,6 +174,7 @@ class CaffeBackend(Backend):
         if cfg.resume:
             restore_beside(self.solver, cfg.resume)
         self.guided_layers = install_saliency_hooks(self.net, train_param, self.source)
+        self.iteration_layers = iteration_layers(self.net)
         self.outputs = sorted(set(self.net.outputs).union(*(tn.outputs for tn in self.test_nets)))
         self.loss_weights = {blob: w for blob, w in self.net.blob_loss_weights.items() if w}
         self.elapsed = 0.0
@@ -177,6 +185,8 @@ class CaffeBackend(Backend):
         return caffe_rate(self.sp, it, sum(1 for v in self.sp.stepvalue if it >= v))[0]
 
     def step(self):
+        for layer in self.iteration_layers:
+            layer.iteration = self.solver.iter   # restored with the .solverstate on a resume
         self.solver.step(1)
         blobs = self.net.blobs
         loss = sum(w * float(blobs[b].data.sum()) for b, w in self.loss_weights.items())
@@ -246,11 +256,14 @@ class CaffeBenchVariant:
         self.solver = caffe_solver(caffe, sp)
         self.net = self.solver.net
         self.guided_layers = install_saliency_hooks(self.net, cio.read_net_prototxt(net_path), str(net_path))
+        self.iteration_layers = iteration_layers(self.net)
         self.data, self.label = data, label
 
     def step(self):
         self.net.blobs["data"].data[...] = self.data
         self.net.blobs["label"].data[...] = self.label
+        for layer in self.iteration_layers:
+            layer.iteration = self.solver.iter
         self.solver.step(1)
 
     @property

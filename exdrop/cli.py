@@ -1,12 +1,17 @@
 """Command line: python -m exdrop {train,data,bench,plot} ... (or the exdrop script).
 
-    exdrop data cifar10 SOURCE [--out data/cifar10]     convert once into Datum LMDBs
+    exdrop data [--dataset] cifar10|cifar100|caltech256|images SOURCE [--out DIR] [--split 0..4]
+                                                         convert once into Datum LMDBs
     exdrop train SOLVER [--net NET] [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
                         [--device auto|cpu|cuda] [--snapshot X.solverstate [--inexact-resume]]
                         [--weights X.caffemodel] [--display N] [--keep-snapshots K]
     exdrop bench [--iters N] [--batch B] [--device ...]  seconds per iteration, Standard vs ED
     exdrop bench caffe [--sizes 32,128] [--iters N]      real Caffe (CPU) next to the engine
     exdrop plot RUN [RUN ...] [--out PNG]                training curves from each run's log.csv
+    exdrop test SOLVER_OR_NET --weights X.caffemodel [--data DATA] [--iterations N] [--out DIR]
+                [--device cpu|cuda] [--backend engine|caffe]   evaluate a snapshot (like `caffe test`)
+    exdrop sweep [--table 2|4] [--datasets cifar10,...] [--budget paper|cpu] [--seeds N] [--workers N]
+                                                         the paper's comparisons, resumable
 """
 from __future__ import annotations
 
@@ -29,6 +34,16 @@ def _cifar10_source(source: str) -> str:
     return source
 
 
+def _cifar100_source(source: str) -> str:
+    """The official CIFAR-100 archive is fetched (with its checksum) when the default path is missing."""
+    path = Path(source)
+    if not path.exists() and path.name == "cifar-100-python.tar.gz":
+        from .data import download_cifar100
+        print(f"{path} not found: downloading the official CIFAR-100 archive (needs a network) ...")
+        return str(download_cifar100(path.parent))
+    return source
+
+
 def _converted(data_dir) -> bool:
     """The LMDBs the CIFAR-10 prototxts read are already in ``data_dir``."""
     d = Path(data_dir)
@@ -36,14 +51,42 @@ def _converted(data_dir) -> bool:
 
 
 def _cmd_data(args) -> int:
-    from .data import prepare_cifar10, prepare_image_dataset
-    if args.dataset == "cifar10":
-        args.source = _cifar10_source(args.source)
-        info = prepare_cifar10(args.source, args.out or "data/cifar10", val_size=args.val_size,
-                               seed=args.seed, limit_per_class=args.limit_per_class)
+    from .data import prepare_caltech256, prepare_cifar10, prepare_cifar100, prepare_image_dataset
+    if args.dataset and args.dataset_opt and args.dataset != args.dataset_opt:
+        raise ValueError(f"two datasets given: {args.dataset} and --dataset {args.dataset_opt}")
+    dataset = args.dataset or args.dataset_opt or "cifar10"
+    resize = None
+    if args.resize:
+        try:
+            resize = tuple(int(v) for v in args.resize.lower().split("x"))
+        except ValueError:
+            resize = ()
+        if len(resize) != 2 or min(resize) < 1:
+            raise ValueError(f"--resize {args.resize}: expected HxW, e.g. 128x128")
+    if args.split is not None and dataset != "caltech256":
+        raise ValueError(f"--split picks one of Caltech-256's five splits; {dataset} has its own")
+    if dataset == "caltech256":
+        given = [o for o, v in (("--val-size", args.val_size), ("--seed", args.seed),
+                                ("--limit-per-class", args.limit_per_class)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for caltech256, whose splits are fixed "
+                             "(50 train + 20 test images per class; --split 0..4 picks one)")
+        if resize and resize[0] != resize[1]:
+            raise ValueError(f"--resize {args.resize}: Caltech-256 images are square (SxS, default 128x128)")
+        info = prepare_caltech256(args.source, args.out or "data/caltech256", split=args.split or 0,
+                                  size=resize[0] if resize else 128)
+    elif dataset in ("cifar10", "cifar100"):
+        if resize:
+            raise ValueError(f"--resize: {dataset} images stay 32x32")
+        source = (_cifar10_source if dataset == "cifar10" else _cifar100_source)(args.source)
+        prepare = prepare_cifar10 if dataset == "cifar10" else prepare_cifar100
+        info = prepare(source, args.out or f"data/{dataset}", val_size=args.val_size,
+                       seed=args.seed or 0, limit_per_class=args.limit_per_class)
     else:
-        resize = tuple(int(v) for v in args.resize.split("x")) if args.resize else None
-        info = prepare_image_dataset(args.source, args.out, val_size=args.val_size, seed=args.seed, resize=resize)
+        if not args.out:
+            raise ValueError("--out: an output folder is needed for an image dataset")
+        info = prepare_image_dataset(args.source, args.out, val_size=args.val_size, seed=args.seed or 0,
+                                     resize=resize, limit_per_class=args.limit_per_class)
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2, default=str))
     return 0
 
@@ -92,6 +135,10 @@ def _cmd_train(args) -> int:
     _check_solver_arg(args.solver)
     if args.net is not None and not Path(args.net).is_file():
         raise FileNotFoundError(f"--net {args.net}: no such net prototxt")
+    if args.snapshot == "auto":
+        args.snapshot = _auto_resume(args)
+        if args.snapshot == "finished":
+            return 0
     if args.data:
         _prepare_train_data(args)
     extra = {}
@@ -112,6 +159,101 @@ def _cmd_train(args) -> int:
     print(f"final: {res['iterations']} iterations in {res['seconds']:.1f} s on {res['device']}; "
           f"test accuracy {acc:.4f}" if acc is not None else f"final: {res['iterations']} iterations")
     print(f"run folder: {trainer.out.resolve()} ({res['budget']})")
+    return 0
+
+
+def _auto_resume(args) -> str | None:
+    """``--snapshot auto``: the newest .solverstate in ``--out``/snapshots, None for a fresh start, or
+    "finished" when the run folder's results.json says the run already reached its max_iter."""
+    if not args.out:
+        raise ValueError("--snapshot auto needs --out (the run folder to resume)")
+    from .sweep import status
+    out = Path(args.out)
+    if status(out) == "finished":
+        print(f"{out}: finished already (results.json); nothing to do")
+        return "finished"
+    states = []
+    for path in (out / "snapshots").glob("*_iter_*.solverstate"):
+        it = path.name[:-len(".solverstate")].rsplit("_iter_", 1)[1]
+        if it.isdigit():
+            states.append((int(it), path))
+    if not states:
+        return None
+    newest = max(states)[1]
+    print(f"{out}: resuming from {newest.name}")
+    return str(newest)
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: N (seeds 1..N), a list 2,3 or a range 2-5."""
+    try:
+        if "," in text:
+            seeds = [int(v) for v in text.split(",") if v]
+        elif "-" in text:
+            lo, hi = (int(v) for v in text.split("-", 1))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = list(range(1, int(text) + 1))
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds {text}: give N (seeds 1..N), a list like 2,3 or a range like 2-5")
+    return seeds
+
+
+def _cmd_sweep(args) -> int:
+    from . import sweep as S
+    budget = S.BUDGETS[args.budget]
+    if args.amp is not None:
+        import dataclasses
+        budget = dataclasses.replace(budget, amp=args.amp or None)
+    datasets = [d for d in args.datasets.split(",") if d]
+    for d in datasets:
+        if d not in S.DATASETS:
+            raise ValueError(f"--datasets: unknown dataset {d!r} (known: {', '.join(S.DATASETS)})")
+    methods = args.methods.split(",") if args.methods else list(S.TABLE_METHODS[args.table])
+    for m in methods:
+        if m not in S.METHODS:
+            raise ValueError(f"--methods: unknown method {m!r} (known: {', '.join(S.METHODS)})")
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else list(S.TABLE_RATES[args.table])
+    seeds = _seed_list(args.seeds)
+    sources = {}
+    for item in args.data or []:
+        name, _, path = item.partition("=")
+        if not path or name not in S.DATASETS:
+            raise ValueError(f"--data {item}: write DATASET=PATH with DATASET one of {', '.join(S.DATASETS)}")
+        sources[name] = path
+    out = Path(args.out or f"results/table{args.table}_{'_'.join(datasets)}_{budget.name}")
+    runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend)
+    print(f"sweep: {len(runs)} runs planned in {out} (plan.txt: one command per run)")
+    if not args.plan_only:
+        report = S.execute(runs, workers=args.workers, threads=args.threads)
+        if report["failed"]:
+            print(f"sweep: {len(report['failed'])} run(s) failed: {', '.join(report['failed'])}", file=sys.stderr)
+    written = S.write_outputs(out, args.table)
+    for path in written:
+        print(f"wrote {path}")
+    print((out / f"table{args.table}.md").read_text())
+    return 0 if args.plan_only or not report["failed"] else 1
+
+
+def _cmd_test(args) -> int:
+    """``exdrop test``: a raw CIFAR-10 ``--data`` source is converted into ``--data-dir`` first, as
+    ``exdrop train --data`` does; a converted folder or LMDB is read as it is."""
+    from .evaluate import default_out, evaluate, format_table, is_converted, write_report
+    data = args.data
+    if data and not is_converted(data) and (Path(data).exists() or Path(data).name == "cifar-10-python.tar.gz"):
+        try:
+            _prepare_train_data(args)
+        except ValueError as exc:
+            raise ValueError(f"--data {data}: {exc}; `exdrop test --data` converts CIFAR-10 sources, other "
+                             "datasets once with `exdrop data DATASET SOURCE --out DIR`, then --data DIR") from None
+        data = args.data_dir
+    res = evaluate(args.net, args.weights, data=data, iterations=args.iterations, device=args.device,
+                   backend=args.backend, progress=not args.quiet)
+    paths = write_report(res, args.out or default_out(args.weights))
+    print(format_table(res))
+    print(f"wrote {paths['json']} and {paths['png']}")
     return 0
 
 
@@ -141,15 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("data", help="convert a dataset into Caffe Datum LMDBs")
-    d.add_argument("dataset", choices=["cifar10", "images"],
-                   help="cifar10: the official archive or a CIFAR-10 image tree; images: any class/*.jpg tree")
-    d.add_argument("source", help="cifar-10-python.tar.gz, an image folder tree, a .tgz of one, or a list file")
-    d.add_argument("--out", help="output folder (default data/cifar10)")
+    datasets = ["cifar10", "cifar100", "caltech256", "images"]
+    d.add_argument("dataset", nargs="?", choices=datasets,
+                   help="cifar10 (default), cifar100: the official archive or an image tree of the 10 / 100 "
+                        "classes; caltech256: 256_ObjectCategories (folder or .tar); images: any class/*.jpg tree")
+    d.add_argument("source", help="cifar-10-python.tar.gz, cifar-100-python.tar.gz (a missing one is downloaded), "
+                                  "256_ObjectCategories(.tar), an image folder tree, a .tgz of one, or a list file")
+    d.add_argument("--dataset", dest="dataset_opt", choices=datasets, help="the dataset, as the first argument does")
+    d.add_argument("--out", help="output folder (default data/cifar10, data/cifar100, data/caltech256: the "
+                                 "prototxts' paths)")
+    d.add_argument("--split", type=int, help="caltech256: which of the paper's five random splits of 50 train + "
+                                             "20 test images per class, 0..4 (default 0)")
     d.add_argument("--val-size", type=int, default=None, help="stratified validation images (default 5000 when no test split)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the validation split and of the train shuffle (default 0)")
+    d.add_argument("--seed", type=int, default=None, help="seed of the validation split and of the train shuffle (default 0)")
     d.add_argument("--limit-per-class", type=int, default=None,
                    help="keep at most N images per class (quick experiments)")
-    d.add_argument("--resize", help="HxW, e.g. 128x128 (images only)")
+    d.add_argument("--resize", help="HxW, e.g. 128x128 (images; caltech256: SxS, default 128x128)")
     d.set_defaults(fn=_cmd_data)
 
     t = sub.add_parser("train", help="train from a solver prototxt (like `caffe train`)")
@@ -168,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-iter", type=int, help="stop after N iterations (default: the solver's max_iter)")
     t.add_argument("--out", help="run folder (log.csv, results.json, snapshots/)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (the caffe backend: CPU only)")
-    t.add_argument("--snapshot", help="resume from a .solverstate")
+    t.add_argument("--snapshot", help="resume from a .solverstate; 'auto': from the newest one in --out "
+                                      "(a fresh start if none; nothing to do if the run finished)")
     t.add_argument("--inexact-resume", action="store_true",
                    help="resume even when the snapshot's .engine.pt (RNG and data cursors) is missing or "
                         "unreadable: the data order and random draws then differ from the uninterrupted run")
@@ -181,14 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshot sets kept in the run folder: the newest K (0: all; default: the trainer's, 1)")
     t.add_argument("--seed", type=int, help="random seed (default: the solver's random_seed)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision forward (EB stays float32)")
+    t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision training forward (EB and the test passes stay float32)")
     t.add_argument("--channels-last", action="store_true", help="NHWC convolutions (GPU)")
     t.set_defaults(fn=_cmd_train)
 
     b = sub.add_parser("bench", help="seconds per training iteration of the dropout variants, side by side")
-    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6", "caffe"],
+    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6", "caffe", "precision"],
                    help="cnn2-cifar10: Standard vs Excitation (batch 100); table6: the paper's Table 6 runtimes; "
-                        "caffe: real Caffe vs the engine on CPU (CNN-2, needs `make caffe`)")
+                        "caffe: real Caffe vs the engine on CPU (CNN-2, needs `make caffe`); precision: CNN-2 ED "
+                        "as float32, bf16 autocast and torch.compile, and one multi-thread process vs one "
+                        "single-thread process per core (CPU)")
     b.add_argument("--sizes", default="32,128",
                    help="caffe: input sizes, from 32 (batch 100, 10 classes) and 128 (batch 50, 256 classes)")
     b.add_argument("--nets", default="cnn2,vgg16", help="table6: which nets (cnn2, vgg16)")
@@ -199,9 +351,68 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=None, help="batch size (default 100; table6: 50; caffe: set by --sizes)")
     b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     b.add_argument("--json", help="write the figures here too")
+    b.add_argument("--no-compile", action="store_true", help="precision: leave torch.compile out")
+    b.add_argument("--no-processes", action="store_true", help="precision: leave the processes-vs-threads run out")
     b.add_argument("--per-image-loop", action="store_true",
                    help="table6: add an ED column that runs EB image by image (the authors' numpy loop)")
     b.set_defaults(fn=_cmd_bench)
+
+    sw = sub.add_parser("sweep", help="the paper's comparisons: method x dataset x rate x seed (Tables 2, 4, Fig. 3)")
+    sw.add_argument("--table", choices=["2", "4"], default="2",
+                    help="2: every method at rate 0.5 (Table 2, Fig. 3); 4: Standard first fc / both fcs and "
+                         "Excitation at rates 0.25, 0.5, 0.75 (Table 4)")
+    sw.add_argument("--datasets", default="cifar10", help="comma-separated: cifar10, cifar100, caltech256")
+    sw.add_argument("--budget", choices=["paper", "cpu", "cpu-subset", "cpu-full"], default="paper",
+                    help="paper: the paper's protocol (100K iterations); cpu: the reduced protocol in the README "
+                         "(cpu-subset and cpu-full: the two reduced designs compared there)")
+    sw.add_argument("--seeds", default="5",
+                    help="N: seeds 1..N per cell (init and data order; default 5); or a list 2,3 or a range 2-5")
+    sw.add_argument("--methods", help="comma-separated subset of the table's methods (default: all of them)")
+    sw.add_argument("--rates", help="comma-separated dropout rates (default: the table's)")
+    sw.add_argument("--data", action="append", metavar="DATASET=PATH",
+                    help="raw source of a dataset (repeatable), e.g. cifar10=../shared/data/cifar10-jpg/train.tgz "
+                         "(default: data/cifar-10-python.tar.gz, data/cifar-100-python.tar.gz, "
+                         "data/256_ObjectCategories.tar)")
+    sw.add_argument("--out", help="sweep folder (default results/table<T>_<datasets>_<budget>)")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="local runs at once (CPU: the cores are shared among them; GPUs: round-robin, "
+                         "several runs per GPU when workers > GPUs)")
+    sw.add_argument("--threads", type=int, help="torch threads per run on CPU (default: cores / workers)")
+    sw.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    sw.add_argument("--backend", choices=["engine", "caffe"], default="engine", help="engine (default) or caffe")
+    sw.add_argument("--amp", choices=["bf16", ""], default=None,
+                    help="override the budget's mixed precision: bf16, or '' for float32")
+    sw.add_argument("--plan-only", action="store_true",
+                    help="write the run folders and plan.txt (for a cluster's job array) and the tables of what "
+                         "has finished; run nothing")
+    sw.set_defaults(fn=_cmd_sweep)
+
+    te = sub.add_parser("test", help="evaluate a snapshot on a data source (like `caffe test`)",
+                        description="Accuracy, loss, per-class accuracy and the confusion matrix of a .caffemodel "
+                                    "with the TEST net. With a solver and no --data: the solver's test_iter "
+                                    "batches of the TEST layer's own source, read as Caffe and the trainer's test "
+                                    "passes read them (in order, wrapping around at the end), so the run's logged "
+                                    "test accuracy is reproduced. Otherwise every image exactly once (the last "
+                                    "batch cut to the images left; Caffe's `caffe test` would wrap around and count "
+                                    "the first images twice).")
+    te.add_argument("net", metavar="SOLVER_OR_NET",
+                    help="a solver prototxt (its test net, else its net, TEST phase) or a train_val net prototxt")
+    te.add_argument("--weights", required=True, help="the .caffemodel to evaluate, e.g. RUN/snapshots/X_iter_N.caffemodel")
+    te.add_argument("--data", help="evaluate on this instead of the TEST data layer's source: an LMDB folder, a "
+                                   "converted dataset folder (its test_lmdb, else val_lmdb), or a raw CIFAR-10 "
+                                   "source, converted into --data-dir first (as `exdrop train --data`)")
+    te.add_argument("--data-dir", default="data/cifar10",
+                    help="with a raw --data source: where the converted LMDBs go (default data/cifar10)")
+    te.add_argument("--iterations", type=int,
+                    help="evaluate N batches, in record order, wrapping around at the end like `caffe test` "
+                         "(default: the solver's test_iter on its own source, else each image exactly once)")
+    te.add_argument("--out", help="folder for test.json and confusion.png (default: RUN/test_<weights stem> for "
+                                  "RUN/snapshots/<stem>.caffemodel, else test_<stem> beside the weights)")
+    te.add_argument("--device", default="cpu", help="cpu (default), cuda or auto (the caffe backend: CPU only)")
+    te.add_argument("--backend", choices=["engine", "caffe"], default="engine",
+                    help="engine: PyTorch (default); caffe: real pycaffe's caffe.Net(net, weights, TEST)")
+    te.add_argument("--quiet", action="store_true", help="no progress bar")
+    te.set_defaults(fn=_cmd_test, val_size=None, limit_per_class=None)
 
     pl = sub.add_parser("plot", help="training curves (loss, test accuracy) from run folders' log.csv")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) holding log.csv")

@@ -9,6 +9,8 @@ over space and whole maps are dropped).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -168,3 +170,183 @@ def standard_dropout(
     keep = torch.full((b, units), retain, device=x.device, dtype=torch.float32)
     mask = sample_unit_mask(keep, generator).to(x.dtype) / retain
     return x * mask.reshape(_mask_view(x, mask))
+
+
+def curriculum_retain(iteration: int, p: float = 0.5, gamma: float = 5e-4) -> float:
+    """Curriculum Dropout's retain probability at iteration ``t`` (Morerio et al., ICCV 2017)::
+
+        theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar,    theta_bar = 1 - p
+
+    1 at t = 0 (no unit dropped), decreasing to the final retain probability
+    theta_bar (``p`` is the final dropout probability, as in
+    ``torch.nn.Dropout``); the paper uses gamma = 5e-4 (Sec. 4.2). A Python
+    float from Python numbers: no tensor, no host synchronisation.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability has to be in [0, 1), got {p} (final retain probability 1 - p)")
+    if not gamma >= 0.0 or gamma == float("inf"):
+        raise ValueError(f"Curriculum Dropout's gamma must be a finite number >= 0, got {gamma}")
+    if iteration < 0:
+        raise ValueError(f"Curriculum Dropout's iteration must be >= 0, got {iteration}")
+    theta_bar = 1.0 - p
+    return (1.0 - theta_bar) * math.exp(-gamma * iteration) + theta_bar
+
+
+def curriculum_dropout(
+    x: torch.Tensor,
+    iteration: int,
+    p: float = 0.5,
+    gamma: float = 5e-4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Curriculum Dropout at iteration ``t`` (training mode).
+
+    Every element is kept independently with probability theta(t)
+    (:func:`curriculum_retain`), as Caffe's ``Dropout`` layer draws its mask,
+    and the kept ones are scaled by 1/theta(t); the gradient is the same
+    multiplier times the incoming gradient.
+    """
+    theta = curriculum_retain(iteration, p, gamma)
+    if theta == 1.0:
+        return x
+    mask = torch.empty_like(x).bernoulli_(theta, generator=generator)
+    return x * mask.mul_(1.0 / theta)
+
+
+def standout_keep_probability(z: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """Standout's keep probability (Ba and Frey, NIPS 2013): ``pi = sigmoid(alpha z + beta)``.
+
+    ``z`` is the layer's pre-activation; with the standout network's weights
+    tied to the layer's (``alpha W``, ``alpha b + beta``), ``alpha z + beta``
+    is the standout network's own pre-activation.
+    """
+    return torch.sigmoid(z * alpha + beta)
+
+
+def adaptive_dropout(
+    x: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    training: bool = True,
+    pre_activation: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Adaptive Dropout (Standout, Ba and Frey 2013) on one blob.
+
+    ``pi = sigmoid(alpha z + beta)`` (:func:`standout_keep_probability`) with
+    ``z = pre_activation`` (default: ``x`` itself). Training: each element is
+    kept with probability pi, ``y = m * x`` with ``m ~ Bernoulli(pi)`` and no
+    rescaling; the mask is not differentiated (dy/dx = m). Test: the expected
+    output ``y = pi * x`` (pi from the test input, not differentiated either).
+
+    After a ReLU, ``x = relu(z)`` gives the outputs of pi(z): where z > 0,
+    x = z; where z <= 0, x = 0 and the output is 0 whatever the mask.
+    """
+    z = (x if pre_activation is None else pre_activation).detach()
+    keep = standout_keep_probability(z, alpha, beta)
+    if not training:
+        return x * keep.to(x.dtype)
+    return x * torch.bernoulli(keep, generator=generator).to(x.dtype)
+
+
+# ----------------------------------------------------------------- Information Dropout
+INFORMATION_ALPHA_FLOOR = 0.001  # alpha = 0.001 + max_alpha * sigmoid(.), as in Achille & Soatto's code
+
+
+def information_blobs(f_shape, x_shape=None, weight_std: float | None = None, bias: float = 0.0):
+    """The learnable blobs of Information Dropout's alpha map, filled: ``(weight, bias)``.
+
+    ``f_shape`` is the shape of the blob that is noised, ``x_shape`` that of the
+    input alpha is computed from (default: f itself). A fully connected f
+    ``(B, N)`` gets Caffe's InnerProduct layout, weight ``(N, D)`` with D the
+    flattened size of x; a convolution f ``(B, C, H, W)`` gets a 1x1
+    convolution from x ``(B, C_x, H, W)`` (one alpha per element), weight
+    ``(C, C_x, 1, 1)``. The weight is drawn from N(0, weight_std^2) with torch's
+    global generator (default std: msra, sqrt(2 / fan_in)); the bias is the
+    constant ``bias``. A shape that fits neither raises ValueError.
+    """
+    f_shape = tuple(int(d) for d in f_shape)
+    x_shape = f_shape if x_shape is None else tuple(int(d) for d in x_shape)
+    if len(f_shape) not in (2, 4):
+        raise ValueError(f"Information Dropout needs a (B, N) or (B, C, H, W) blob to noise, got {f_shape}")
+    if len(x_shape) < 2 or x_shape[0] != f_shape[0]:
+        raise ValueError(f"alpha's input {x_shape} must have the batch size of the noised blob {f_shape}")
+    if len(f_shape) == 2:
+        fan_in = int(math.prod(x_shape[1:]))
+        shape = (f_shape[1], fan_in)
+    else:
+        if len(x_shape) != 4 or x_shape[2:] != f_shape[2:]:
+            raise ValueError(f"on a convolution blob {f_shape} alpha is a 1x1 convolution of its input, which "
+                             f"must be (B, C_x, {f_shape[2]}, {f_shape[3]}), got {x_shape}")
+        fan_in = x_shape[1]
+        shape = (f_shape[1], fan_in, 1, 1)
+    std = math.sqrt(2.0 / fan_in) if weight_std is None else float(weight_std)
+    if not (std >= 0.0 and math.isfinite(std)):
+        raise ValueError(f"weight_std must be a finite number >= 0, got {weight_std}")
+    weight = torch.empty(shape, dtype=torch.float32).normal_(0.0, std)
+    return weight, torch.full((shape[0],), float(bias), dtype=torch.float32)
+
+
+def information_alpha(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_alpha: float,
+                      with_gate: bool = False):
+    """Information Dropout's noise scale ``alpha(x) = 0.001 + max_alpha * sigmoid(x W^T + b)``.
+
+    ``weight`` ``(N, D)``: x is flattened to ``(B, D)`` (InnerProduct); ``(C, C_x,
+    1, 1)``: a 1x1 convolution of x (one alpha per element). alpha lies in
+    [0.001, 0.001 + max_alpha], computed in float32 (float64 stays float64). ``with_gate`` also returns
+    the sigmoid, for a hand-written backward.
+    """
+    if weight.dim() == 4:
+        pre = torch.nn.functional.conv2d(x, weight, bias)
+    else:
+        pre = torch.nn.functional.linear(x.flatten(1), weight, bias)
+    gate = torch.sigmoid(pre if pre.dtype == torch.float64 else pre.float())
+    alpha = INFORMATION_ALPHA_FLOOR + max_alpha * gate
+    return (alpha, gate) if with_gate else alpha
+
+
+def information_kl(alpha: torch.Tensor, max_alpha: float) -> torch.Tensor:
+    """The KL term of Information Dropout with the log-uniform prior (Achille & Soatto, Sec. 5)::
+
+        KL = mean over images of  sum over units of  -log(alpha / (max_alpha + 0.001))
+
+    A 0-d tensor; 0 when every alpha is at its maximum, and it grows as alpha
+    shrinks (less noise = more information kept about the input).
+    """
+    return -(torch.log(alpha) - math.log(max_alpha + INFORMATION_ALPHA_FLOOR)).flatten(1).sum(1).mean()
+
+
+def information_noise(f: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """eps ~ N(0, 1), one per element of ``f``, float32, on f's device (torch's global generator by default)."""
+    return torch.randn(f.shape, device=f.device, dtype=torch.float32, generator=generator)
+
+
+def information_dropout(
+    f: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    max_alpha: float = 0.7,
+    training: bool = True,
+    eps: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Information Dropout (Achille & Soatto, TPAMI 2018) on one blob: ``(output, KL)``.
+
+    Training: ``output = f * exp(alpha(x) * eps)``, eps ~ N(0, 1) per element
+    (log-normal multiplicative noise, differentiable in f, x, W and b through
+    the reparametrisation); eval: ``output = f``. alpha is
+    :func:`information_alpha` of ``x`` (default: f itself), the KL term
+    :func:`information_kl`, returned in both modes (the training loss adds
+    beta times it). ``eps`` may be given (tests); else it is drawn by
+    :func:`information_noise`.
+    """
+    if not max_alpha > 0.0:
+        raise ValueError(f"max_alpha must be > 0, got {max_alpha}")
+    alpha = information_alpha(f if x is None else x, weight, bias, max_alpha)
+    kl = information_kl(alpha, max_alpha)
+    if not training:
+        return f, kl
+    if eps is None:
+        eps = information_noise(f, generator)
+    return f * torch.exp(alpha * eps.reshape(f.shape)), kl

@@ -768,8 +768,18 @@ class Python(Layer):
     A layer class with a ``torch_module`` factory runs as a torch module (on
     any device, autograd included); any other Caffe Python layer runs through
     its numpy forward/backward, exactly as in Caffe. For Excitation Backprop a
-    dropout layer (class attribute ``is_dropout``) is the identity; other
+    dropout layer (class attribute ``is_dropout``) is the identity from its
+    first bottom to its first top (its other bottoms get no signal); other
     Python layers have no rule.
+
+    A torch module with ``caffe_setup`` (e.g. Information Dropout) may take
+    several bottoms and tops (``caffe_bottoms`` / ``caffe_tops``: (min, max))
+    and own learnable blobs: ``caffe_setup(bottom_shapes, n_top)`` returns the
+    top shapes and the filled blobs (Caffe's order), which become this layer's
+    ``blobs`` (the solver, ``param { lr_mult decay_mult }``, sharing with the
+    test net and .caffemodel files see them as any layer's), and
+    ``caffe_forward(bottoms, blobs, n_top, training)`` computes the tops from
+    them. A top with a ``loss_weight`` adds to the net's loss as in Caffe.
     """
 
     n_bottom = (0, 1 << 20)
@@ -792,7 +802,8 @@ class Python(Layer):
         if not g.dropout:
             raise NotImplementedError(f"Excitation Backprop has no rule for the Python layer {g.cls.__name__} "
                                       "(only dropout layers, class attribute is_dropout, pass through)")
-        return _same_shape(g, bottoms, weights, signals)
+        first = None if signals[0] is None else _same_shape(g, bottoms, weights, signals)[0]
+        return [first] + [None] * (len(bottoms) - 1)   # e.g. Information Dropout's x: no EB signal
 
     def __init__(self, lp, bottom_shapes, phase, search_paths=None):
         super().__init__(lp, bottom_shapes, phase, search_paths=search_paths)
@@ -805,12 +816,41 @@ class Python(Layer):
             self.is_dropout = self.g.dropout or bool(getattr(self.module, "is_dropout", False))
             self.g.dropout = self.is_dropout
             self.saliency = getattr(self.module, "saliency", None)
-            if len(bottom_shapes) != 1:
+            if hasattr(self.module, "caffe_setup"):
+                self._setup_module(bottom_shapes)
+            elif len(bottom_shapes) != 1:
                 self.fail("a guided dropout layer takes exactly one bottom")
-            self.top_shapes = [tuple(bottom_shapes[0])]
+            else:
+                self.top_shapes = [tuple(bottom_shapes[0])]
         else:
             self.saliency = None
             self._init_numpy_layer(pp.param_str, bottom_shapes, phase)
+
+    def _setup_module(self, bottom_shapes):
+        """A torch module with several bottoms / tops and learnable blobs (``caffe_setup``)."""
+        name = type(self.module).__name__
+        for what, have, (lo, hi) in (("bottoms", len(bottom_shapes), getattr(self.module, "caffe_bottoms", (1, 1))),
+                                     ("tops", len(self.lp.top), getattr(self.module, "caffe_tops", (1, 1)))):
+            if not lo <= have <= hi:
+                self.fail(f"{name} takes {lo}..{hi} {what}, the prototxt gives {have}")
+        try:
+            self.top_shapes, blobs = self.module.caffe_setup([tuple(s) for s in bottom_shapes], len(self.lp.top))
+        except ValueError as exc:
+            self.fail(f"{name}: {exc}")
+        for b in blobs:
+            self.blobs.append(nn.Parameter(b))
+
+    def test_mode_tops(self, *xs) -> tuple:
+        """A dropout layer's tops as in test mode (its first top is its first bottom), without
+        drawing noise: Excitation Backprop's head pass through a multi-top dropout layer."""
+        if self.module is not None and hasattr(self.module, "caffe_forward"):
+            with torch.no_grad():
+                tops = self.module.caffe_forward(list(xs), list(self.blobs), len(self.lp.top), training=False)
+            return tops if isinstance(tops, tuple) else (tops,)
+        if len(self.lp.top) > 1:
+            self.fail("Excitation Backprop cannot run a multi-top dropout layer without a torch module "
+                      "(caffe_forward) in test mode")
+        return (xs[0],)
 
     # -- numpy bridge for ordinary Caffe Python layers
     def _init_numpy_layer(self, param_str, bottom_shapes, phase):
@@ -831,6 +871,8 @@ class Python(Layer):
 
     def forward(self, *xs, saliency=None):
         if self.module is not None:
+            if hasattr(self.module, "caffe_forward"):
+                return self.module.caffe_forward(list(xs), list(self.blobs), len(self.lp.top))
             return self.module(xs[0], saliency)
         return _NumpyLayerFn.apply(self, *xs)
 

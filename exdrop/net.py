@@ -143,6 +143,22 @@ class Net(nn.Module):
         self.channels_last = on
         return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
+    def set_iteration(self, it: int) -> None:
+        """Hand the solver's iteration ``it`` to every Python layer that asks for it.
+
+        The torch module (or numpy layer object) of a Python layer whose class says
+        ``needs_iteration = True`` gets ``.iteration = it`` (Curriculum Dropout's retain
+        probability follows the iteration). The engine's training step calls this with its
+        solver's iteration before each forward, so a resumed run continues the schedule.
+        A Python int: no host synchronisation.
+        """
+        it = int(it)
+        for layer in self.layer_list:
+            if isinstance(layer, Python):
+                for target in (layer.module, getattr(layer, "obj", None)):
+                    if getattr(target, "needs_iteration", False):
+                        target.iteration = it
+
     # ------------------------------------------------------------- building
     def _legacy_inputs(self, net_param, shapes, batch_size):
         for i, name in enumerate(net_param.input):
@@ -388,7 +404,12 @@ class Net(nn.Module):
         for j in self.head_layers(i, logits_name):
             hl = self.layer_list[j]
             bottoms = [head[b] for b in hl.lp.bottom]
-            tops = bottoms[0] if hl.is_dropout else hl(*bottoms)
+            if not hl.is_dropout:
+                tops = hl(*bottoms)
+            elif len(hl.lp.top) > 1:   # e.g. Information Dropout's KL top: its test-mode value, no noise drawn
+                tops = hl.test_mode_tops(*bottoms)
+            else:
+                tops = bottoms[0]      # the identity in test mode
             tops = tops if isinstance(tops, tuple) else (tops,)
             records.append((j, bottoms, tops))
             for t, v in zip(hl.lp.top, tops):

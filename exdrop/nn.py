@@ -19,11 +19,14 @@ layers and passes it as ``saliency``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import eb
-from .functional import activation_share, guided_dropout, standard_dropout
+from .functional import (activation_share, adaptive_dropout, curriculum_dropout, curriculum_retain,
+                         guided_dropout, information_blobs, information_dropout, standard_dropout)
 
 
 class _GuidedDropout(nn.Module):
@@ -183,6 +186,122 @@ class StandardDropout(nn.Module):
         return standard_dropout(x, self.p, per_image=self.per_image)
 
 
+class CurriculumDropout(nn.Module):
+    """Curriculum Dropout (Morerio et al., ICCV 2017): a dropout rate that grows over training.
+
+    At training iteration ``t`` every element is kept independently with
+    probability ``theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar``,
+    ``theta_bar = 1 - p``, and the kept ones are scaled by ``1/theta(t)``:
+    no dropout at t = 0, plain dropout with rate ``p`` in the long run. In eval
+    mode it is the identity.
+
+    The iteration is the ``iteration`` attribute (an int, default 0), which the
+    caller advances: the prototxt engine sets it from the solver's iteration
+    before every forward (``Net.set_iteration``; the attribute
+    ``needs_iteration`` asks for that); a stand-alone loop writes
+    ``drop.iteration = step`` or passes ``iteration=step`` to the call. It is a
+    Python int, so no host synchronisation.
+
+    Args:
+        p: the final dropout probability, as in ``torch.nn.Dropout`` (default 0.5).
+        gamma: the schedule's rate (default 5e-4, the paper's Sec. 4.2).
+
+    Shape:
+        - Input: any shape (one draw per element).
+        - Output: same shape as the input.
+
+    Examples::
+
+        >>> drop = CurriculumDropout(p=0.5, gamma=5e-4)
+        >>> drop.retain_probability(0), round(drop.retain_probability(2000), 4)
+        (1.0, 0.6839)
+        >>> torch.equal(drop(torch.ones(4, 8), iteration=0), torch.ones(4, 8))
+        True
+        >>> drop.iteration = 100000          # theta(t) = 1 - p by now
+        >>> out = drop(torch.ones(100, 1000))
+        >>> round((out == 0).float().mean().item(), 1), out.max().item()
+        (0.5, 2.0)
+    """
+
+    saliency = None
+    is_dropout = True
+    needs_iteration = True
+
+    def __init__(self, p: float = 0.5, gamma: float = 5e-4):
+        super().__init__()
+        curriculum_retain(0, p, gamma)  # the argument checks
+        self.p, self.gamma = float(p), float(gamma)
+        self.iteration = 0
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, gamma={self.gamma}, iteration={self.iteration}"
+
+    def retain_probability(self, iteration: int | None = None) -> float:
+        """theta(t) at ``iteration`` (default: the ``iteration`` attribute)."""
+        return curriculum_retain(self.iteration if iteration is None else iteration, self.p, self.gamma)
+
+    def forward(self, x: torch.Tensor, saliency=None, target=None, iteration: int | None = None) -> torch.Tensor:
+        if not self.training:
+            return x
+        return curriculum_dropout(x, self.iteration if iteration is None else iteration, self.p, self.gamma)
+
+
+class AdaptiveDropout(nn.Module):
+    """Adaptive Dropout, Standout (Ba and Frey, NIPS 2013): keep what is strongly active.
+
+    Each element is kept with probability ``pi = sigmoid(alpha z + beta)``,
+    z the layer's pre-activation (the standout network's weights tied to the
+    layer's). Training: ``y = m * x``, ``m ~ Bernoulli(pi)``, no rescaling, and
+    the mask is not differentiated (the gradient is ``m`` times the incoming
+    one). Eval mode: ``y = pi * x``, the expected training output.
+
+    ``z`` is ``pre_activation`` when given, else the input itself. After a
+    ReLU (the prototxts' in-place dropout on ``ip1``) the input is
+    ``a = relu(z)`` and pi(a) gives exactly the outputs of pi(z): where z > 0,
+    a = z; where z <= 0, a = 0 and the output is 0 whatever the mask (and the
+    ReLU passes no gradient there). After a leaky ReLU that is not so: pass
+    ``pre_activation``.
+
+    Not a dropout layer for Excitation Backprop (``is_dropout`` False): its
+    test-mode output is scaled by pi, not the identity, so EB through it (an
+    Excitation Dropout layer below it) is refused with an error naming it.
+
+    Args:
+        alpha: slope of the keep probability in z (default 1.0).
+        beta: offset (default 0.0: pi = 1/2 at z = 0).
+
+    Shape:
+        - Input: any shape (one draw per element).
+        - Output: same shape as the input.
+
+    Examples::
+
+        >>> drop = AdaptiveDropout(alpha=1.0, beta=0.0).eval()
+        >>> drop(torch.tensor([[0.0, 2.0]]))       # x * sigmoid(x)
+        tensor([[0.0000, 1.7616]])
+        >>> out = drop.train()(torch.full((100, 1000), 2.0))
+        >>> round((out != 0).float().mean().item(), 2), out.max().item()
+        (0.88, 2.0)
+    """
+
+    saliency = None
+    is_dropout = False
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0):
+        super().__init__()
+        for name, v in (("alpha", alpha), ("beta", beta)):
+            if not math.isfinite(v):
+                raise ValueError(f"AdaptiveDropout's {name} must be a finite number, got {v}")
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}"
+
+    def forward(self, x: torch.Tensor, saliency=None, target=None,
+                pre_activation: torch.Tensor | None = None) -> torch.Tensor:
+        return adaptive_dropout(x, self.alpha, self.beta, training=self.training, pre_activation=pre_activation)
+
+
 @torch.no_grad()
 def excitation_through(head: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
                        signal: str | int = "gt", check_finite: bool = True) -> torch.Tensor:
@@ -214,3 +333,94 @@ def excitation_through(head: nn.Module, x: torch.Tensor, target: torch.Tensor | 
     classes = eb.signal_classes(signal, h, target, "ExcitationDropout")
     out = eb.walk(steps, {len(modules): eb.top_signal(h, classes)}, 0)
     return out if out is not None else torch.zeros_like(x, dtype=torch.float32)
+
+
+class InformationDropout(nn.Module):
+    """Information Dropout (Achille & Soatto, TPAMI 2018): learned multiplicative log-normal noise.
+
+    Training: ``y = f * exp(alpha(x) * eps)``, eps ~ N(0, 1) per element, with
+    ``alpha(x) = 0.001 + max_alpha * sigmoid(x W^T + b)`` a learned map of the
+    input ``x`` of the layer that produced ``f`` (default: of ``f`` itself). The
+    loss adds ``beta * KL``, ``KL = mean over images of sum over units of
+    -log(alpha / (max_alpha + 0.001))`` (the log-uniform prior): available as
+    ``self.kl`` after each call, or returned with ``return_kl=True``. Eval mode:
+    ``y = f`` (the KL is still computed). The authors' CIFAR code uses
+    max_alpha 0.7, beta 3 and divides the KL by the number of training images.
+
+    Args:
+        units: N, the units of f (its channels C for a ``(B, C, H, W)`` f).
+        in_features: D, the size of x per image (its channels C_x when
+            ``spatial``); default ``units`` (alpha computed from f).
+        max_alpha: the largest noise scale (default 0.7).
+        weight_std: std of W's normal init (default msra: sqrt(2 / D)).
+        bias: initial value of b (default 0).
+        spatial: f is a convolution blob ``(B, C, H, W)``; alpha is then a 1x1
+            convolution of x ``(B, C_x, H, W)``, one alpha per element.
+
+    W has Caffe's InnerProduct layout ``(units, in_features)`` (``(C, C_x, 1, 1)``
+    when spatial). With ``units=None`` the module has no parameters: the
+    prototxt engine builds them from the blob shapes (:meth:`caffe_setup`) and
+    holds them as the layer's learnable blobs.
+
+    Shape:
+        - f: ``(B, N)``, or ``(B, C, H, W)`` when spatial.
+        - x: ``(B, ...)`` flattened to ``(B, D)``, or ``(B, C_x, H, W)``.
+        - Output: the shape of f; KL: a 0-d tensor.
+
+    Examples::
+
+        >>> drop = InformationDropout(units=64, in_features=32, max_alpha=0.7)
+        >>> x = torch.randn(8, 32)
+        >>> f = torch.relu(torch.nn.Linear(32, 64)(x))
+        >>> y, kl = drop(f, x, return_kl=True)
+        >>> y.shape, kl.shape
+        (torch.Size([8, 64]), torch.Size([]))
+        >>> torch.equal(drop.eval()(f, x), f)
+        True
+    """
+
+    saliency = None
+    is_dropout = True            # the identity at test time, and so for Excitation Backprop
+    caffe_bottoms = (1, 2)       # f (and x); the prototxt engine's protocol, see caffe_setup
+    caffe_tops = (1, 2)          # y (and the KL term)
+
+    def __init__(self, units: int | None = None, in_features: int | None = None, max_alpha: float = 0.7,
+                 weight_std: float | None = None, bias: float = 0.0, spatial: bool = False):
+        super().__init__()
+        if not (isinstance(max_alpha, (int, float)) and 0.0 < max_alpha < float("inf")):
+            raise ValueError(f"InformationDropout: max_alpha must be a finite number > 0, got {max_alpha!r}")
+        self.max_alpha, self.weight_std, self.init_bias = float(max_alpha), weight_std, float(bias)
+        self.spatial = bool(spatial)
+        self.kl: torch.Tensor | None = None
+        if units is None:
+            self.weight = self.bias = None
+            return
+        d = units if in_features is None else in_features
+        f_shape, x_shape = ((1, units, 1, 1), (1, d, 1, 1)) if spatial else ((1, units), (1, d))
+        weight, b = information_blobs(f_shape, x_shape, weight_std, bias)
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(b)
+
+    def extra_repr(self) -> str:
+        shape = None if self.weight is None else tuple(self.weight.shape)
+        return f"weight={shape}, max_alpha={self.max_alpha}, spatial={self.spatial}"
+
+    def forward(self, f: torch.Tensor, x: torch.Tensor | None = None, return_kl: bool = False):
+        if self.weight is None:
+            raise ValueError("InformationDropout was built without `units`: its W and b live in the prototxt "
+                             "engine's layer (caffe_forward); give units (and in_features) to use it directly")
+        out, self.kl = information_dropout(f, x, self.weight, self.bias, self.max_alpha, self.training)
+        return (out, self.kl) if return_kl else out
+
+    # -- the prototxt engine's protocol for a Python layer with learnable blobs and several tops
+    def caffe_setup(self, bottom_shapes, n_top: int):
+        """``(top shapes, blobs)`` for bottoms f (and x): y has f's shape, the KL top is a scalar
+        ``()`` like Caffe's loss tops; the blobs ``[W, b]``, filled, in Caffe's order."""
+        blobs = information_blobs(bottom_shapes[0], bottom_shapes[-1], self.weight_std, self.init_bias)
+        return [tuple(bottom_shapes[0]), ()][:n_top], list(blobs)
+
+    def caffe_forward(self, bottoms, blobs, n_top: int, training: bool | None = None):
+        """The layer's tops from its bottoms and its blobs (the engine's, shared by its nets)."""
+        f, x = bottoms[0], bottoms[1] if len(bottoms) > 1 else None
+        out, kl = information_dropout(f, x, blobs[0], blobs[1], self.max_alpha,
+                                      self.training if training is None else training)
+        return (out, kl)[:n_top] if n_top > 1 else out

@@ -19,6 +19,13 @@ like any Caffe Python layer.
 Inside real Caffe a layer that needs p_EB asks for it with
 :func:`request_saliency`; the Caffe backend answers through the hook it
 installed on that layer with :func:`set_saliency_hook`.
+
+A layer whose class says ``needs_iteration = True`` (Curriculum Dropout) gets the
+solver's iteration as ``.iteration`` before each training step: from
+``exdrop.net.Net.set_iteration`` in the engine, from the Caffe backend on the
+real layer object. A module with ``caffe_setup`` / ``caffe_forward`` (Information
+Dropout) may take several bottoms and tops and own learnable blobs (see the
+``Python`` layer type in :mod:`exdrop.layer_types`).
 """
 from __future__ import annotations
 

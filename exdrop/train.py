@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int | None = None
     batch_size: int | None = None
     progress: bool = True
-    amp: str | None = None             # "bf16": autocast the forward (EB stays float32)
+    amp: str | None = None             # "bf16": autocast the training forward (EB and tests stay float32)
     channels_last: bool = False
     inexact_resume: bool = False       # resume even without the engine state (other data order and RNG)
     net: str | None = None             # a net prototxt replacing the solver's net (train and test phases)
@@ -283,6 +283,7 @@ class EngineBackend(Backend):
         net, passes = self.train_net, max(1, self.sp.iter_size)
         for p in net.parameters():
             p.grad = None
+        net.set_iteration(self.solver.iter)   # Curriculum Dropout's t: the solver's, restored on resume
         loss_sum, outputs_sum = None, {}
         for _ in range(passes):
             with self.autocast():
@@ -302,8 +303,7 @@ class EngineBackend(Backend):
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, torch.Tensor] = {}
         for _ in range(n_iter):
-            with self.autocast():
-                blobs = tn()
+            blobs = tn()   # float32 even under --amp: the figures do not depend on the training speed-up
             for name in tn.outputs:
                 v = blobs[name].detach().float()
                 sums[name] = sums[name] + v if name in sums else v

@@ -29,7 +29,19 @@ PYTHON_DROPOUTS = {
     "excitation": ("excitation_dropout", "ExcitationDropout", "{'dropout_ratio': 0.5}"),
     "activation": ("activation_dropout", "ActivationDropout", "{'dropout_ratio': 0.5}"),
     "maskimg": ("standard_dropout", "StandardDropout", "{'dropout_ratio': 0.5, 'per_image': True}"),
+    "curriculum": ("curriculum_dropout", "CurriculumDropout", "{'dropout_ratio': 0.5, 'gamma': 0.0005}"),
+    "adaptive": ("adaptive_dropout", "AdaptiveDropout", "{'alpha': 1.0, 'beta': 0.0}"),
+    "information": ("information_dropout", "InformationDropout", "{'max_alpha': 0.7}"),
 }
+# Information Dropout's KL term (its second top, averaged over the batch) enters the loss with
+# weight beta / N_train, as in Achille and Soatto's CIFAR code (loss = Lx + beta * KL / N_train,
+# beta 3.0); Caffe weighs a loss top by its loss_weight, so that is where beta / N_train goes.
+INFORMATION_BETA = 3.0
+TRAIN_IMAGES = {"cnn2/cifar10": 50000, "cnn2/cifar100": 50000, "cnn2/caltech256": 256 * 50}
+
+
+def information_kl_weight(train_images: int, beta: float = INFORMATION_BETA) -> float:
+    return beta / train_images
 
 
 @dataclass(frozen=True)
@@ -48,51 +60,86 @@ class Variant:
     solver_base: str = "base_solver.prototxt"
 
 
-def dropout_block(kind: str, name: str, blob: str) -> str:
+def dropout_block(kind: str, name: str, blob: str, source: str | None = None, train_images: int = 50000) -> str:
+    """The prototxt text of a dropout layer acting in place on ``blob``. ``source``: the input
+    blob of the layer that produced ``blob`` (Information Dropout computes its alpha(x) from it;
+    its KL weight is beta / ``train_images``)."""
     if kind == "standard":
         return (f'layer {{ name: "{name}" type: "Dropout" bottom: "{blob}" top: "{blob}" '
                 f'dropout_param {{ dropout_ratio: 0.5 }} }}\n')
     if kind not in PYTHON_DROPOUTS:
         raise ValueError(f"unknown dropout kind {kind!r}: 'standard' or one of {sorted(PYTHON_DROPOUTS)}")
     module, layer, param_str = PYTHON_DROPOUTS[kind]
+    if kind == "information":
+        if source is None:
+            raise ValueError(f"Information Dropout '{name}' needs the input blob of the layer that produced '{blob}'")
+        return (f'layer {{\n  name: "{name}" type: "Python" bottom: "{blob}" bottom: "{source}" '
+                f'top: "{blob}" top: "{name}_kl"\n'
+                f'  loss_weight: 0 loss_weight: {information_kl_weight(train_images):.6g}   '
+                f'# the KL term, weight beta / N_train = {INFORMATION_BETA:g} / {train_images}\n'
+                f'  param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }}   # alpha(x) = W x + b\n'
+                f'  python_param {{ module: "{module}" layer: "{layer}" param_str: "{param_str}" }}\n}}\n')
     return (f'layer {{\n  name: "{name}" type: "Python" bottom: "{blob}" top: "{blob}"\n'
             f'  python_param {{ module: "{module}" layer: "{layer}" param_str: "{param_str}" }}\n}}\n')
 
 
 # ---------------------------------------------------------------------------- the table
 
-def _cifar10() -> dict[str, Variant]:
+# sweep method -> (what the header says, the solver's words, the dropout layers); CNN-2's ReLUs
+# relu4 (on ip1) and relu5 (on ip2). The CIFAR-10 folder names Standard at ip1 "standard".
+def _cnn2_methods() -> dict[str, tuple[str, str, tuple[Drop, ...]]]:
+    ip1, ip2 = Drop("standard", "relu4", "drop"), Drop("standard", "relu5", "drop2")
+
+    def at_ip1(kind):
+        return (Drop(kind, "relu4", "drop"),)
+
+    return {
+        "none": ("none", "no dropout", ()),
+        "standard_fc1": ("Standard Dropout (Caffe's Dropout layer, ratio 0.5) after ip1 only",
+                         "Standard Dropout at ip1", (ip1,)),
+        "standard_both": ("Standard Dropout (Caffe's Dropout layer, ratio 0.5) after ip1 and ip2",
+                          "Standard Dropout at ip1 and ip2", (ip1, ip2)),
+        "maskimg": ("Standard Dropout after ip1, one mask per image (the paper's Standard + Mask/Img control)",
+                    "Standard Dropout + Mask/Img", at_ip1("maskimg")),
+        "curriculum": ("Curriculum Dropout (Morerio et al. 2017; retain 1 -> 0.5, gamma 5e-4) after ip1",
+                       "Curriculum Dropout", at_ip1("curriculum")),
+        "adaptive": ("Adaptive Dropout (Standout, Ba and Frey 2013; alpha 1, beta 0) after ip1",
+                     "Adaptive Dropout", at_ip1("adaptive")),
+        "information": ("Information Dropout (Achille and Soatto 2018; max_alpha 0.7, beta 3) after ip1",
+                        "Information Dropout", at_ip1("information")),
+        "activation": ("Activation Dropout (Eqn 4) after ip1", "Activation Dropout", at_ip1("activation")),
+        "ed": ("Excitation Dropout after ip1", "Excitation Dropout", at_ip1("excitation")),
+    }
+
+
+def _cifar(classes: int) -> dict[str, Variant]:
+    data = f"CIFAR-{classes}"
     move = ('# To move the dropout, copy this file and its solver (point the copy\'s net: at yours), cut the',
             '# "drop" layer and paste it after another ReLU (relu5 -> bottom/top "ip2", relu3 -> "conv3").')
 
     def header(what):
-        return (f"# CNN-2 (Table 1 of the paper) on CIFAR-10 {what}.",
+        return (f"# CNN-2 (Table 1 of the paper) on {data} ({classes} classes).",
+                *_dropout_lines(what, "relu4 and relu5"),
                 "# Init and input scale: msra weights, pixels (BGR - mean) / 256. The paper gives no init;",
                 "# the authors' Caltech script (gaussian 0.01, raw 0..255) learns far slower under the",
-                "# paper's Adam solver (see README), and stays in train_val_ed_authors.prototxt.",
+                "# paper's Adam solver (see README), and stays in cnn2/cifar10/train_val_ed_authors.prototxt.",
                 *move)
 
     def solver(what):
-        return (f"# The paper's solver (Sec. 4.1): CNN-2 on CIFAR-10, {what}; Adam, batch 100, 100K iterations.",)
+        return (f"# The paper's solver (Sec. 4.1): CNN-2 on {data}, {what}; Adam, batch 100, 100K iterations.",)
 
-    def drop(kind):
-        return (Drop(kind, "relu4", "drop"),)
-
-    return {
-        "none": Variant(header("without dropout"), solver("no dropout")),
-        "standard": Variant(header("with Standard Dropout (Caffe's Dropout, ratio 0.5) after ip1"),
-                            solver("Standard Dropout"), drop("standard")),
-        "activation": Variant(header("with Activation Dropout (Eqn 4) after ip1"),
-                              solver("Activation Dropout"), drop("activation")),
-        "ed": Variant(header("with Excitation Dropout after ip1"), solver("Excitation Dropout"), drop("excitation")),
-        "maskimg": Variant(header("with Standard Dropout, one mask per image (the paper's Standard + Mask/Img control)"),
-                           solver("Standard Dropout + Mask/Img"), drop("maskimg")),
-        "ed_authors": Variant(
+    out = {}
+    for method, (what, words, drops) in _cnn2_methods().items():
+        name = "standard" if classes == 10 and method == "standard_fc1" else method
+        out[name] = Variant(header(what), solver(words), drops)
+    if classes == 10:
+        out["ed_authors"] = Variant(
             ("# CNN-2 with Excitation Dropout after ip1, as the authors' training script really ran it:",
              "# weight decay on biases too (decay_mult 1) and the last layer's rates x10 / x20.", *move),
             ("# The authors' real recipe (their training script): SGD with momentum, biases decayed, last layer x10.",),
-            drop("excitation"), base="base_authors.prototxt", solver_base="base_solver_authors.prototxt"),
-    }
+            (Drop("excitation", "relu4", "drop"),), base="base_authors.prototxt",
+            solver_base="base_solver_authors.prototxt")
+    return out
 
 
 def _dropout_lines(what: str, relus: str) -> tuple[str, ...]:
@@ -112,18 +159,8 @@ def _caltech256() -> dict[str, Variant]:
     def solver(what):
         return (f"# The paper's solver (Sec. 4.1): CNN-2 on Caltech-256, {what}; Adam, batch 100, 100K iterations.",)
 
-    ip1, ip2 = Drop("standard", "relu4", "drop"), Drop("standard", "relu5", "drop2")
-    return {
-        "none": Variant(header("none"), solver("no dropout")),
-        "standard_fc1": Variant(header("Standard Dropout (Caffe's Dropout layer, ratio 0.5) after ip1 only"),
-                                solver("Standard Dropout at ip1"), (ip1,)),
-        "standard_both": Variant(header("Standard Dropout (Caffe's Dropout layer, ratio 0.5) after ip1 and ip2"),
-                                 solver("Standard Dropout at ip1 and ip2"), (ip1, ip2)),
-        "activation": Variant(header("Activation Dropout (Eqn 4) after ip1"), solver("Activation Dropout"),
-                              (Drop("activation", "relu4", "drop"),)),
-        "ed": Variant(header("Excitation Dropout after ip1"), solver("Excitation Dropout"),
-                      (Drop("excitation", "relu4", "drop"),)),
-    }
+    return {method: Variant(header(what), solver(words), drops)
+            for method, (what, words, drops) in _cnn2_methods().items()}
 
 
 def _ucf101(title: str, weights: str, crop: int, mean: str, solver_title: str, recipe: str) -> dict[str, Variant]:
@@ -163,7 +200,8 @@ VGG_MEAN = "minus VGG's ILSVRC BGR mean (103.939, 116.779, 123.68)"
 
 # folder under prototxt/ -> variant -> Variant
 TABLE: dict[str, dict[str, Variant]] = {
-    "cnn2/cifar10": _cifar10(),
+    "cnn2/cifar10": _cifar(10),
+    "cnn2/cifar100": _cifar(100),
     "cnn2/caltech256": _caltech256(),
     "alexnet/ucf101": _ucf101("AlexNet (the BVLC ILSVRC-2012 net)", "bvlc_alexnet.caffemodel", 227,
                               "minus the ILSVRC BGR mean (104, 117, 123) per channel", "AlexNet",
@@ -239,7 +277,11 @@ def _net_text(folder: str, variant: str, v: Variant, proto: Path) -> str:
         relu = layers.get(d.after)
         if relu is None or relu.type != "ReLU":
             raise ValueError(f"{where}: no ReLU layer named {d.after!r} to put dropout {d.name!r} after")
-        text = _insert_after_layer(text, d.after, dropout_block(d.kind, d.name, relu.top[0]), where)
+        blob = relu.top[0]
+        producer = next((lp for lp in layers.values() if blob in lp.top and lp.type != "ReLU"), None)
+        source = producer.bottom[0] if producer is not None and producer.bottom else None
+        block = dropout_block(d.kind, d.name, blob, source, TRAIN_IMAGES.get(folder, 50000))
+        text = _insert_after_layer(text, d.after, block, where)
     return text
 
 

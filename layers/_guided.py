@@ -78,8 +78,12 @@ def _type_problem(key, value, default):
         if value in ("gt", "pred") or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return None
         return "'gt', 'pred' or a class index (an int >= 0)"
+    if key == "gamma":
+        return None if number and 0.0 <= value < float("inf") else "a number >= 0"
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "True or False"
+    if isinstance(default, float):   # alpha, beta: any finite number, an int included
+        return None if number and abs(value) < float("inf") else "a finite number"
     if default is None:   # blob names
         return None if value is None or (isinstance(value, str) and value) else "a blob name (a string)"
     return None if isinstance(value, type(default)) else f"of type {type(default).__name__}"

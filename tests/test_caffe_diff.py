@@ -334,11 +334,16 @@ def test_backward_param_grads_layer_by_layer(fwd_bwd):
 def test_solver_steps_match(caffe, tmp_path, kind):
     """5 solver steps with lr_mult / decay_mult, weight decay and a `step` policy: the same updates.
 
-    Before each engine step the engine's weights are set to Caffe's, so each step compares
-    the update rule (and the solver's history, learning rate and Adam's bias correction at
-    that iteration) on the same weights. Without that the two float32 trajectories drift
-    apart chaotically: after Adam's first large steps a ReLU unit near 0 can be alive on one
-    side and dead on the other, which moved one ip2 bias by 5e-4 on one machine's BLAS.
+    Before each engine step the engine's weights are set to Caffe's and its gradients to
+    Caffe's (read by a forward/backward of the same net just before ``solver.step``), so each
+    step compares the update rule (and the solver's history, learning rate and Adam's bias
+    correction at that iteration) on the same inputs; the gradients themselves are compared by
+    the backward tests above. Without that the two float32 trajectories drift apart
+    chaotically: after Adam's first large steps a ReLU unit near 0 can be alive on one side and
+    dead on the other, which moved one ip2 bias by 5e-4 on one machine's BLAS; and Adam
+    normalises each gradient element by its own history, so where the gradients of two steps
+    nearly cancel, BLAS rounding in a gradient becomes a 4% difference in conv1's update (an
+    AVX-512 machine).
     """
     batch, shape, classes = 8, (3, 32, 32), 10
     net_path = write_cnn2(tmp_path / "net.prototxt", "none", TRAIN, batch, shape, classes)
@@ -356,9 +361,15 @@ def test_solver_steps_match(caffe, tmp_path, kind):
     def caffe_weights():
         return {f"{n}[{i}]": cb.data.copy() for n, cbs in cnet.params.items() for i, cb in enumerate(cbs)}
 
-    caffe_loss, caffe_after = [], []
+    caffe_loss, caffe_after, caffe_grads = [], [], []
     for _ in range(5):
         set_input(cnet, x, y)
+        for cbs in cnet.params.values():   # the gradients solver.step is about to compute
+            for cb in cbs:
+                cb.diff[...] = 0
+        cnet.forward()
+        cnet.backward()
+        caffe_grads.append({f"{n}[{i}]": cb.diff.copy() for n, cbs in cnet.params.items() for i, cb in enumerate(cbs)})
         solver.step(1)
         caffe_loss.append(float(cnet.blobs["loss"].data))
         caffe_after.append(caffe_weights())
@@ -382,6 +393,11 @@ def test_solver_steps_match(caffe, tmp_path, kind):
         loss = enet.loss(enet(feed))
         loss.backward()
         eng_loss.append(float(loss.detach()))
+        _report(f"{kind} step {step + 1} gradients",
+                {k: rel_err(b.grad.numpy(), caffe_grads[step][k]) for k, b in blobs.items()})
+        with torch.no_grad():
+            for k, b in blobs.items():
+                b.grad.copy_(torch.from_numpy(caffe_grads[step][k]))
         rates.append(esolver.step_update())
         before = start if step == 0 else caffe_after[step - 1]
         errs = {k: rel_err(b.detach().numpy(), caffe_after[step][k]) for k, b in blobs.items()}

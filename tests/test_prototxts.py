@@ -4,6 +4,7 @@ their names say; the UCF101 nets keep the ImageNet layer names for fine-tuning; 
 match the paper (Sec. 4.1); one training iteration of CNN-2 (Caltech-256), AlexNet and VGG16;
 Excitation Backprop conserves probability mass through AlexNet (LRN, grouped convolutions)
 and VGG16's head."""
+import ast
 import math
 import re
 from contextlib import contextmanager
@@ -37,7 +38,8 @@ NETS = {
 CNN2_POOL3 = {32: (256, 4, 4), 128: (256, 16, 16)}   # Caffe rounds pooling up: 32->16->8->4, 128->64->32->16
 
 GUIDED = {"excitation_dropout": "ExcitationDropout", "activation_dropout": "ActivationDropout",
-          "standard_dropout": "StandardDropout"}
+          "standard_dropout": "StandardDropout", "curriculum_dropout": "CurriculumDropout",
+          "adaptive_dropout": "AdaptiveDropout", "information_dropout": "InformationDropout"}
 # variant -> the dropout layers (kind, which fc blob) it must contain, in order
 VARIANTS = {
     "none": [],
@@ -49,7 +51,17 @@ VARIANTS = {
     "ed": [("ExcitationDropout", "first")],
     "ed_authors": [("ExcitationDropout", "first")],
     "maskimg": [("StandardDropout", "first")],
+    "curriculum": [("CurriculumDropout", "first")],
+    "adaptive": [("AdaptiveDropout", "first")],
+    "information": [("InformationDropout", "first")],
 }
+# the parameters each Python dropout layer of the shipped variants is written with
+PARAM_STRS = {"ExcitationDropout": {"dropout_ratio": 0.5}, "ActivationDropout": {"dropout_ratio": 0.5},
+              "StandardDropout": {"dropout_ratio": 0.5, "per_image": True},
+              "CurriculumDropout": {"dropout_ratio": 0.5, "gamma": 0.0005},
+              "AdaptiveDropout": {"alpha": 1.0, "beta": 0.0}, "InformationDropout": {"max_alpha": 0.7}}
+# Information Dropout's KL top weighs beta / N_train (Achille and Soatto's code: beta 3)
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "caltech256": 12800}
 UCF101 = {  # net -> (crop, train batch, mean, max_iter)
     "alexnet": (227, 128, (104.0, 117.0, 123.0), 5000),
     "vgg16": (224, 50, (103.939, 116.779, 123.68), 30000),
@@ -114,7 +126,10 @@ def feed(batch, shape, classes, seed=1):
 
 def test_the_expected_files_exist():
     have = {rel(p) for p in ALL_PROTOTXTS}
-    for folder, variants in (("cnn2/caltech256", ("standard_fc1", "standard_both", "activation", "ed", "none")),
+    cnn2 = ("none", "standard_fc1", "standard_both", "maskimg", "curriculum", "adaptive", "information",
+            "activation", "ed")
+    for folder, variants in (("cnn2/caltech256", cnn2), ("cnn2/cifar100", cnn2),
+                             ("cnn2/cifar10", tuple(v.replace("standard_fc1", "standard") for v in cnn2)),
                              *((f"{n}/ucf101", ("standard_fc6", "standard_both", "activation", "ed", "none"))
                                for n in ("alexnet", "vgg16", "vgg19"))):
         for v in variants:
@@ -162,7 +177,9 @@ def test_train_val_builds_at_full_size(path, phase):
     assert net.blob_shapes[info["pool"]] == (1, *pool_shape)
     assert net.blob_shapes[info["first"]] == (1, 4096 if net_name != "cnn2" else 2048)
     assert net.blob_shapes[info["logits"]] == (1, CLASSES[dataset])
-    assert net.loss_weights == {"loss": 1.0}
+    _, _, variant = parts(path)
+    kl = {"drop_kl": pytest.approx(3.0 / TRAIN_IMAGES[dataset], rel=1e-5)} if variant == "information" else {}
+    assert net.loss_weights == {"loss": 1.0, **kl}
     assert net.layer(info["first"]).blobs[0].shape[1] == math.prod(pool_shape)
 
 
@@ -178,15 +195,18 @@ def test_dropout_layers_match_the_variant(path):
     want = VARIANTS[variant]
     assert [k for k, _ in got] == [k for k, _ in want]
     names = [lp.name for lp in param.layer]
-    for (_, lp), (_, which) in zip(got, want):
+    for (kind, lp), (_, which) in zip(got, want):
         blob = NETS[net_name][which]
-        assert list(lp.bottom) == [blob] and list(lp.top) == [blob], f"{lp.name} is not in place on {blob}"
+        if kind == "InformationDropout":   # alpha(x) from the input of ip1; the KL term as a second top
+            assert list(lp.bottom) == [blob, NETS[net_name]["pool"]] and list(lp.top) == [blob, f"{lp.name}_kl"]
+        else:
+            assert list(lp.bottom) == [blob] and list(lp.top) == [blob], f"{lp.name} is not in place on {blob}"
         before = param.layer[names.index(lp.name) - 1]
         assert before.type == "ReLU" and list(before.top) == [blob], f"{lp.name} must follow the ReLU of {blob}"
         if lp.type == "Dropout":
             assert lp.dropout_param.dropout_ratio == pytest.approx(0.5)
         else:
-            assert lp.python_param.param_str.replace(" ", "").startswith("{'dropout_ratio':0.5")
+            assert ast.literal_eval(lp.python_param.param_str) == PARAM_STRS[kind]
 
 
 ED_FILES = [p for p in TRAIN_VALS if parts(p)[2].split("_")[0] == "ed"]

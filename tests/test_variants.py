@@ -68,15 +68,21 @@ def test_dropout_follows_its_relu_in_place(fv):
         lp = net.layer[names.index(d.name)]
         relu = net.layer[names.index(d.name) - 1]
         assert relu.name == d.after and relu.type == "ReLU"
-        assert list(lp.bottom) == list(lp.top) == list(relu.top)
+        if d.kind == "information":   # alpha(x) from the producer's input (pool3); the KL term as a second top
+            assert list(lp.bottom) == [*relu.top, "pool3"] and list(lp.top) == [*relu.top, f"{d.name}_kl"]
+        else:
+            assert list(lp.bottom) == list(lp.top) == list(relu.top)
         if d.kind == "standard":
             assert lp.type == "Dropout" and lp.dropout_param.dropout_ratio == pytest.approx(0.5)
         else:
             module, layer, _ = variants.PYTHON_DROPOUTS[d.kind]
             assert (lp.type, lp.python_param.module, lp.python_param.layer) == ("Python", module, layer)
             params = ast.literal_eval(lp.python_param.param_str)
-            assert params == ({"dropout_ratio": 0.5, "per_image": True} if d.kind == "maskimg"
-                              else {"dropout_ratio": 0.5})
+            assert params == ast.literal_eval(variants.PYTHON_DROPOUTS[d.kind][2])
+            assert params == {"maskimg": {"dropout_ratio": 0.5, "per_image": True},
+                              "curriculum": {"dropout_ratio": 0.5, "gamma": 0.0005},
+                              "adaptive": {"alpha": 1.0, "beta": 0.0},
+                              "information": {"max_alpha": 0.7}}.get(d.kind, {"dropout_ratio": 0.5})
     # and nothing else moved: without its dropout layers the variant is its base
     base = io.read_net_prototxt(PROTO / folder / v.base)
     assert _without(net, {d.name for d in v.drops}) == _without(base, set())
@@ -130,7 +136,7 @@ def test_cli_check_passes_on_the_committed_files():
 
 # ------------------------------------------------------------------ the bases themselves
 
-IMAGE_SIZE = {"cifar10": 32, "caltech256": 128, "ucf101": 256}
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "caltech256": 128, "ucf101": 256}
 
 
 @pytest.mark.parametrize("phase", [TRAIN, TEST], ids=["TRAIN", "TEST"])

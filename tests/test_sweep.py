@@ -1,0 +1,177 @@
+"""The sweep runner (exdrop.sweep, `exdrop sweep`, `make table2` / `make table4`).
+
+A tiny sweep on a generated CIFAR-10-like image tree runs end to end in subprocesses; the
+tables are checked on run folders with known numbers; a stopped sweep resumes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from exdrop import io as cio
+from exdrop import sweep as S
+
+TINY = S.Budget("tiny", "test budget: 10 images per class, 4 iterations", train_per_class=10, val_per_class=10,
+                max_iter=4, stepvalue=2, test_interval=2, snapshot=2, display=1)
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar_tree") / "train"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                              "truck"]):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            img = np.clip(rng.normal(40 + 20 * c, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(root / name / f"{i:04d}.png"), img)
+    return root
+
+
+def test_plan_writes_runs_with_seed_rate_and_data(image_tree, tmp_path):
+    runs = S.plan(tmp_path, ["cifar10"], ["standard_fc1", "ed", "adaptive"], [0.25, 0.75], [1, 2], TINY,
+                  {"cifar10": str(image_tree)}, progress=False)
+    # rated methods get every rate, the others their own parameters once
+    assert sorted({(r.method, r.rate) for r in runs}) == [
+        ("adaptive", 0.5), ("ed", 0.25), ("ed", 0.75), ("standard_fc1", 0.25), ("standard_fc1", 0.75)]
+    assert len(runs) == 10
+    by = {(r.method, r.rate, r.seed): r for r in runs}
+    r = by[("ed", 0.25, 2)]
+    net = cio.read_net_prototxt(r.folder / "net.prototxt")
+    drop = next(lp for lp in net.layer if lp.name == "drop")
+    assert "'dropout_ratio': 0.25" in drop.python_param.param_str
+    std = cio.read_net_prototxt(by[("standard_fc1", 0.75, 1)].folder / "net.prototxt")
+    assert next(lp for lp in std.layer if lp.type == "Dropout").dropout_param.dropout_ratio == pytest.approx(0.75)
+    sp = cio.read_solver_prototxt(r.solver)
+    assert (sp.random_seed, sp.max_iter, list(sp.stepvalue), sp.test_interval) == (2, 4, [2], 2)
+    assert list(sp.test_iter) == [1]   # the 100 held-back images once, at the test batch of 100
+    # seeds change the data order: same records, another order
+    sources = {lp.data_param.source for lp in net.layer if lp.type == "Data"}
+    assert any("train_seed2_lmdb" in s for s in sources) and any(s.endswith("val_lmdb") for s in sources)
+    from exdrop.data import DatumLMDB
+    with DatumLMDB(tmp_path / "data/cifar10_tiny/train_seed1_lmdb") as a, \
+            DatumLMDB(tmp_path / "data/cifar10_tiny/train_seed2_lmdb") as b:
+        (xa, ya), (xb, yb) = a.read_all(), b.read_all()
+    assert len(ya) == 100 and np.bincount(ya).tolist() == [10] * 10
+    assert not np.array_equal(ya, yb) and sorted(map(bytes, xa)) == sorted(map(bytes, xb))
+    # plan.txt: one runnable line per run, the same command whether fresh or resumed
+    lines = (tmp_path / "plan.txt").read_text().splitlines()
+    assert len(lines) == 10 and all("--snapshot auto" in line for line in lines)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["budget"]["name"] == "tiny" and len(plan["runs"]) == 10
+
+
+def test_unrated_method_refuses_a_rate(image_tree, tmp_path):
+    data = {"train": {1: "x"}, "val": {1: "y"}}
+    with pytest.raises(ValueError, match="adaptive has no dropout rate"):
+        S.write_run(S.Run("cifar10", "adaptive", 0.25, 1, tmp_path / "r"), TINY, data)
+
+
+def _fake_run(folder: Path, accs: list[tuple[int, float]], finished: bool = True):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iter", "phase", "lr", "elapsed_s", "accuracy", "loss"])
+        for it, a in accs:
+            w.writerow([it, "train", 0.001, 1.0, 0.5, 1.0])
+            w.writerow([it, "test", 0.001, 1.0, a, 2.0])
+    last = accs[-1][0]
+    (folder / "results.json").write_text(json.dumps({"status": "finished" if finished else "interrupted",
+                                                     "iterations": last, "max_iter": 4}))
+
+
+def test_tables_mean_std_and_paper_figures(tmp_path):
+    runs = []
+    for method, seeds in (("ed", {1: 0.60, 2: 0.64}), ("standard_fc1", {1: 0.50, 2: 0.54})):
+        for seed, acc in seeds.items():
+            folder = tmp_path / "cifar10" / method / f"seed{seed}"
+            _fake_run(folder, [(2, 0.3), (4, acc)])
+            runs.append({"key": f"cifar10/{method}/seed{seed}", "dataset": "cifar10", "method": method, "rate": 0.5,
+                         "seed": seed, "folder": str(folder), "command": []})
+    folder = tmp_path / "cifar10" / "none" / "seed1"
+    _fake_run(folder, [(2, 0.3)], finished=False)
+    runs.append({"key": "cifar10/none/seed1", "dataset": "cifar10", "method": "none", "rate": 0.5, "seed": 1,
+                 "folder": str(folder), "command": []})
+    import dataclasses
+    (tmp_path / "plan.json").write_text(json.dumps({"budget": dataclasses.asdict(TINY), "runs": runs}))
+    written = S.write_outputs(tmp_path, "2")
+    md = (tmp_path / "table2.md").read_text()
+    assert "**Reduced budget** (`tiny`)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| cifar10"))
+    # mean and sample std (ddof 1) in %, the paper's Table 2 figure beside each
+    assert "62.00 +- 2.83 [81.94]" in row and "52.00 +- 2.83 [80.13]" in row
+    assert "not yet" in row   # the unfinished run is not averaged in
+    summary = json.loads((tmp_path / "table2.json").read_text())
+    ed = next(c for c in summary["cells"] if c["method"] == "ed")
+    assert ed["mean"] == pytest.approx(62.0) and [r["curve"] for r in ed["runs"]][0] == [[2, 0.3], [4, 0.6]]
+    assert (tmp_path / "fig3_cifar10.png").stat().st_size > 5000 and len(written) == 3
+
+
+def test_table4_layout(tmp_path):
+    runs = []
+    for rate, acc in ((0.25, 0.7), (0.75, 0.8)):
+        folder = tmp_path / "cifar100" / f"ed_r{rate}" / "seed1"
+        _fake_run(folder, [(4, acc)])
+        runs.append({"key": "k", "dataset": "cifar100", "method": "ed", "rate": rate, "seed": 1,
+                     "folder": str(folder), "command": []})
+    (tmp_path / "plan.json").write_text(json.dumps({"budget": {"name": "paper", "description": "the paper's",
+                                                               "reduced": False}, "runs": runs}))
+    S.write_outputs(tmp_path, "4")
+    md = (tmp_path / "table4.md").read_text()
+    assert "**The paper's protocol**" in md
+    assert "| cifar100 | Excitation | 70.00 (n=1) [53.23] | 80.00 (n=1) [51.87] |" in md
+
+
+def test_tiny_sweep_runs_skips_finished_and_resumes(image_tree, tmp_path):
+    """Two runs in two worker processes; then one is made to look interrupted (its results removed,
+    a snapshot kept): the second execute skips the finished run and resumes the other."""
+    runs = S.plan(tmp_path, ["cifar10"], ["none", "ed"], [0.5], [1], TINY, {"cifar10": str(image_tree)},
+                  device="cpu", progress=False)
+    report = S.execute(runs, workers=2, threads=1, gpus=0, echo=lambda *a: None)
+    assert report == {"runs": 2, "ran": 2, "failed": []}
+    for r in runs:
+        res = json.loads((r.folder / "results.json").read_text())
+        assert res["status"] == "finished" and res["iterations"] == 4, (r.folder / "stdout.log").read_text()
+    ed = next(r for r in runs if r.method == "ed")
+    (ed.folder / "results.json").unlink()
+    assert S.status(ed.folder) == "started"
+    said = []
+    report = S.execute(runs, workers=1, threads=1, gpus=0, echo=said.append)
+    assert report["ran"] == 1 and not report["failed"]
+    assert "resuming" in " ".join(said)
+    assert "resuming from" in (ed.folder / "stdout.log").read_text()
+    # the plan's line for a finished run is a no-op
+    line = next(l for l in (tmp_path / "plan.txt").read_text().splitlines() if "/none/" in l)
+    out = subprocess.run(line.split(" > ")[0], shell=True, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "finished already" in out.stdout
+    summary = S.collect(tmp_path)
+    assert all(c["seeds"] == 1 and 0 <= c["mean"] <= 100 for c in summary["cells"])
+    # `exdrop test` on a run's final snapshot gives the run's own final test accuracy and loss
+    from exdrop.evaluate import evaluate
+    for r in runs:
+        res = json.loads((r.folder / "results.json").read_text())
+        model = next((r.folder / "snapshots").glob("*_iter_4.caffemodel"))
+        ev = evaluate(r.solver, model)
+        acc, loss, _ = S._final_test(r.folder)
+        assert ev["accuracy"] == pytest.approx(acc, abs=1e-6) == pytest.approx(res["test_accuracy"], abs=1e-6)
+        assert ev["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_cli_sweep_plan_only(image_tree, tmp_path, monkeypatch, capsys):
+    from exdrop import cli
+    monkeypatch.setitem(S.BUDGETS, "cpu", TINY)
+    rc = cli.main(["sweep", "--budget", "cpu", "--seeds", "1", "--methods", "none", "--out", str(tmp_path / "sw"),
+                   "--data", f"cifar10={image_tree}", "--plan-only"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "1 runs planned" in out and "not yet" in out
+    assert cli.main(["sweep", "--datasets", "mnist", "--plan-only"]) == 1
+    assert "unknown dataset 'mnist'" in capsys.readouterr().err
