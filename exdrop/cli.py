@@ -204,9 +204,15 @@ def _seed_list(text: str) -> list[int]:
 def _cmd_sweep(args) -> int:
     from . import sweep as S
     budget = S.BUDGETS[args.budget]
+    import dataclasses
     if args.amp is not None:
-        import dataclasses
-        budget = dataclasses.replace(budget, amp=args.amp or None)
+        budget = dataclasses.replace(budget, amp=args.amp or None,
+                                     description=budget.description.replace(", bf16 autocast", "")
+                                     + (", bf16 autocast" if args.amp else ", float32"))
+    if args.max_iter is not None:
+        budget = dataclasses.replace(budget, name=f"{budget.name}-{args.max_iter}it", max_iter=args.max_iter,
+                                     reduced=True, description=f"{budget.description}; stopped at "
+                                                               f"{args.max_iter} iterations")
     datasets = [d for d in args.datasets.split(",") if d]
     for d in datasets:
         if d not in S.DATASETS:
@@ -382,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--backend", choices=["engine", "caffe"], default="engine", help="engine (default) or caffe")
     sw.add_argument("--amp", choices=["bf16", ""], default=None,
                     help="override the budget's mixed precision: bf16, or '' for float32")
+    sw.add_argument("--max-iter", type=int, help="stop every run at N iterations (a shorter, reduced budget)")
     sw.add_argument("--plan-only", action="store_true",
                     help="write the run folders and plan.txt (for a cluster's job array) and the tables of what "
                          "has finished; run nothing")

@@ -175,3 +175,18 @@ def test_cli_sweep_plan_only(image_tree, tmp_path, monkeypatch, capsys):
     assert "1 runs planned" in out and "not yet" in out
     assert cli.main(["sweep", "--datasets", "mnist", "--plan-only"]) == 1
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
+
+
+def test_make_targets_call_the_sweep():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "table2", "DATASETS=cifar10,cifar100", "BUDGET=cpu", "WORKERS=2",
+                          "DATA=x.tgz", "CIFAR100=y.tar.gz"], cwd=root, capture_output=True, text=True, check=True)
+    cmd = shlex.split(out.stdout.splitlines()[0])
+    assert cmd[1:5] == ["-m", "exdrop", "sweep", "--table"] and cmd[5] == "2"
+    args = dict(zip(cmd[6::2], cmd[7::2]))
+    assert args["--datasets"] == "cifar10,cifar100" and args["--budget"] == "cpu" and args["--seeds"] == "1"
+    assert args["--workers"] == "2" and "cifar100=y.tar.gz" in cmd and "cifar10=x.tgz" in cmd
+    assert "results/table2_cifar10_cifar100_cpu/table2.md results/table2.md" in out.stdout
+    out = subprocess.run(["make", "-n", "table4"], cwd=root, capture_output=True, text=True, check=True)
+    cmd = shlex.split(out.stdout.splitlines()[0])
+    assert cmd[5] == "4" and dict(zip(cmd[6::2], cmd[7::2]))["--seeds"] == "5"   # the paper's five seeds
