@@ -165,10 +165,13 @@ sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --worker
 	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) \
 	$(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
 
+sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET))
+
+# the sweep's table, JSON and figures are copied to results/ (the latest sweep's)
 table2:
 	$(PY) -m exdrop sweep --table 2 $(sweep_args)
-	@cp $(or $(SWEEP_OUT),results/table2_$(subst $(comma),_,$(DATASETS))_$(BUDGET))/table2.md results/table2.md
+	cp $(call sweep_out,2)/table2.md $(call sweep_out,2)/table2.json $(call sweep_out,2)/fig3_*.png results/
 
 table4:
 	$(PY) -m exdrop sweep --table 4 $(sweep_args)
-	@cp $(or $(SWEEP_OUT),results/table4_$(subst $(comma),_,$(DATASETS))_$(BUDGET))/table4.md results/table4.md
+	cp $(call sweep_out,4)/table4.md $(call sweep_out,4)/table4.json results/

@@ -24,24 +24,25 @@ from pathlib import Path
 DEFAULT_CIFAR10_ARCHIVE = "data/cifar-10-python.tar.gz"
 
 
-def _cifar10_source(source: str) -> str:
-    """The official archive is fetched (with its checksum) when the default path is missing."""
+def official_source(source: str, dataset: str = "cifar10") -> str:
+    """``source``, or the official archive of ``dataset`` (cifar10, cifar100) fetched with its
+    checksum when ``source`` is that archive's default path and missing."""
+    from . import data
+    archive, fetch, title = {"cifar10": ("cifar-10-python.tar.gz", data.download_cifar10, "CIFAR-10"),
+                             "cifar100": ("cifar-100-python.tar.gz", data.download_cifar100, "CIFAR-100")}[dataset]
     path = Path(source)
-    if not path.exists() and path.name == "cifar-10-python.tar.gz":
-        from .data import download_cifar10
-        print(f"{path} not found: downloading the official CIFAR-10 archive (needs a network) ...")
-        return str(download_cifar10(path.parent))
+    if not path.exists() and path.name == archive:
+        print(f"{path} not found: downloading the official {title} archive (needs a network) ...")
+        return str(fetch(path.parent))
     return source
+
+
+def _cifar10_source(source: str) -> str:
+    return official_source(source, "cifar10")
 
 
 def _cifar100_source(source: str) -> str:
-    """The official CIFAR-100 archive is fetched (with its checksum) when the default path is missing."""
-    path = Path(source)
-    if not path.exists() and path.name == "cifar-100-python.tar.gz":
-        from .data import download_cifar100
-        print(f"{path} not found: downloading the official CIFAR-100 archive (needs a network) ...")
-        return str(download_cifar100(path.parent))
-    return source
+    return official_source(source, "cifar100")
 
 
 def _converted(data_dir) -> bool:
@@ -233,7 +234,10 @@ def _cmd_sweep(args) -> int:
     runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend)
     print(f"sweep: {len(runs)} runs planned in {out} (plan.txt: one command per run)")
     if not args.plan_only:
-        report = S.execute(runs, workers=args.workers, threads=args.threads)
+        try:
+            report = S.execute(runs, workers=args.workers, threads=args.threads)
+        except KeyboardInterrupt:
+            return 130
         if report["failed"]:
             print(f"sweep: {len(report['failed'])} run(s) failed: {', '.join(report['failed'])}", file=sys.stderr)
     written = S.write_outputs(out, args.table)

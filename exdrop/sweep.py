@@ -159,11 +159,11 @@ def prepare_data(dataset: str, source: str, budget: Budget, out: Path, seeds, pr
             vals[int(s)], counts = info.get("test") or info["val"], info.get("counts")
         return {"val": vals, "train": trains, "counts": counts}
     if dataset == "cifar10":
-        from .cli import _cifar10_source
-        info = D.prepare_cifar10(_cifar10_source(source), folder / "split", **kw)
+        from .cli import official_source
+        info = D.prepare_cifar10(official_source(source, "cifar10"), folder / "split", **kw)
     elif dataset == "cifar100":
-        from .cli import _cifar100_source
-        info = D.prepare_cifar100(_cifar100_source(source), folder / "split", **kw)
+        from .cli import official_source
+        info = D.prepare_cifar100(official_source(source, "cifar100"), folder / "split", **kw)
     else:
         raise ValueError(f"unknown dataset {dataset!r}: one of {sorted(DATASETS)}")
     val = info.get("val") or info.get("test")
@@ -316,30 +316,42 @@ def execute(runs: list[Run], workers: int = 1, threads: int | None = None, gpus:
     running: list[tuple[subprocess.Popen, Run, float, object]] = []
     failed, slot = [], 0
     queue = list(todo)
-    while queue or running:
-        while queue and len(running) < workers:
-            run = queue.pop(0)
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-            slot += 1
-            log = open(run.folder / "stdout.log", "ab")
-            echo(f"sweep: start {run.key}" + (" (resuming)" if status(run.folder) == "started" else ""))
-            proc = subprocess.Popen(run.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, run, time.perf_counter(), log))
-        time.sleep(0.5)
-        for item in list(running):
-            proc, run, t0, log = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                run = queue.pop(0)
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                slot += 1
+                log = open(run.folder / "stdout.log", "ab")
+                echo(f"sweep: start {run.key}" + (" (resuming)" if status(run.folder) == "started" else ""))
+                proc = subprocess.Popen(run.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running.append((proc, run, time.perf_counter(), log))
+            time.sleep(0.5)
+            for item in list(running):
+                proc, run, t0, log = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                took = time.perf_counter() - t0
+                if proc.returncode == 0:
+                    echo(f"sweep: done  {run.key} in {took:.0f} s")
+                else:
+                    failed.append(run.key)
+                    echo(f"sweep: FAILED {run.key} (exit {proc.returncode}; see {run.folder / 'stdout.log'})")
+    except KeyboardInterrupt:
+        # Ctrl-C reached the runs too (one process group): each snapshots and stops; wait for that
+        echo(f"sweep: interrupted; waiting for {len(running)} run(s) to write their snapshots ...")
+        for proc, run, _, log in running:
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             log.close()
-            took = time.perf_counter() - t0
-            if proc.returncode == 0:
-                echo(f"sweep: done  {run.key} in {took:.0f} s")
-            else:
-                failed.append(run.key)
-                echo(f"sweep: FAILED {run.key} (exit {proc.returncode}; see {run.folder / 'stdout.log'})")
+        echo("sweep: stopped; the same command again skips the finished runs and resumes the others")
+        raise
     return {"runs": len(runs), "ran": len(todo), "failed": failed}
 
 

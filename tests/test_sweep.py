@@ -186,7 +186,51 @@ def test_make_targets_call_the_sweep():
     args = dict(zip(cmd[6::2], cmd[7::2]))
     assert args["--datasets"] == "cifar10,cifar100" and args["--budget"] == "cpu" and args["--seeds"] == "1"
     assert args["--workers"] == "2" and "cifar100=y.tar.gz" in cmd and "cifar10=x.tgz" in cmd
-    assert "results/table2_cifar10_cifar100_cpu/table2.md results/table2.md" in out.stdout
+    assert ("cp results/table2_cifar10_cifar100_cpu/table2.md results/table2_cifar10_cifar100_cpu/table2.json "
+            "results/table2_cifar10_cifar100_cpu/fig3_*.png results/") in out.stdout
     out = subprocess.run(["make", "-n", "table4"], cwd=root, capture_output=True, text=True, check=True)
     cmd = shlex.split(out.stdout.splitlines()[0])
     assert cmd[5] == "4" and dict(zip(cmd[6::2], cmd[7::2]))["--seeds"] == "5"   # the paper's five seeds
+
+
+def test_ctrl_c_stops_the_sweep_and_loses_nothing(image_tree, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while two runs train: both
+    write a snapshot and stop; the same sweep again resumes them from there and finishes."""
+    import os
+    import signal
+    import time
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import dataclasses, sys\n"
+        "from exdrop import sweep as S\n"
+        "sys.path.insert(0, %r)\n"
+        "from test_sweep import TINY\n"
+        "b = dataclasses.replace(TINY, max_iter=30, snapshot=0, test_interval=0)\n"
+        "runs = S.plan(%r, ['cifar10'], ['none', 'standard_fc1'], [0.5], [1], b, {'cifar10': %r}, device='cpu',"
+        " progress=False)\n"
+        "try:\n"
+        "    S.execute(runs, workers=2, threads=1, gpus=0)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n" % (str(Path(__file__).parent), str(tmp_path / "sw"), str(image_tree)))
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    folders = [tmp_path / "sw/cifar10" / m / "seed1" for m in ("none", "standard_fc1")]
+    deadline = time.time() + 240
+    while not all((f / "log.csv").is_file() and len((f / "log.csv").read_text().splitlines()) > 3 for f in folders):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, out
+    assert "waiting for 2 run(s) to write their snapshots" in out
+    for f in folders:
+        assert S.status(f) == "started", (f / "stdout.log").read_text()
+        assert json.loads((f / "results.json").read_text())["status"] == "interrupted"
+    runs = [S.Run("cifar10", m, 0.5, 1, f, f / "sweep_solver.prototxt",
+                  json.loads((tmp_path / "sw/plan.json").read_text())["runs"][i]["command"])
+            for i, (m, f) in enumerate(zip(("none", "standard_fc1"), folders))]
+    said = []
+    assert S.execute(runs, workers=2, threads=1, gpus=0, echo=said.append)["failed"] == []
+    assert sum("(resuming)" in line for line in said) == 2
+    for f in folders:
+        assert S.status(f) == "finished" and "resuming from" in (f / "stdout.log").read_text()
