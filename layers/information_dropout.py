@@ -2,7 +2,7 @@
 
     layer {
       name: "drop" type: "Python" bottom: "ip1" bottom: "pool3" top: "ip1" top: "drop_kl"
-      loss_weight: 0 loss_weight: 3
+      loss_weight: 0 loss_weight: 6e-05   # beta / N_train = 3 / 50000
       param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
       python_param { module: "information_dropout" layer: "InformationDropout"
                      param_str: "{'max_alpha': 0.7}" }
@@ -21,11 +21,12 @@ W)`` (W ``(C, C_x, 1, 1)``), one alpha per element.
 
 top[1] (optional) is the KL term with the log-uniform prior,
 ``mean over images of sum over units of -log(alpha / (max_alpha + 0.001))``, a
-scalar blob of shape () like Caffe's loss tops; its ``loss_weight`` is the
-paper's beta. It is computed in TEST too (deterministic, reported as a test
-output; the engine does the same). The authors' code adds ``beta * KL /
-N_train`` (N_train training images) to the loss: for their weighting write
-``loss_weight: beta / N_train``.
+scalar blob of shape () like Caffe's loss tops. Its ``loss_weight`` is
+beta / N_train: Achille and Soatto's code adds ``beta * KL / N_train`` (N_train
+training images, beta 3 for CIFAR) to the loss, and so do the shipped
+prototxts (3 / 50000 on CIFAR; the sweep sets it from each run's training set).
+It is computed in TEST too (deterministic, reported as a test output; the
+engine does the same).
 
 param_str keys: max_alpha (default 0.7), weight_std (std of W's normal init;
 default None = msra, sqrt(2 / fan_in), fan_in = D_x or C_x), bias (b's initial
