@@ -210,6 +210,9 @@ class CaffeBackend(Backend):
         ext = ".caffemodel.h5" if self.sp.snapshot_format == caffe_pb2.SolverParameter.HDF5 else ".caffemodel"
         return Path(f"{self.sp.snapshot_prefix}_iter_{self.solver.iter}{ext}")
 
+    def save_weights(self, path: Path) -> None:
+        self.net.save(str(path))
+
     def nonfinite_weights(self) -> str | None:
         for name, blobs in self.net.params.items():
             if not all(np.isfinite(b.data).all() for b in blobs):

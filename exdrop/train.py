@@ -50,6 +50,10 @@ BACKENDS = ("engine", "caffe")
 # Caffe's SoftmaxWithLoss takes -log(max(prob, FLT_MIN)): a loss that sits here has saturated.
 CLAMPED_LOSS = -math.log(float(np.finfo(np.float32).tiny))   # 87.3365
 
+# The run folder keeps the weights the run started from (iteration 0): the analysis measures how far
+# each unit's weights moved (Table 5's conservative filters).
+INIT_WEIGHTS = "init.caffemodel"
+
 # The progress bar's loss is read from the device (a host sync) at most this often, between display points.
 PROGRESS_SECONDS = 1.0
 
@@ -230,6 +234,10 @@ class Backend:
     def snapshot(self, elapsed: float) -> Path:
         raise NotImplementedError
 
+    def save_weights(self, path: Path) -> None:
+        """The training net's weights as a ``.caffemodel`` (the run's iteration-0 weights)."""
+        raise NotImplementedError
+
     def nonfinite_weights(self) -> str | None:
         """The first layer whose learnable blobs hold NaN or inf, or None (checked before a snapshot)."""
         return None
@@ -331,6 +339,9 @@ class EngineBackend(Backend):
         for path in (model, extra, state):
             os.replace(tmp[path], path)
         return model
+
+    def save_weights(self, path: Path) -> None:
+        save_weights(self.train_net, path)
 
     def nonfinite_weights(self) -> str | None:
         layers = [layer for layer in self.train_net.layer_list if len(layer.blobs)]
@@ -461,6 +472,8 @@ class Trainer:
         old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
         t0 = time.perf_counter() - self.elapsed
         start_iter = backend.iter
+        if start_iter == 0:
+            self.save_init_weights()
         try:
             while backend.iter < sp.max_iter and not stop["flag"]:
                 it = backend.iter
@@ -516,6 +529,15 @@ class Trainer:
         if error:
             raise TrainingDiverged(error)
         return results
+
+    def save_init_weights(self) -> Path:
+        """``RUN/init.caffemodel``: the weights at iteration 0 (written complete or not at all)."""
+        path = self.out / INIT_WEIGHTS
+        tmp = path.with_name(path.name + ".tmp")
+        self.backend.save_weights(tmp)
+        normal_file_mode(tmp)
+        os.replace(tmp, path)
+        return path
 
     def _smoothed_loss(self) -> float:
         """Caffe's smoothed loss: the mean of the last ``average_loss`` losses (one host sync)."""

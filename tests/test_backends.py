@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from exdrop import io as cio
-from exdrop.net import filter_layers
+from exdrop.net import Net, filter_layers
 from exdrop.pylayer import TRAIN
 from exdrop.caffe_env import caffe_unavailable_reason
 from exdrop.cli import main as exdrop_main
-from exdrop.train import Trainer, TrainConfig, TrainingDiverged, prepare_solver
+from exdrop.train import Trainer, TrainConfig, TrainingDiverged, net_params, prepare_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import ROOT, TINY_LOSS, TINY_NET, write_tiny  # noqa: E402
@@ -60,6 +61,18 @@ def test_engine_run_folder(tmp_path):
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
         f"tiny_ed_iter_6{ext}" for ext in (".caffemodel", ".engine.pt", ".solverstate")]
 
+    # the iteration-0 weights: the fillers drawn after the solver's random_seed, as the run drew them
+    torch.manual_seed(5)
+    (train_param, src), _ = net_params(sp, str(solver))
+    fresh = {l.name: [b.detach().numpy() for b in l.blobs] for l in Net(train_param, TRAIN, torch.device("cpu"), src).layer_list
+             if len(l.blobs)}
+    init = {l.name: [np.array(b.data).reshape(b.shape.dim) for b in l.blobs] for l in cio.read_caffemodel(out / "init.caffemodel").layer
+            if len(l.blobs)}
+    assert set(init) == set(fresh) == {"conv1", "ip1", "ip2"}
+    for name in fresh:
+        for a, b in zip(init[name], fresh[name]):
+            np.testing.assert_array_equal(a, b)
+
 
 # ---------------------------------------------------------------------- the loop over a stub
 class StubBackend:
@@ -90,6 +103,10 @@ class StubBackend:
         self.events.append(("snapshot", self.iter))
         return self.out / "snapshots" / f"stub_iter_{self.iter}.caffemodel"
 
+    def save_weights(self, path):
+        self.events.append(("init weights", self.iter))
+        Path(path).write_bytes(b"")
+
     def results_extra(self):
         return {"net": "stub.prototxt", "test_source": [], "device": "none", "guided_layers": []}
 
@@ -112,6 +129,7 @@ def test_loop_schedule_over_a_stub_backend(tmp_path):
     snaps = [it for kind, it in backend.events if kind == "snapshot"]
     assert tests == [0, 5, 10]       # test_initialization, every test_interval, and the final test
     assert snaps == [8, 10]          # every `snapshot`, and snapshot_after_train
+    assert backend.events[0] == ("init weights", 0) and (tmp_path / "run" / "init.caffemodel").is_file()
     rows = _rows(tmp_path / "run" / "log.csv")
     train = [r for r in rows if r["phase"] == "train"]
     assert [int(r["iter"]) for r in train] == [0, 4, 8, 9]   # 9: the last iteration, off the display schedule

@@ -710,6 +710,16 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
         print(f"[caffe-diff] tiny run, {backend}: losses {[r['loss'] for r in rows[backend]]}")
     for it in (2, 4, 6):
         assert (runs["caffe"] / "snapshots" / f"tiny_ed_iter_{it}.solverstate").is_file()
+    # both keep the iteration-0 weights: every learnable layer, the shapes of the last snapshot, other values
+    for backend, out in runs.items():
+        init, last = (cio.read_caffemodel(p) for p in (out / "init.caffemodel", out / "snapshots" / "tiny_ed_iter_6.caffemodel"))
+        blobs = {b: {l.name: [np.array(x.data) for x in l.blobs] for l in m.layer if len(l.blobs)} for b, m in
+                 (("init", init), ("last", last))}
+        assert set(blobs["init"]) == set(blobs["last"]) == {"conv1", "ip1", "ip2"}, backend
+        for name, arrays in blobs["init"].items():
+            assert [a.shape for a in arrays] == [a.shape for a in blobs["last"][name]]
+            assert not np.allclose(arrays[0], blobs["last"][name][0]), (backend, name)
+    init_written = (runs["caffe"] / "init.caffemodel").stat().st_mtime_ns
 
     # Caffe's own resume (solver.restore): on to max_iter, the rows before the snapshot kept
     state = runs["caffe"] / "snapshots" / "tiny_ed_iter_4.solverstate"
@@ -718,6 +728,7 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
     assert [(r["iter"], r["phase"]) for r in resumed] == steps["caffe"]
     assert resumed[:3] == rows["caffe"][:3]
     assert json.loads((runs["caffe"] / "results.json").read_text())["iterations"] == 6
+    assert (runs["caffe"] / "init.caffemodel").stat().st_mtime_ns == init_written   # a resume keeps it
 
 
 def test_caffe_backend_net_without_loss_names_the_layer(caffe, tmp_path):
