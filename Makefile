@@ -30,7 +30,7 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
-.PHONY: table2 table4
+.PHONY: table2 table4 table5 fig7 report
 .PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 train-cifar10 bench bench-table6 prototxt mutation
 
 help:
@@ -54,6 +54,10 @@ help:
 	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100), ITERS=<n> (20)"
 	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 ITERS=<n>"
 	@echo "                           BATCH=<b>; writes models/bench/table6_<net>_<cpu|cuda>.json"
+	@echo "make table5                Table 5 (utilization of fc1) and Figs. 4-5 of the sweep RUNS=<sweep folder>"
+	@echo "                           (default $(RUNS)), METHODS=<subset, default none,standard_fc1,curriculum,ed>"
+	@echo "make fig7                  Fig. 7 (compression) and reliability diagrams of RUNS"
+	@echo "make report                one HTML page + Markdown of RUNS: every table and figure (Figs. 2-7)"
 	@echo "make table2                the paper's Table 2 and Fig. 3: every method, DATASETS=cifar10,cifar100,caltech256"
 	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu> BUDGET=paper|cpu WORKERS=<n> METHODS=<subset>"
 	@echo "                           DATA= CIFAR100= CALTECH256= (raw sources); results/table2.md + the sweep folder"
@@ -175,3 +179,20 @@ table2:
 table4:
 	$(PY) -m exdrop sweep --table 4 $(sweep_args)
 	cp $(call sweep_out,4)/table4.md $(call sweep_out,4)/table4.json results/
+
+# the analysis of a sweep (exdrop analyze: each run's results are kept in RUN/analysis/ and reused)
+RUNS ?= results/table2_cifar10_cpu
+analyze_args = $(RUNS) $(if $(METHODS),--methods $(METHODS)) --device $(DEVICE)
+
+table5:
+	$(PY) -m exdrop analyze $(analyze_args)
+	cp $(RUNS)/table5.md $(RUNS)/table5.json $(RUNS)/fig4_*.png results/
+
+fig7:
+	$(PY) -m exdrop analyze $(analyze_args) --no-over-training
+	cp $(RUNS)/fig7_*.png $(RUNS)/reliability_*.png results/
+
+report:
+	$(PY) -m exdrop analyze $(analyze_args)
+	$(PY) -m exdrop report $(RUNS) --out $(RUNS)
+	cp $(RUNS)/report.html $(RUNS)/report.md $(RUNS)/fig*.png $(RUNS)/reliability_*.png results/

@@ -159,6 +159,7 @@ class CaffeBackend(Backend):
             if path and not Path(path).exists():  # Caffe would abort the process
                 raise FileNotFoundError(f"{path} not found")
         caffe = load_caffe()
+        self.cfg = cfg
         sp, self.out = prepare_solver(cfg, solver_mode=CPU)
         self.sp = sp
         (train_param, self.source), tests = net_params(sp, cfg.solver)
@@ -176,6 +177,15 @@ class CaffeBackend(Backend):
         self.guided_layers = install_saliency_hooks(self.net, train_param, self.source)
         self.iteration_layers = iteration_layers(self.net)
         self.outputs = sorted(set(self.net.outputs).union(*(tn.outputs for tn in self.test_nets)))
+        self.utilization, self.test_walker = None, None
+        if self.test_nets:   # Table 5's metrics at each test point: the engine's walk over the Caffe test net
+            from .analysis import METRICS, utilization_target
+            test_param, test_src = tests[0]
+            shapes = {name: tuple(b.data.shape) for name, b in self.test_nets[0].blobs.items()}
+            self.utilization = utilization_target(test_param, cfg.utilization, shapes)
+            if self.utilization:
+                self.test_walker = CaffeExcitation(self.test_nets[0], test_param, test_src)
+                self.outputs = sorted(set(self.outputs) | set(METRICS))
         self.loss_weights = {blob: w for blob, w in self.net.blob_loss_weights.items() if w}
         self.elapsed = 0.0
 
@@ -197,13 +207,27 @@ class CaffeBackend(Backend):
         tn.share_with(self.net)  # Caffe's Solver::Test does this first; else the test net keeps its fillers
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, float] = {}
-        for _ in range(n_iter):
+        util = self.utilization if k == 0 else None
+        util_batches = -(-self.cfg.utilization_images // max(1, tn.blobs[util[0]].data.shape[0])) if util else 0
+        util_sums: dict[str, float] = {}
+        util_images = 0
+        for i in range(n_iter):
             tn.forward()
             for o in tn.outputs:
                 sums[o] = sums.get(o, 0.0) + float(np.mean(tn.blobs[o].data))
+            if i < util_batches:
+                from .analysis import utilization
+                blob, scores, label = util
+                a = torch.from_numpy(tn.blobs[blob].data.copy())
+                p = torch.from_numpy(self.test_walker.excitation(blob, scores, tn.blobs[label].data))
+                for name, v in utilization(a, p).items():
+                    util_sums[name] = util_sums.get(name, 0.0) + float(v)
+                util_images += a.shape[0]
             if tick is not None:
                 tick()
-        return {o: v / n_iter for o, v in sums.items()}
+        out = {o: v / n_iter for o, v in sums.items()}
+        out.update({name: v / util_images for name, v in util_sums.items()})
+        return out
 
     def snapshot(self, elapsed: float) -> Path:
         self.solver.snapshot()

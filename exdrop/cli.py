@@ -12,6 +12,11 @@
                 [--device cpu|cuda] [--backend engine|caffe]   evaluate a snapshot (like `caffe test`)
     exdrop sweep [--table 2|4] [--datasets cifar10,...] [--budget paper|cpu] [--seeds N] [--workers N]
                                                          the paper's comparisons, resumable
+    exdrop analyze RUN_OR_SWEEP [--data DATA] [--blob B] [--methods ...] [--no-over-training]
+                                                         utilization (Table 5, Figs. 4-5), compression
+                                                         (Fig. 7), calibration
+    exdrop report SWEEP [--out DIR]                      one HTML page + Markdown of a sweep's analysis
+    exdrop saliency RUN [RUN ...] --images 0,1 [--blob conv3] [--k 0,100,...]   Fig. 6
 """
 from __future__ import annotations
 
@@ -145,6 +150,10 @@ def _cmd_train(args) -> int:
     extra = {}
     if args.keep_snapshots is not None:   # else TrainConfig's default
         extra["keep_snapshots"] = args.keep_snapshots
+    if args.utilization is not None:
+        extra["utilization"] = None if args.utilization in ("", "off") else args.utilization
+    if args.utilization_images is not None:
+        extra["utilization_images"] = args.utilization_images
     cfg = TrainConfig(solver=args.solver, out=args.out, backend=args.backend, max_iter=args.max_iter,
                       device=args.device, resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
@@ -268,8 +277,58 @@ def _cmd_test(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from . import analysis as A
+    from . import report as R
+    path = Path(args.path)
+    common = dict(data=args.data, blob=args.blob, over_training=not args.no_over_training,
+                  training_images=args.training_images, device=args.device, force=args.force)
+    if (path / "plan.json").is_file():
+        methods = args.methods.split(",") if args.methods else list(R.TABLE5_METHODS)
+        summary = R.analyze_sweep(path, methods, **common)
+        for p in R.write_analysis_outputs(summary, args.out or path):
+            print(f"wrote {p}")
+        print(R.table5_markdown(summary))
+        print(R.calibration_markdown(summary))
+        return 0
+    res = A.analyze_run(path, delta=args.delta, progress=not args.quiet, **common)
+    f = res["final"]
+    print(f"{path} iteration {res['iteration']}, blob '{f['blob']}' ({f['units']} units), {f['images']} images:")
+    for key in (*A.METRICS, "conservative", "accuracy", "nll", "ece"):
+        if f.get(key) is not None:
+            print(f"  {A.METRIC_TITLES.get(key, key):24s} {f[key]:.4f}")
+    print(f"wrote {path / A.ANALYSIS / 'analysis.json'}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+    images = [int(i) for i in args.saliency_images.split(",") if i.strip()]
+    page, md = write_report(args.sweep, args.out, saliency=args.saliency, saliency_images=images,
+                            device=args.device)
+    print(f"wrote {page} and {md}")
+    return 0
+
+
+def _cmd_saliency(args) -> int:
+    from .saliency import figure
+    ks = [int(k) for k in args.k.split(",")]
+    images = [int(i) for i in args.images.split(",")]
+    out = figure(args.runs, images, ks, blob=args.blob, data=args.data, contrastive=args.contrastive,
+                 out=args.out, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from .plot import plot_run, plot_runs
+    if args.fig2:
+        from .report import plot_fig2
+        print(f"wrote {plot_fig2(args.fig2, args.n, args.base_retain)}")
+        if not args.runs:
+            return 0
+    if not args.runs:
+        raise ValueError("give run folder(s), or --fig2 PNG")
     if len(args.runs) == 1:
         out = plot_run(args.runs[0])
         if args.out:
@@ -338,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-iter", type=int, help="test batches per test pass (default: the solver's test_iter)")
     t.add_argument("--display", type=int, help="log a training row every N iterations (default: the solver's display)")
     t.add_argument("--snapshot-every", type=int, help="snapshot every N iterations (default: the solver's snapshot)")
+    t.add_argument("--utilization", metavar="BLOB",
+                   help="log Table 5's metrics (# neurons ON, peak p_EB, the two entropies) of BLOB at every test "
+                        "point as log.csv columns (engine backend); default auto: the first fc of a test net with "
+                        "a SoftmaxWithLoss; off to disable")
+    t.add_argument("--utilization-images", type=int, metavar="N",
+                   help="test images the utilization is measured on at each test point (default 1000)")
     t.add_argument("--keep-snapshots", type=int, metavar="K",
                    help="snapshot sets kept in the run folder: the newest K (0: all; default: the trainer's, 1)")
     t.add_argument("--seed", type=int, help="random seed (default: the solver's random_seed)")
@@ -428,10 +493,57 @@ def build_parser() -> argparse.ArgumentParser:
     te.set_defaults(fn=_cmd_test, val_size=None, limit_per_class=None)
 
     pl = sub.add_parser("plot", help="training curves (loss, test accuracy) from run folders' log.csv")
-    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) holding log.csv")
+    pl.add_argument("runs", nargs="*", metavar="RUN", help="run folder(s) holding log.csv")
+    pl.add_argument("--fig2", metavar="PNG", help="draw Fig. 2 (the retain probability of Eqn. 3 against p_EB)")
+    pl.add_argument("--n", type=int, default=10, help="Fig. 2: the layer's units N (default 10, as the paper)")
+    pl.add_argument("--base-retain", type=float, default=0.5, help="Fig. 2: the base retain probability P")
     pl.add_argument("--out", metavar="PNG",
                     help="output image (default: RUN/curves.png for one run, runs.png for several, overlaid)")
     pl.set_defaults(fn=_cmd_plot)
+
+    an = sub.add_parser("analyze", help="utilization metrics, compression and calibration of a run or a sweep",
+                        description="A run folder: RUN/analysis/analysis.json for its last snapshot (every test "
+                                    "image) and every kept snapshot (the first --training-images images). A sweep "
+                                    "folder: every finished run of --methods, then table5.md/.json, fig7_*.png, "
+                                    "fig4_*.png (over training) and reliability_*.png in the sweep folder. Results "
+                                    "are reused while the snapshots and options are unchanged.")
+    an.add_argument("path", metavar="RUN_OR_SWEEP", help="a run folder (exdrop train --out) or a sweep folder "
+                                                         "(exdrop sweep, with plan.json)")
+    an.add_argument("--data", help="another test set: an LMDB or a converted dataset folder (default: the run's "
+                                   "TEST data layer source)")
+    an.add_argument("--blob", help="the blob to measure (default: the first InnerProduct's top, fc1)")
+    an.add_argument("--delta", type=float, help="conservative-filter threshold (default: Table 5's for the "
+                                                "sweep's data set: cifar10 0.25, cifar100 0.30, caltech256 1.25)")
+    an.add_argument("--methods", help="sweep: the methods to analyse (default none,standard_fc1,curriculum,ed)")
+    an.add_argument("--no-over-training", action="store_true", help="the last snapshot only")
+    an.add_argument("--training-images", type=int, default=1000,
+                    help="test images per snapshot for the curves over training (default 1000)")
+    an.add_argument("--out", help="sweep: where the tables and figures go (default: the sweep folder)")
+    an.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    an.add_argument("--force", action="store_true", help="recompute even when the saved analysis is current")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+    an.set_defaults(fn=_cmd_analyze)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page (and Markdown) of a sweep and its analysis")
+    rp.add_argument("sweep", metavar="SWEEP", help="a sweep folder analysed by `exdrop analyze`")
+    rp.add_argument("--out", help="folder for report.html, report.md and the figures (default: the sweep folder)")
+    rp.add_argument("--saliency", help="a saliency figure (exdrop saliency) to include (default: drawn for "
+                                       "--saliency-images of each method's first run)")
+    rp.add_argument("--saliency-images", default="0,1", help="test images of the drawn Fig. 6 ('' for none)")
+    rp.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    rp.set_defaults(fn=_cmd_report)
+
+    sa = sub.add_parser("saliency", help="EB saliency maps as the most relevant units are switched off (Fig. 6)")
+    sa.add_argument("runs", nargs="+", metavar="RUN", help="run folders (one row each), their last snapshot")
+    sa.add_argument("--images", default="0", help="test image indices, e.g. 0,7 (default 0)")
+    sa.add_argument("--k", default="0,100,200,300,400,500",
+                    help="most relevant units of the dropout blob switched off per column (default 0,100,...,500)")
+    sa.add_argument("--blob", help="the conv blob of the maps (default: the last Convolution top at least 8x8)")
+    sa.add_argument("--data", help="another test set (LMDB or converted folder)")
+    sa.add_argument("--contrastive", action="store_true", help="contrastive EB (Zhang et al. 2016)")
+    sa.add_argument("--out", default="saliency.png", help="output PNG (default saliency.png)")
+    sa.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    sa.set_defaults(fn=_cmd_saliency)
     return ap
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import eb
-from .layer_types import REGISTRY, LayerError, Python
+from .layer_types import REGISTRY, LayerError, Python, bound_rule
 from .proto import caffe_pb2
 from .pylayer import TEST, TRAIN
 from .solver import ParamEntry
@@ -317,12 +317,16 @@ class Net(nn.Module):
             layer.blobs = src.blobs
 
     # ------------------------------------------------------------- forward
-    def forward(self, feed: dict[str, torch.Tensor] | None = None, record: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, feed: dict[str, torch.Tensor] | None = None, record: bool = False,
+                edit: dict | None = None) -> dict[str, torch.Tensor]:
         """Run the net; returns the blob dictionary (outputs included).
 
         ``feed`` fills Input blobs (and replaces data-layer tops when given).
         ``record`` keeps every layer's input and output tensors for
-        :meth:`excitation` (analysis at test time).
+        :meth:`excitation` (analysis at test time). ``edit`` maps blob names to
+        functions applied to the blob each time a layer writes it (e.g. units
+        switched off at test time, Sec. 4.4); the edited tensor is what the
+        following layers and :meth:`excitation` see.
         """
         blobs: dict[str, torch.Tensor] = dict(feed or {})
         records = [] if record else None
@@ -342,10 +346,12 @@ class Net(nn.Module):
                 if self.training and getattr(layer, "saliency", None):
                     saliency = self._saliency(i, layer, blobs)
                 tops = layer(*bottoms, saliency=saliency) if isinstance(layer, Python) else layer(*bottoms)
-                if records is not None:
-                    records.append((i, bottoms, tops if isinstance(tops, tuple) else (tops,)))
             if not isinstance(tops, tuple):
                 tops = (tops,)
+            if edit:
+                tops = tuple(edit[t](v) if t in edit else v for t, v in zip(lp.top, tops))
+            if records is not None and not isinstance(layer, (_DataLayer, _InputLayer)):
+                records.append((i, bottoms, tops))
             for t, v in zip(lp.top, tops):
                 blobs[t] = v
         self.blobs = blobs
@@ -431,11 +437,16 @@ class Net(nn.Module):
         return out if out is not None else torch.zeros_like(target, dtype=torch.float32)
 
     @torch.no_grad()
-    def excitation(self, bottom: str, top: str | None = None, classes: torch.Tensor | None = None) -> torch.Tensor:
+    def excitation(self, bottom: str, top: str | None = None, classes: torch.Tensor | None = None,
+                   contrastive: bool = False) -> torch.Tensor:
         """p_EB at blob ``bottom`` after a ``forward(record=True)``.
 
         The top signal is a one-hot at blob ``top`` (default: the logits of the
         net's SoftmaxWithLoss) of ``classes`` (default: the label blob).
+        ``contrastive``: contrastive EB (Zhang et al. 2016): the layer that writes
+        ``top`` passes its EB signal minus the signal of its negated weights (the
+        "other classes" of the one-hot), the walk goes on down with that
+        difference, and the map keeps its positive part.
         """
         if self.records is None:
             raise ValueError("call forward(record=True) before excitation()")
@@ -461,7 +472,26 @@ class Net(nn.Module):
             items += [(f"blob '{n}' (bottom of layer '{layer.name}')", x) for n, x in zip(layer.lp.bottom, records[i][1])]
             items += [(f"weight blob {w} of layer '{layer.name}'", p) for w, p in enumerate(layer.blobs)]
         eb.require_finite(items, f"{self.source}: excitation({bottom!r})")
-        return self._walk(records, logits, classes, target)
+        if not contrastive:
+            return self._walk(records, logits, classes, target)
+        steps = [eb.Step(self._contrastive_rule(self.layer_list[j]) if any(t is logits for t in tops)
+                         else self.layer_list[j].excite_rule(), b, [id(x) for x in b], [id(t) for t in tops])
+                 for j, b, tops in records]
+        out = eb.walk(steps, {id(logits): eb.top_signal(logits, classes)}, id(target))
+        return out.clamp_min(0) if out is not None else torch.zeros_like(target, dtype=torch.float32)
+
+    @staticmethod
+    def _contrastive_rule(layer):
+        """The classifier's EB rule minus its rule with the weights negated (contrastive EB)."""
+        if not layer.blobs:
+            raise LayerError(f"contrastive EB: the scores' layer '{layer.name}' ({layer.type}) has no weights to negate")
+        pos = layer.excite_rule()
+        neg = bound_rule(type(layer), layer.g, [-layer.blobs[0], *layer.blobs[1:]],
+                         f"layer '{layer.name}' (type {layer.type}, weights negated)")
+
+        def rule(bottoms, signals):
+            return [None if a is None else a - b for a, b in zip(pos(bottoms, signals), neg(bottoms, signals))]
+        return rule
 
     # ------------------------------------------------------------- data
     def data_state(self) -> dict:

@@ -83,6 +83,10 @@ class TrainConfig:
     inexact_resume: bool = False       # resume even without the engine state (other data order and RNG)
     net: str | None = None             # a net prototxt replacing the solver's net (train and test phases)
     keep_snapshots: int = 1            # snapshot sets kept: the newest N (0: all)
+    # Table 5's metrics at a blob at each test point (log.csv columns): "auto" the first fc of a test
+    # net with a SoftmaxWithLoss, a blob name, or None (off); on the first utilization_images images
+    utilization: str | None = "auto"
+    utilization_images: int = 1000
     overrides: dict = field(default_factory=dict)
 
 
@@ -282,6 +286,11 @@ class EngineBackend(Backend):
         if cfg.resume:
             self._restore(cfg.resume)
         self.outputs = sorted(set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets)))
+        from .analysis import METRICS, utilization_target
+        self.utilization = utilization_target(self.test_nets[0].layer_params, cfg.utilization,
+                                              self.test_nets[0].blob_shapes) if self.test_nets else None
+        if self.utilization:
+            self.outputs = sorted(set(self.outputs) | set(METRICS))
 
     def learning_rate(self) -> float:
         return self.solver.learning_rate()
@@ -310,14 +319,27 @@ class EngineBackend(Backend):
         tn = self.test_nets[k]
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(n_iter):
-            blobs = tn()   # float32 even under --amp: the figures do not depend on the training speed-up
+        util = self.utilization[0] if self.utilization and k == 0 else None
+        util_batches = math.ceil(self.cfg.utilization_images / max(1, tn.blob_shapes[util][0])) if util else 0
+        util_sums: dict[str, torch.Tensor] = {}
+        util_images = 0
+        for i in range(n_iter):
+            # float32 even under --amp: the figures do not depend on the training speed-up
+            blobs = tn.forward(record=True) if i < util_batches else tn()
             for name in tn.outputs:
                 v = blobs[name].detach().float()
                 sums[name] = sums[name] + v if name in sums else v
+            if i < util_batches:   # Table 5's metrics on the first images: EB over the head only
+                from .analysis import utilization
+                for name, v in utilization(blobs[util], tn.excitation(util, self.utilization[1])).items():
+                    util_sums[name] = util_sums[name] + v if name in util_sums else v
+                util_images += blobs[util].shape[0]
+                tn.records = None
             if tick is not None:
                 tick()   # host only: no sync
-        return {name: (v / n_iter).mean().item() for name, v in sums.items()}
+        out = {name: (v / n_iter).mean().item() for name, v in sums.items()}
+        out.update({name: v.item() / util_images for name, v in util_sums.items()})
+        return out
 
     def snapshot(self, elapsed: float) -> Path:
         """``.caffemodel``, ``.engine.pt``, then ``.solverstate``: each written as ``.tmp`` first, renamed

@@ -27,6 +27,7 @@ from caffe_nets import ROOT, TINY_LOSS, TINY_NET, write_tiny  # noqa: E402
 RESULT_KEYS = {"status", "backend", "solver", "solver_used", "iterations", "max_iter", "budget", "test_accuracy",
                "test_loss", "best_test_accuracy", "train_loss", "seconds", "seconds_per_iter", "net", "test_source",
                "device", "guided_layers", "torch", "host", "snapshot", "net_override", "keep_snapshots"}
+UTILIZATION = ["entropy_act", "entropy_peb"]
 OVERRIDES = ["--max-iter", "6", "--display", "2", "--test-interval", "3", "--test-iter", "1",
              "--snapshot-every", "2", "--seed", "5", "--device", "cpu", "--quiet"]
 
@@ -49,7 +50,14 @@ def test_engine_run_folder(tmp_path):
     assert sp.snapshot_prefix == str((out / "snapshots" / "tiny_ed").resolve())
 
     rows = _rows(out / "log.csv")
-    assert list(rows[0]) == ["iter", "phase", "lr", "elapsed_s", "accuracy", "loss"]
+    assert list(rows[0]) == ["iter", "phase", "lr", "elapsed_s", "accuracy", *UTILIZATION, "loss", "neurons_on",
+                             "peak_peb"]
+    for r in rows:   # Table 5's metrics of ip1 (16 units) at each test point, empty in the train rows
+        if r["phase"] == "test":
+            assert 0 <= float(r["neurons_on"]) <= 16 and 0 < float(r["peak_peb"]) <= 1
+            assert all(0 <= float(r[k]) <= math.log(16) + 1e-6 for k in UTILIZATION)
+        else:
+            assert r["neurons_on"] == r["peak_peb"] == ""
     assert [(r["iter"], r["phase"]) for r in rows] == [("0", "train"), ("2", "train"), ("3", "test"),
                                                        ("4", "train"), ("5", "train"), ("6", "test")]
     res = json.loads((out / "results.json").read_text())

@@ -699,7 +699,14 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
 
     rows = {b: _rows(out / "log.csv") for b, out in runs.items()}
     results = {b: json.loads((out / "results.json").read_text()) for b, out in runs.items()}
-    assert list(rows["engine"][0]) == list(rows["caffe"][0]) == ["iter", "phase", "lr", "elapsed_s", "accuracy", "loss"]
+    assert list(rows["engine"][0]) == list(rows["caffe"][0]) == ["iter", "phase", "lr", "elapsed_s", "accuracy",
+                                                                 "entropy_act", "entropy_peb", "loss", "neurons_on",
+                                                                 "peak_peb"]
+    for backend, rs in rows.items():   # Table 5's metrics at each test point, from either backend's test net
+        for r in rs:
+            if r["phase"] == "test":
+                assert 0 <= float(r["neurons_on"]) <= 16 and 0 < float(r["peak_peb"]) <= 1, backend
+                assert 0 <= float(r["entropy_peb"]) <= float(np.log(16)) + 1e-6, backend
     steps = {b: [(r["iter"], r["phase"]) for r in rs] for b, rs in rows.items()}
     assert steps["engine"] == steps["caffe"] == [("0", "train"), ("2", "train"), ("3", "test"), ("4", "train"),
                                                  ("5", "train"), ("6", "test")]

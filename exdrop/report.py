@@ -1,0 +1,430 @@
+"""A sweep's analysis as the paper lays it out: Table 5, Figs. 4-5 (metrics over training),
+Fig. 7 (compression), calibration, and one report page (HTML with every figure embedded, and
+Markdown).
+
+    analyze_sweep(sweep, methods, ...) -> summary   every run's RUN/analysis/analysis.json, then
+                                                    the summary (analysis.json in the sweep folder)
+    table5_markdown(summary), calibration_markdown(summary)
+    plot_fig7(summary, dataset, path), plot_over_training(summary, dataset, path),
+    plot_reliability(summary, dataset, path), plot_fig2(path, n, base_retain)
+    write_report(sweep, out) -> (report.html, report.md)
+
+Mean +- std are over the runs (seeds) of a method; with one seed the std is over the test
+images (said so where it is shown).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import DELTA, METRIC_TITLES, METRICS, analyze_run
+from .sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
+
+# Table 5 and Fig. 7 compare these (the paper: Standard, Curriculum, Excitation; the issue adds none)
+TABLE5_METHODS = ("none", "standard_fc1", "curriculum", "ed")
+TABLE5_ROWS = (*METRICS, "conservative")
+
+# The paper's Table 5: (mean, std) per dataset, metric and method
+PAPER_TABLE5 = {
+    "cifar10": {"neurons_on": {"standard_fc1": (1194, 153), "curriculum": (1169, 61), "ed": (1325, 61)},
+                "peak_peb": {"standard_fc1": (0.011, 0.004), "curriculum": (0.009, 0.001), "ed": (0.003, 0.0002)},
+                "entropy_act": {"standard_fc1": (3.55, 0.72), "curriculum": (3.50, 0.12), "ed": (4.29, 0.28)},
+                "entropy_peb": {"standard_fc1": (3.28, 0.56), "curriculum": (3.32, 0.13), "ed": (4.26, 0.26)},
+                "conservative": {"standard_fc1": (1204, 37), "curriculum": (959, 34), "ed": (124, 22)}},
+    "cifar100": {"neurons_on": {"standard_fc1": (453, 183), "curriculum": (460, 75), "ed": (943, 131)},
+                 "peak_peb": {"standard_fc1": (0.011, 0.0004), "curriculum": (0.012, 0.0004), "ed": (0.005, 0.0005)},
+                 "entropy_act": {"standard_fc1": (1.67, 0.31), "curriculum": (1.70, 0.29), "ed": (3.21, 0.44)},
+                 "entropy_peb": {"standard_fc1": (1.64, 0.27), "curriculum": (1.67, 0.26), "ed": (3.17, 0.41)},
+                 "conservative": {"standard_fc1": (2048, 51), "curriculum": (2038, 44), "ed": (14, 13)}},
+    "caltech256": {"neurons_on": {"standard_fc1": (412, 126), "curriculum": (471, 146), "ed": (702, 171)},
+                   "peak_peb": {"standard_fc1": (0.014, 0.0007), "curriculum": (0.013, 0.0006), "ed": (0.007, 0.0003)},
+                   "entropy_act": {"standard_fc1": (1.63, 0.32), "curriculum": (1.84, 0.35), "ed": (2.63, 0.23)},
+                   "entropy_peb": {"standard_fc1": (1.58, 0.29), "curriculum": (1.77, 0.31), "ed": (2.59, 0.22)},
+                   "conservative": {"standard_fc1": (2048, 46), "curriculum": (2048, 49), "ed": (1671, 31)}},
+}
+COLORS = {"none": "tab:gray", "standard_fc1": "tab:blue", "standard_both": "tab:cyan", "maskimg": "tab:olive",
+          "curriculum": "tab:green", "adaptive": "tab:brown", "information": "tab:pink", "activation": "tab:orange",
+          "ed": "tab:purple"}   # the paper draws Excitation Dropout in purple
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ---------------------------------------------------------------------- the sweep's analysis
+def analyze_sweep(sweep, methods=TABLE5_METHODS, data=None, blob=None, over_training=True, training_images=1000,
+                  device="cpu", force=False, echo=print) -> dict:
+    """Analyse every finished run of ``methods`` in the sweep folder; the summary, also written as
+    ``<sweep>/analysis.json``."""
+    sweep = Path(sweep)
+    plan = sweep / "plan.json"
+    if not plan.is_file():
+        raise FileNotFoundError(f"{sweep}: not a sweep folder (no plan.json; `exdrop sweep` writes one)")
+    doc = json.loads(plan.read_text())
+    runs = [r for r in doc["runs"] if r["method"] in methods]
+    if not runs:
+        raise ValueError(f"{sweep}: no run of the methods {', '.join(methods)} in plan.json")
+    cells: dict = {}
+    skipped = []
+    for r in runs:
+        folder = Path(r["folder"])
+        res = folder / "results.json"
+        if not res.is_file() or json.loads(res.read_text()).get("status") != "finished":
+            skipped.append(str(folder))
+            continue
+        a = analyze_run(folder, data=(data or {}).get(r["dataset"]) if isinstance(data, dict) else data, blob=blob,
+                        over_training=over_training, training_images=training_images, device=device, force=force,
+                        echo=echo)
+        cells.setdefault((r["dataset"], r["method"], r["rate"]), []).append(a)
+    if skipped:
+        echo(f"analyze: {len(skipped)} run(s) not finished, left out: {', '.join(skipped)}")
+    summary = {"budget": doc["budget"], "reduced": doc["budget"].get("reduced", True), "sweep": str(sweep),
+               "methods": [m for m in METHODS if any(k[1] == m for k in cells)],
+               "cells": [summarize_cell(d, m, rate, runs) for (d, m, rate), runs in sorted(cells.items())]}
+    (sweep / "analysis.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _mean_std(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def summarize_cell(dataset, method, rate, runs) -> dict:
+    finals = [r["final"] for r in runs]
+    cell = {"dataset": dataset, "method": method, "rate": rate, "seeds": len(runs),
+            "runs": [r["run"] for r in runs], "delta": finals[0].get("delta"), "blob": finals[0]["blob"],
+            "units": finals[0]["units"], "images": finals[0]["images"]}
+    for key in (*METRICS, "conservative", "accuracy", "nll", "ece", "peb_mass"):
+        m, s = _mean_std([f.get(key) for f in finals])
+        cell[key] = {"mean": m, "std": s,
+                     "std_images": finals[0].get(key + "_std_images") if len(finals) == 1 else None}
+    comp = {}
+    for mode in ("most", "least", "random"):
+        c0 = finals[0]["compression"][mode]
+        entry = {"x": c0["x"], "x_label": c0["x_label"]}
+        for what in ("gt_prob", "accuracy"):
+            ys = np.array([f["compression"][mode][what] for f in finals])
+            entry[what] = ys.mean(0).tolist()
+            entry[what + "_std_models"] = ys.std(0, ddof=1).tolist() if len(finals) > 1 else None
+            entry[what + "_std_images"] = (np.mean([f["compression"][mode][what + "_std_images"] for f in finals], 0)
+                                           .tolist())
+        comp[mode] = entry
+    cell["compression"] = comp
+    rel = np.array([f["reliability"]["count"] for f in finals]).sum(0)
+    conf = np.nansum([[c * n if c is not None else np.nan for c, n in zip(f["reliability"]["confidence"],
+                                                                          f["reliability"]["count"])]
+                      for f in finals], 0)
+    acc = np.nansum([[a * n if a is not None else np.nan for a, n in zip(f["reliability"]["accuracy"],
+                                                                         f["reliability"]["count"])]
+                     for f in finals], 0)
+    cell["reliability"] = {"count": rel.tolist(),
+                           "confidence": [float(c / n) if n else None for c, n in zip(conf, rel)],
+                           "accuracy": [float(a / n) if n else None for a, n in zip(acc, rel)]}
+    curves = [r.get("over_training") for r in runs if r.get("over_training")]
+    if curves:
+        iters = sorted(set.intersection(*({row["iter"] for row in c["rows"]} for c in curves)))
+        entry = {"iter": iters, "images": curves[0]["images"]}
+        for key in (*METRICS, "accuracy", "conservative"):
+            ys = np.array([[next(r[key] for r in c["rows"] if r["iter"] == it) if key in c["rows"][0] else np.nan
+                            for it in iters] for c in curves], dtype=float)
+            entry[key] = np.nanmean(ys, 0).tolist() if ys.size else []
+            entry[key + "_std"] = np.nanstd(ys, 0, ddof=1).tolist() if len(curves) > 1 else None
+        cell["over_training"] = entry
+    return cell
+
+
+# ---------------------------------------------------------------------- tables
+def _fmt(v, key):
+    if v is None:
+        return "-"
+    if key == "peak_peb":
+        return f"{v:.4f}"
+    if key in ("neurons_on", "conservative"):
+        return f"{v:.0f}"
+    return f"{v:.2f}"
+
+
+def _cell_text(stat, key, paper=None):
+    if stat["mean"] is None:
+        text = "-"
+    else:
+        text = _fmt(stat["mean"], key)
+        if stat["std"] is not None:
+            text += f" +- {_fmt(stat['std'], key)}"
+        elif stat.get("std_images") is not None and key != "conservative":
+            text += f" (images: +- {_fmt(stat['std_images'], key)})"
+    if paper:
+        text += f" [{_fmt(paper[0], key)} +- {_fmt(paper[1], key)}]"
+    return text
+
+
+def table5_markdown(summary: dict) -> str:
+    """Table 5: a row per data set and metric, a column per method; the paper's numbers in brackets."""
+    cells = {(c["dataset"], c["method"]): c for c in summary["cells"] if c["rate"] == 0.5}
+    methods = [m for m in TABLE5_METHODS if any(k[1] == m for k in cells)] + \
+              [m for m in summary["methods"] if m not in TABLE5_METHODS]
+    datasets = sorted({d for d, _ in cells})
+    seeds = sorted({c["seeds"] for c in cells.values()})
+    lines = [_budget_line(summary), "",
+             f"Measured at the first fc layer's output (blob `{next(iter(cells.values()))['blob']}`, "
+             "after its ReLU), over the held-out test images, guided layers off; entropies in nats; "
+             + ("mean +- std over seeds" if seeds != [1] else "one seed: the +- in parentheses is the std over "
+                "the test images") + "; the paper's figure (five models, full protocol) in [brackets].", "",
+             "| Dataset | Metric | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for d in datasets:
+        delta = next((c["delta"] for (dd, _), c in cells.items() if dd == d), None)
+        for key in TABLE5_ROWS:
+            title = METRIC_TITLES[key] + (f" (Delta = {delta:g})" if key == "conservative" and delta else "")
+            row = []
+            for m in methods:
+                c = cells.get((d, m))
+                row.append(_cell_text(c[key], key, PAPER_TABLE5.get(d, {}).get(key, {}).get(m)) if c else "")
+            lines.append(f"| {d} | {title} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_markdown(summary: dict) -> str:
+    cells = [c for c in summary["cells"] if c["rate"] == 0.5]
+    lines = ["Calibration on the held-out test images: accuracy, test NLL (nats) and the expected calibration "
+             "error (15 equal-width confidence bins), mean +- std over seeds.", "",
+             "| Dataset | Method | Accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
+    for c in cells:
+        acc = dict(c["accuracy"])
+        acc = {k: (v * 100 if isinstance(v, float) and k in ("mean", "std", "std_images") else v)
+               for k, v in acc.items()}
+        lines.append(f"| {c['dataset']} | {METHOD_LABELS[c['method']]} | {_cell_text(acc, 'accuracy')} | "
+                     f"{_cell_text(c['nll'], 'nll')} | {_cell_text(c['ece'], 'ece').replace('(images: +- ', '(+- ')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- figures
+def _band(ax, x, mean, std, method, label):
+    mean = np.asarray(mean, float)
+    line, = ax.plot(x, mean, color=COLORS.get(method), lw=2.2 if method == "ed" else 1.4, label=label)
+    if std is not None:
+        std = np.asarray(std, float)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def _title(summary, text):
+    b = summary["budget"]
+    return f"{text} ({'reduced budget ' if summary['reduced'] else ''}'{b['name']}')"
+
+
+def plot_fig7(summary: dict, dataset: str, path, what: str = "gt_prob") -> Path:
+    """Fig. 7: the ground-truth probability (or accuracy) as units are switched off: most relevant
+    first, least relevant first, random; mean curve and std band per method."""
+    plt = _pyplot()
+    cells = [c for c in summary["cells"] if c["dataset"] == dataset and c["rate"] == 0.5]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    titles = {"most": "most relevant first", "least": "least relevant first", "random": "random units"}
+    band_over = "models"
+    for ax, mode in zip(axes, ("most", "least", "random")):
+        for c in cells:
+            e = c["compression"][mode]
+            std = e.get(what + "_std_models")
+            if std is None:
+                std, band_over = e.get(what + "_std_images"), "images (one model)"
+            _band(ax, e["x"], e[what], std, c["method"], f"{METHOD_LABELS[c['method']]} (n={c['seeds']})")
+        ax.set_title(titles[mode], fontsize=10)
+        ax.set_xlabel("p_c (cumulative p_EB switched off)" if mode != "random" else "k units switched off")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted GT probability" if what == "gt_prob" else "accuracy")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(_title(summary, f"Fig. 7, {dataset}: CNN-2 units of '{cells[0]['blob']}' switched off at test "
+                                 f"time; band: std over {band_over}") if cells else dataset, fontsize=10)
+    return _save(fig, plt, path)
+
+
+def plot_over_training(summary: dict, dataset: str, path) -> Path:
+    """Figs. 4-5: # Neurons ON, Peak p_EB, the two entropies over training iterations per method."""
+    plt = _pyplot()
+    cells = [c for c in summary["cells"] if c["dataset"] == dataset and c["rate"] == 0.5 and c.get("over_training")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, key in zip(axes, METRICS):
+        for c in cells:
+            e = c["over_training"]
+            _band(ax, e["iter"], e[key], e.get(key + "_std"), c["method"], f"{METHOD_LABELS[c['method']]} (n={c['seeds']})")
+        ax.set_title(METRIC_TITLES[key], fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    if cells:
+        axes[0].legend(fontsize=8)
+        images = cells[0]["over_training"]["images"]
+        fig.suptitle(_title(summary, f"Figs. 4-5, {dataset}: utilization of '{cells[0]['blob']}' over training, from "
+                                     f"each kept snapshot on the first {images} test images"), fontsize=10)
+    return _save(fig, plt, path)
+
+
+def plot_reliability(summary: dict, dataset: str, path) -> Path:
+    """A reliability diagram per method: accuracy against confidence per bin, the gap shaded."""
+    plt = _pyplot()
+    cells = [c for c in summary["cells"] if c["dataset"] == dataset and c["rate"] == 0.5]
+    fig, axes = plt.subplots(1, max(1, len(cells)), figsize=(3.2 * max(1, len(cells)), 3.4), squeeze=False)
+    for ax, c in zip(axes[0], cells):
+        r = c["reliability"]
+        bins = len(r["count"])
+        centers = (np.arange(bins) + 0.5) / bins
+        acc = np.array([a if a is not None else np.nan for a in r["accuracy"]])
+        conf = np.array([x if x is not None else np.nan for x in r["confidence"]])
+        ax.bar(centers, np.nan_to_num(acc), width=1 / bins, edgecolor="k", lw=0.4, color=COLORS.get(c["method"]),
+               alpha=0.8, label="accuracy")
+        ax.bar(centers, np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=1 / bins, color="red",
+               alpha=0.25, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_title(f"{METHOD_LABELS[c['method']]}\nECE {c['ece']['mean']:.3f}, NLL {c['nll']['mean']:.2f}",
+                     fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("accuracy")
+    fig.suptitle(_title(summary, f"Reliability, {dataset}"), fontsize=10)
+    return _save(fig, plt, path)
+
+
+def plot_fig2(path, n: int = 10, base_retain: float = 0.5) -> Path:
+    """Fig. 2: the retain probability of Eqn. 3 against p_EB for N units and base retain P."""
+    import torch
+
+    from .functional import retain_probability
+    plt = _pyplot()
+    p = torch.linspace(0, 1, 501, dtype=torch.float64).view(-1, 1).expand(-1, n).contiguous()
+    retain = retain_probability(p, base_retain)[:, 0].numpy()
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    ax.plot(p[:, 0].numpy(), retain, color=COLORS["ed"], lw=2)
+    ax.plot([1 / n], [base_retain], "ko", ms=4)
+    ax.annotate(f"p_EB = 1/N, p = P = {base_retain:g}", (1 / n, base_retain), xytext=(0.25, base_retain + 0.2),
+                fontsize=8, arrowprops={"arrowstyle": "->", "lw": 0.6})
+    ax.set_xlabel("p_EB")
+    ax.set_ylabel("retain probability p")
+    ax.set_title(f"Fig. 2: Eqn. 3, N = {n}, P = {base_retain:g}", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- outputs and the report
+def write_analysis_outputs(summary: dict, out) -> list[Path]:
+    """table5.md/.json, fig7_<d>.png (+ accuracy), fig4_<d>.png (over training), reliability_<d>.png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    md = out / "table5.md"
+    md.write_text("# Table 5: utilization of the first fc layer, CNN-2\n\n" + table5_markdown(summary) + "\n"
+                  + calibration_markdown(summary))
+    js = out / "table5.json"
+    js.write_text(json.dumps(summary, indent=1))
+    written += [md, js]
+    for d in sorted({c["dataset"] for c in summary["cells"]}):
+        written.append(plot_fig7(summary, d, out / f"fig7_{d}.png"))
+        written.append(plot_fig7(summary, d, out / f"fig7_{d}_accuracy.png", what="accuracy"))
+        if any(c.get("over_training") for c in summary["cells"] if c["dataset"] == d):
+            written.append(plot_over_training(summary, d, out / f"fig4_{d}.png"))
+        written.append(plot_reliability(summary, d, out / f"reliability_{d}.png"))
+    return written
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).name)}" style="max-width:100%">'
+
+
+def _md_table_html(md: str) -> str:
+    """The Markdown tables and paragraphs of this module as HTML (only what they use)."""
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            head, body = rows[0], rows[2:]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</table>")
+            rows.clear()
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("# "):
+            out.append(f"<h2>{html.escape(line[2:])}</h2>")
+        elif line.strip():
+            text = html.escape(line).replace("**", "")
+            out.append(f"<p>{text}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def write_report(sweep, out=None, saliency: Path | None = None, saliency_images=(0, 1), device="cpu") -> tuple[Path, Path]:
+    """``report.html`` (self-contained: every figure embedded) and ``report.md`` (figures beside it) for
+    a sweep folder whose analysis has run (``exdrop analyze``); Table 2 and Fig. 3 from the sweep.
+    Fig. 6: ``saliency`` (a PNG), else drawn here for ``saliency_images`` from the first run of each
+    analysed method of the first data set (none: ``saliency_images`` empty)."""
+    sweep = Path(sweep)
+    out = Path(out) if out else sweep
+    summary_path = sweep / "analysis.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path}: run the analysis first (make table5 RUNS={sweep}, or "
+                                f"exdrop analyze {sweep})")
+    summary = json.loads(summary_path.read_text())
+    figures = write_analysis_outputs(summary, out)
+    table2 = collect(sweep)
+    from .sweep import plot_fig3
+    fig3 = [plot_fig3(table2, d, out / f"fig3_{d}.png") for d in sorted({c["dataset"] for c in table2["cells"]})]
+    fig2 = plot_fig2(out / "fig2.png")
+    if saliency is None and saliency_images and summary["cells"]:
+        from .saliency import figure
+        first = summary["cells"][0]["dataset"]
+        order = {m: i for i, m in enumerate(TABLE5_METHODS)}
+        cells = sorted((c for c in summary["cells"] if c["dataset"] == first and c["rate"] == 0.5),
+                       key=lambda c: order.get(c["method"], len(order)))
+        saliency = figure([c["runs"][0] for c in cells], list(saliency_images), out=out / f"fig6_{first}.png",
+                          device=device)
+    elif saliency is not None and Path(saliency).resolve().parent != out.resolve():
+        import shutil
+        saliency = Path(shutil.copy(saliency, out / Path(saliency).name))
+    sections = [("Table 2: test accuracy", table_markdown(table2, "2"), fig3),
+                ("Table 5: utilization of the first fc layer", table5_markdown(summary),
+                 [f for f in figures if f.name.startswith("fig4_")]),
+                ("Fig. 7: resilience to compression", "Units of the first fc layer switched off at test time "
+                 "(Sec. 4.4): the predicted probability of the ground-truth class and the accuracy.",
+                 [f for f in figures if f.name.startswith("fig7_")]),
+                ("Calibration", calibration_markdown(summary), [f for f in figures if f.name.startswith("reliability_")]),
+                ("Fig. 2: the retain probability of Eqn. 3", "", [fig2])]
+    if saliency is not None and Path(saliency).is_file():
+        sections.insert(4, ("Fig. 6: saliency as the most relevant units are switched off", "", [Path(saliency)]))
+    title = f"exdrop report: {sweep.name}"
+    budget = _budget_line(summary)
+    md_lines = [f"# {title}", "", budget, ""]
+    html_parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+                  "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+                  "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;"
+                  "padding:3px 7px}th{background:#eee}img{display:block;margin:1em 0}</style></head><body>",
+                  f"<h1>{html.escape(title)}</h1>", f"<p><b>{html.escape(budget.replace('**', ''))}</b></p>"]
+    for head, text, figs in sections:
+        md_lines += [f"## {head}", "", text, ""] + [f"![{f.name}]({f.name})" for f in figs] + [""]
+        html_parts += [f"<h2>{html.escape(head)}</h2>", _md_table_html(text)] + [_img(f) for f in figs]
+    html_parts.append("</body></html>")
+    md = out / "report.md"
+    md.write_text("\n".join(md_lines))
+    page = out / "report.html"
+    page.write_text("\n".join(html_parts))
+    return page, md

@@ -1,0 +1,283 @@
+"""The analysis of Secs. 4.3-4.4: each metric on hand-made values with known answers, then a tiny
+trained run whose p_EB, metrics, compression curves, conservative filters and calibration are
+recomputed by hand (numpy) from its own activations and weights; contrastive EB and the
+switched-off units of Net.forward; a sweep's Table 5, figures and report."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exdrop import analysis as A
+from exdrop import io as cio
+from exdrop import report as R
+from exdrop.cli import main as exdrop_main
+from exdrop.net import Net
+from exdrop.pylayer import TEST
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import write_tiny  # noqa: E402
+
+
+# ---------------------------------------------------------------------- metrics on hand-made values
+def test_neurons_on_counts_non_zero_units_and_conv_channels():
+    a = torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    assert A.neurons_on(a).tolist() == [2.0, 1.0]
+    conv = torch.zeros(1, 3, 2, 2)
+    conv[0, 0, 1, 1] = 0.5          # channel 0 has one active pixel, channel 2 two
+    conv[0, 2] = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert A.neurons_on(conv).tolist() == [2.0]
+
+
+def test_peak_and_entropy_known_values():
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.7, 0.0]])
+    assert A.peak(p).tolist() == pytest.approx([0.5, 0.7])
+    h = A.entropy(torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0],
+                                [1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert h.tolist() == pytest.approx([math.log(4), 0.0, math.log(2), 1.5 * math.log(2), 0.0])
+
+
+def test_conservative_units_by_moved_norm():
+    w0 = torch.zeros(3, 2)
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.1], [0.0, 0.0]])
+    assert A.moved_norms(w0, w).tolist() == pytest.approx([5.0, 0.1, 0.0])
+    assert A.conservative_units(w0, w, 0.2) == 2
+    assert A.conservative_units(w0, w, 0.05) == 1
+    conv0 = torch.zeros(2, 1, 2, 2)     # a filter per output channel
+    conv = conv0.clone()
+    conv[1] = 1.0
+    assert A.moved_norms(conv0, conv).tolist() == pytest.approx([0.0, 2.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        A.moved_norms(w0, w.t())
+
+
+def test_relevance_masks_switch_off_the_fewest_units_reaching_p_c():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    most = A.relevance_keep_masks(p, [0.0, 0.4, 0.5, 0.8, 0.95], most_first=True)
+    off = [set(np.flatnonzero(~m[0].numpy())) for m in most]
+    assert off == [set(), {0}, {0}, {0, 1}, {0, 1, 2}]
+    least = A.relevance_keep_masks(p, [0.0, 0.1, 0.4, 0.95], most_first=False)
+    off = [set(np.flatnonzero(~m[0].numpy())) for m in least]
+    # ascending p_EB: unit 3 (0), unit 2 (0.2), unit 1 (0.3), unit 0 (0.5)
+    assert off == [set(), {3, 2}, {3, 2, 1}, {3, 2, 1, 0}]
+
+
+def test_random_masks_switch_off_exactly_k_units_per_image():
+    g = torch.Generator().manual_seed(0)
+    keep = A.random_keep_masks(5, 8, [0, 3, 8], g)
+    assert keep.shape == (3, 5, 8)
+    assert (~keep).sum(2).tolist() == [[0] * 5, [3] * 5, [8] * 5]
+    assert len({tuple(r.tolist()) for r in keep[1]}) > 1      # images differ
+
+
+def test_calibration_bins_and_ece_by_hand():
+    conf = torch.tensor([0.95, 0.95, 0.55, 0.55, 1.0, 0.0])
+    correct = torch.tensor([True, False, True, True, True, False])
+    count, conf_sum, acc_sum = A.calibration_bins(conf, correct, bins=15)
+    assert count[14] == 3 and count[8] == 2 and count[0] == 1 and count.sum() == 6
+    # bins: (0.95, 0.95, 1.0) -> acc 2/3, conf 0.9667; (0.55, 0.55) -> acc 1, conf 0.55; (0.0) -> 0, 0
+    want = (3 * abs(2 / 3 - 2.9 / 3) + 2 * abs(1 - 0.55) + 0) / 6
+    assert A.expected_calibration_error(count, conf_sum, acc_sum) == pytest.approx(want)
+
+
+# ---------------------------------------------------------------------- a tiny run, by hand
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analysis")
+    solver = write_tiny(tmp)
+    out = tmp / "run"
+    assert exdrop_main(["train", str(solver), "--out", str(out), "--max-iter", "4", "--snapshot-every", "2",
+                        "--keep-snapshots", "0", "--test-interval", "2", "--seed", "3", "--device", "cpu",
+                        "--quiet"]) == 0
+    return out
+
+
+def _by_hand(run):
+    """Activations of ip1, the classifier's weights, labels: from the engine's forward; the rest numpy."""
+    from exdrop.evaluate import _test_data_layer, load_test_net
+    from exdrop.snapshot import load_weights
+    tn = load_test_net(run / "solver.prototxt")
+    _test_data_layer(tn).data_param.rand_skip = 0
+    net = Net(tn.param, TEST, torch.device("cpu"), tn.source)
+    load_weights(net, run / "snapshots" / "tiny_ed_iter_4.caffemodel")
+    acts, labels = [], []
+    for _ in range(2):     # 6 held-out images, batch 3
+        blobs = net()
+        acts.append(blobs["ip1"].detach().numpy().copy())
+        labels.append(blobs["label"].numpy().astype(int))
+    a, y = np.concatenate(acts), np.concatenate(labels)
+    w2, b2 = (x.detach().numpy() for x in net.layer("ip2").blobs)
+    return a.astype(np.float64), y, w2.astype(np.float64), b2.astype(np.float64)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _entropy(x):
+    q = x / x.sum(1, keepdims=True)
+    return -np.where(q > 0, q * np.log(np.where(q > 0, q, 1)), 0).sum(1)
+
+
+def test_run_analysis_matches_sums_by_hand(tiny_run):
+    res = A.analyze_run(tiny_run, delta=0.05, over_training=True, training_images=3, echo=lambda *a: None)
+    f = res["final"]
+    a, y, w2, b2 = _by_hand(tiny_run)
+    assert (f["blob"], f["units"], f["images"], res["iteration"]) == ("ip1", 16, 6, 4)
+    # p_EB at ip1 from the ground-truth class: the classifier's EB step, by hand
+    wp = np.maximum(w2[y], 0)                       # (images, 16): W+ row of each image's class
+    p = a * wp / (a * wp).sum(1, keepdims=True)
+    assert f["neurons_on"] == pytest.approx((a > 0).sum(1).mean())
+    assert f["peak_peb"] == pytest.approx(p.max(1).mean(), rel=1e-5)
+    assert f["entropy_act"] == pytest.approx(_entropy(a).mean(), rel=1e-5)
+    assert f["entropy_peb"] == pytest.approx(_entropy(p).mean(), rel=1e-5)
+    assert f["peb_mass"] == pytest.approx(1.0, abs=1e-5)
+    probs = _softmax(a @ w2.T + b2)
+    assert f["accuracy"] == pytest.approx((probs.argmax(1) == y).mean())
+    assert f["nll"] == pytest.approx(-np.log(probs[np.arange(6), y]).mean(), rel=1e-5)
+    # compression: p_c = 0 and k = 0 leave the net intact; k = all units leaves the biases
+    comp = f["compression"]
+    gt = probs[np.arange(6), y]
+    assert comp["most"]["gt_prob"][0] == pytest.approx(gt.mean(), rel=1e-5)
+    assert comp["random"]["x"] == [0, 16] and comp["random"]["gt_prob"][0] == pytest.approx(gt.mean(), rel=1e-5)
+    assert comp["random"]["gt_prob"][-1] == pytest.approx(_softmax(np.tile(b2, (6, 1)))[np.arange(6), y].mean(),
+                                                          rel=1e-5)
+    i = A.P_C.index(0.5)                               # the most relevant units up to half the mass, by hand
+    keep = np.ones_like(p, bool)
+    for n in range(6):
+        order = np.argsort(-p[n], kind="stable")
+        before = np.cumsum(p[n][order]) - p[n][order]
+        keep[n, order[before < 0.5]] = False
+    want = _softmax((a * keep) @ w2.T + b2)[np.arange(6), y]
+    assert comp["most"]["gt_prob"][i] == pytest.approx(want.mean(), rel=1e-4)
+    assert comp["most"]["gt_prob_std_images"][i] == pytest.approx(want.std(), rel=1e-3, abs=1e-6)
+    # conservative filters: ip1's rows against init.caffemodel
+    def ip1(path):
+        layer = next(l for l in cio.read_caffemodel(path).layer if l.name == "ip1")
+        return np.asarray(layer.blobs[0].data, np.float64).reshape(16, -1)
+    moved = np.linalg.norm(ip1(tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel") - ip1(tiny_run / "init.caffemodel"),
+                           axis=1)
+    assert f["conservative"] == int((moved < 0.05).sum()) and f["delta"] == 0.05
+    assert f["moved_median"] == pytest.approx(np.median(moved), rel=1e-4)
+    # over training: init (0) and both snapshots, on the first 3 images; nothing moved at iteration 0
+    rows = res["over_training"]["rows"]
+    assert [r["iter"] for r in rows] == [0, 2, 4] and rows[0]["conservative"] == 16
+    assert rows[-1]["neurons_on"] == pytest.approx((a[:3] > 0).sum(1).mean())
+    # the trainer logged the same metrics at its test point of iteration 4 (both batches: the same 6 images)
+    import csv
+    with open(tiny_run / "log.csv", newline="") as fh:
+        logged = [r for r in csv.DictReader(fh) if r["phase"] == "test" and r["iter"] == "4"][0]
+    for key in A.METRICS:
+        assert float(logged[key]) == pytest.approx(f[key], rel=1e-5), key
+    # saved, and reused while nothing changed
+    saved = json.loads((tiny_run / "analysis" / "analysis.json").read_text())
+    assert saved["final"]["entropy_peb"] == f["entropy_peb"]
+    calls = []
+    again = A.analyze_run(tiny_run, delta=0.05, training_images=3, echo=calls.append)
+    assert calls == [] and again["final"] == saved["final"]
+
+
+def test_contrastive_eb_and_switched_off_units_by_hand(tiny_run):
+    from exdrop.evaluate import load_test_net
+    from exdrop.snapshot import load_weights
+    tn = load_test_net(tiny_run / "solver.prototxt")
+    net = Net(tn.param, TEST, torch.device("cpu"), tn.source)
+    load_weights(net, tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel")
+    with torch.no_grad():
+        blobs = net.forward(record=True)
+    a = blobs["ip1"].double().numpy()
+    y = blobs["label"].long().numpy()
+    w2 = net.layer("ip2").blobs[0].detach().double().numpy()[y]
+    pos, neg = np.maximum(w2, 0), np.maximum(-w2, 0)
+    def share(w):    # EB's step: x w / sum(x w), 0 where the sum is 0 (no epsilon)
+        z = (a * w).sum(1, keepdims=True)
+        return np.divide(a * w, z, out=np.zeros_like(a), where=z != 0)
+    want = np.maximum(share(pos) - share(neg), 0)
+    got = net.excitation("ip1", contrastive=True).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # units switched off: the following layers and EB see the edited blob
+    keep = torch.ones(a.shape[1])
+    keep[:8] = 0
+    with torch.no_grad():
+        blobs = net.forward({"data": blobs["data"], "label": blobs["label"]}, record=True,
+                            edit={"ip1": lambda t: t * keep})
+    assert float(blobs["ip1"][:, :8].abs().sum()) == 0.0
+    z = (a * keep.numpy()) @ net.layer("ip2").blobs[0].detach().double().numpy().T \
+        + net.layer("ip2").blobs[1].detach().double().numpy()
+    np.testing.assert_allclose(blobs["ip2"].double().numpy(), z, rtol=1e-5, atol=1e-6)
+    p = net.excitation("ip1").numpy()
+    assert float(np.abs(p[:, :8]).sum()) == 0.0 and p.sum(1) == pytest.approx(np.ones(3), abs=1e-5)
+
+
+def test_analysis_errors_name_the_problem(tiny_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        A.analyze_run(tmp_path)
+    with pytest.raises(ValueError, match="no blob 'nope'"):
+        A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", blob="nope")
+    with pytest.raises(ValueError, match="blob 'label' has shape .*not a layer of units"):
+        A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", blob="label")
+    with pytest.raises(ValueError, match="not written by an InnerProduct or Convolution"):
+        A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", blob="data",
+                  init_weights=tiny_run / "init.caffemodel", compression=False)
+
+
+# ---------------------------------------------------------------------- a sweep: Table 5, figures, report
+def _fake_sweep(tiny_run, tmp_path):
+    """A sweep folder whose plan lists the tiny run as two methods of cifar10."""
+    import shutil
+    runs = []
+    for method in ("ed", "standard_fc1"):
+        folder = tmp_path / "sweep" / "cifar10" / method / "seed1"
+        shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("analysis"))
+        runs.append({"dataset": "cifar10", "method": method, "rate": 0.5, "seed": 1, "folder": str(folder),
+                     "command": ["true"]})
+    budget = {"name": "cpu", "description": "a tiny test budget", "reduced": True}
+    (tmp_path / "sweep" / "plan.json").write_text(json.dumps({"budget": budget, "runs": runs}))
+    return tmp_path / "sweep"
+
+
+def test_sweep_table5_figures_and_report(tiny_run, tmp_path):
+    sweep = _fake_sweep(tiny_run, tmp_path)
+    assert exdrop_main(["analyze", str(sweep), "--training-images", "3", "--quiet"]) == 0
+    summary = json.loads((sweep / "analysis.json").read_text())
+    assert [c["method"] for c in summary["cells"]] == ["ed", "standard_fc1"]
+    assert summary["cells"][0]["delta"] == 0.25          # Table 5's CIFAR-10 threshold, from the plan
+    md = (sweep / "table5.md").read_text()
+    assert "Reduced budget" in md and "a tiny test budget" in md
+    assert re.search(r"\| cifar10 \| Peak p_EB \| .*\[0\.0110 \+- 0\.0040\].*\[0\.0030 \+- 0\.0002\]", md)
+    assert "Conservative filters (Delta = 0.25)" in md and "| Excitation |" in md
+    for name in ("fig7_cifar10.png", "fig7_cifar10_accuracy.png", "fig4_cifar10.png", "reliability_cifar10.png"):
+        assert (sweep / name).stat().st_size > 10_000, name
+    page, mdfile = R.write_report(sweep, tmp_path / "out", saliency_images=(0,))
+    text = page.read_text()
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(imgs) >= 7                                # Figs. 3, 4, 7 (x2), reliability, 6, 2
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
+    assert "Reduced budget" in text and "<table>" in text and "Fig. 6" in text
+    report_md = mdfile.read_text()
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report_md):
+        assert (mdfile.parent / link).is_file(), link
+
+
+def test_fig2_retain_probability(tmp_path):
+    out = R.plot_fig2(tmp_path / "fig2.png", n=10, base_retain=0.5)
+    assert out.stat().st_size > 5_000
+    assert exdrop_main(["plot", "--fig2", str(tmp_path / "f.png"), "--n", "20", "--base-retain", "0.6"]) == 0
+
+
+def test_make_targets_name_the_analysis(tmp_path):
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    for target, want in (("table5", "exdrop analyze results/x"), ("fig7", "--no-over-training"),
+                         ("report", "exdrop report results/x")):
+        out = subprocess.run(["make", "-n", "-C", str(root), target, "RUNS=results/x"], capture_output=True,
+                             text=True, check=True).stdout
+        assert want in out, (target, out)
