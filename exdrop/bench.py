@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -251,6 +252,52 @@ def processes_vs_threads(prototxt: str, solver: str, iters: int, batch: int) -> 
             "throughput_ratio_processes_to_one": one_wall / many_wall}
 
 
+def utilization_cost(batch: int, iters: int, device, images: int = 1000) -> dict:
+    """What the trainer's utilization columns cost: a test batch with Table 5's metrics (recorded
+    forward, EB from the ground truth to fc1, the four metrics) against a plain test batch, and a
+    training step, CNN-2 ED on 32x32, interleaved rounds; then the share of a run it adds under the
+    paper's schedule and the cpu budget's."""
+    from .analysis import utilization
+    from .pylayer import TEST
+    proto, solver = CNN2_CIFAR10["Excitation"], cio.read_solver_prototxt(ROOT / "prototxt/cnn2/cifar10/solver_ed.prototxt")
+    train = Variant("train step (ED)", str(ROOT / proto), solver, batch, (3, 32, 32), 10, device)
+    param = with_input_layer(cio.read_net_prototxt(ROOT / proto), TEST, batch, (3, 32, 32))
+    test_net = Net(param, TEST, device, proto)
+    test_net.share_weights_from(train.net)
+    feed = train.feed
+
+    class Plain:
+        name = "test batch"
+
+        @torch.no_grad()
+        def step(self):
+            self.out = test_net(feed)["loss"]
+
+        last_loss = property(lambda self: float(self.out))
+
+    class WithMetrics(Plain):
+        name = "test batch + utilization"
+
+        @torch.no_grad()
+        def step(self):
+            blobs = test_net.forward(feed, record=True)
+            self.sums = utilization(blobs["ip1"], test_net.excitation("ip1", "ip3"))
+            test_net.records = None
+            self.out = blobs["loss"]
+
+    rows = time_steps({"train step (ED)": train, "test batch": Plain(), "test batch + utilization": WithMetrics()},
+                      iters=iters, warmup=2, device=device)
+    step, plain, util = (rows[k]["median_s"] for k in ("train step (ED)", "test batch", "test batch + utilization"))
+    per_test = (util - plain) * math.ceil(images / batch)
+
+    def share(max_iter, test_interval, test_iter):
+        tests = max_iter // test_interval
+        return tests * per_test / (max_iter * step + tests * test_iter * plain)
+    return {"device": str(device), "threads": torch.get_num_threads(), "batch": batch, "iters": iters, "warmup": 2,
+            "peak_rss_mb": peak_rss_mb(), "utilization_images": images, "variants": rows, "extra_s_per_test_point": per_test,
+            "run_share_paper_schedule": share(100000, 1000, 50), "run_share_cpu_budget": share(1200, 400, 50)}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -428,6 +475,14 @@ def main(args) -> int:
             print(f"{pt['cores']} single-thread processes vs one {pt['cores']}-thread process, "
                   f"{pt['iterations']} iterations each way: wall {pt['processes_wall_s']:.1f} s vs "
                   f"{pt['one_process_wall_s']:.1f} s, throughput ratio {pt['throughput_ratio_processes_to_one']:.3f}")
+        _write_json(args.json, res)
+        return 0
+    if args.what == "utilization":
+        res = utilization_cost(args.batch or 100, args.iters or 10, device)
+        _print_table("CNN-2 ED on CIFAR-10 (32x32): Table 5's metrics at each test point", res, None)
+        print(f"extra per test point ({res['utilization_images']} images): {res['extra_s_per_test_point']:.3f} s; "
+              f"share of a run: {100 * res['run_share_paper_schedule']:.2f}% (paper schedule: 100K iterations, a "
+              f"test every 1,000), {100 * res['run_share_cpu_budget']:.2f}% (cpu budget: 1,200, a test every 400)")
         _write_json(args.json, res)
         return 0
     if args.what == "cnn2-cifar10":

@@ -329,6 +329,10 @@ def _cmd_plot(args) -> int:
             return 0
     if not args.runs:
         raise ValueError("give run folder(s), or --fig2 PNG")
+    if args.utilization:
+        from .report import plot_logged_utilization
+        print(f"wrote {plot_logged_utilization(args.runs, args.out or 'utilization.png')}")
+        return 0
     if len(args.runs) == 1:
         out = plot_run(args.runs[0])
         if args.out:
@@ -412,11 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     b = sub.add_parser("bench", help="seconds per training iteration of the dropout variants, side by side")
-    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6", "caffe", "precision"],
+    b.add_argument("what", nargs="?", default="cnn2-cifar10", choices=["cnn2-cifar10", "table6", "caffe", "precision", "utilization"],
                    help="cnn2-cifar10: Standard vs Excitation (batch 100); table6: the paper's Table 6 runtimes; "
                         "caffe: real Caffe vs the engine on CPU (CNN-2, needs `make caffe`); precision: CNN-2 ED "
                         "as float32, bf16 autocast and torch.compile, and one multi-thread process vs one "
-                        "single-thread process per core (CPU)")
+                        "single-thread process per core (CPU); utilization: what the trainer's Table 5 columns at "
+                        "each test point cost")
     b.add_argument("--sizes", default="32,128",
                    help="caffe: input sizes, from 32 (batch 100, 10 classes) and 128 (batch 50, 256 classes)")
     b.add_argument("--nets", default="cnn2,vgg16", help="table6: which nets (cnn2, vgg16)")
@@ -494,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="training curves (loss, test accuracy) from run folders' log.csv")
     pl.add_argument("runs", nargs="*", metavar="RUN", help="run folder(s) holding log.csv")
+    pl.add_argument("--utilization", action="store_true",
+                    help="Figs. 4-5: the utilization columns of the runs' log.csv, a mean curve and std band per "
+                         "method (runs grouped by the sweep's method, else their parent folder's name)")
     pl.add_argument("--fig2", metavar="PNG", help="draw Fig. 2 (the retain probability of Eqn. 3 against p_EB)")
     pl.add_argument("--n", type=int, default=10, help="Fig. 2: the layer's units N (default 10, as the paper)")
     pl.add_argument("--base-retain", type=float, default=0.5, help="Fig. 2: the base retain probability P")

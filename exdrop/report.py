@@ -267,6 +267,36 @@ def plot_over_training(summary: dict, dataset: str, path) -> Path:
     return _save(fig, plt, path)
 
 
+def plot_logged_utilization(runs, path) -> Path:
+    """Figs. 4-5 from the runs' own log.csv (the trainer's utilization columns at each test point):
+    runs of one method (from the sweep's plan, else the run folder's parent name) give one mean
+    curve with a std band."""
+    from .analysis import run_info
+    from .plot import read_log
+    plt = _pyplot()
+    groups: dict = {}
+    for run in runs:
+        method = run_info(run).get("method") or Path(run).resolve().parent.name
+        tests = read_log(run)["test"]
+        if not any(v.get("neurons_on") is not None for _, v in tests):
+            raise ValueError(f"{run}: log.csv has no utilization columns (runs log them with --utilization, the "
+                             "default since this release; for older runs: exdrop analyze RUN)")
+        groups.setdefault(method, []).append({it: v for it, v in tests if v.get("neurons_on") is not None})
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, key in zip(axes, METRICS):
+        for method, curves in groups.items():
+            iters = sorted(set.intersection(*(set(c) for c in curves)))
+            ys = np.array([[c[i][key] for i in iters] for c in curves])
+            _band(ax, iters, ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else None, method,
+                  f"{METHOD_LABELS.get(method, method)} (n={len(curves)})")
+        ax.set_title(METRIC_TITLES[key], fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Figs. 4-5: utilization at each test point (the runs' log.csv); band: std over runs", fontsize=10)
+    return _save(fig, plt, path)
+
+
 def plot_reliability(summary: dict, dataset: str, path) -> Path:
     """A reliability diagram per method: accuracy against confidence per bin, the gap shaded."""
     plt = _pyplot()

@@ -267,6 +267,20 @@ def test_sweep_table5_figures_and_report(tiny_run, tmp_path):
         assert (mdfile.parent / link).is_file(), link
 
 
+def test_plot_of_the_logged_utilization(tiny_run, tmp_path):
+    import shutil
+    runs = []
+    for seed in (1, 2):     # two "seeds" of one method: a mean curve with a band
+        folder = tmp_path / "ed" / f"seed{seed}"
+        shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("snapshots", "analysis"))
+        runs.append(str(folder))
+    out = tmp_path / "u.png"
+    assert exdrop_main(["plot", *runs, "--utilization", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    (tmp_path / "ed" / "seed2" / "log.csv").write_text("iter,phase,lr,elapsed_s,accuracy,loss\n2,test,0.1,1,0.5,1\n")
+    assert exdrop_main(["plot", *runs, "--utilization", "--out", str(out)]) == 1
+
+
 def test_fig2_retain_probability(tmp_path):
     out = R.plot_fig2(tmp_path / "fig2.png", n=10, base_retain=0.5)
     assert out.stat().st_size > 5_000
