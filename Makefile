@@ -30,7 +30,7 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
-.PHONY: table2 table4 table5 fig7 report
+.PHONY: table2 table4 table5 fig7 report report-screenshot
 .PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 train-cifar10 bench bench-table6 prototxt mutation
 
 help:
@@ -58,6 +58,7 @@ help:
 	@echo "                           (default $(RUNS)), METHODS=<subset, default none,standard_fc1,curriculum,ed>"
 	@echo "make fig7                  Fig. 7 (compression) and reliability diagrams of RUNS"
 	@echo "make report                one HTML page + Markdown of RUNS: every table and figure (Figs. 2-7)"
+	@echo "make report-screenshot     a headless chromium screenshot of that page (results/report_screenshot.png)"
 	@echo "make table2                the paper's Table 2 and Fig. 3: every method, DATASETS=cifar10,cifar100,caltech256"
 	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu> BUDGET=paper|cpu WORKERS=<n> METHODS=<subset>"
 	@echo "                           DATA= CIFAR100= CALTECH256= (raw sources); results/table2.md + the sweep folder"
@@ -196,3 +197,7 @@ report:
 	$(PY) -m exdrop analyze $(analyze_args)
 	$(PY) -m exdrop report $(RUNS) --out $(RUNS)
 	cp $(RUNS)/report.html $(RUNS)/report.md $(RUNS)/fig*.png $(RUNS)/reliability_*.png results/
+
+# a headless chromium screenshot of the report: it opens, every figure shows (installs chromium once)
+report-screenshot:
+	scripts/screenshot.sh $(RUNS)/report.html results/report_screenshot.png

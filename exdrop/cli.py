@@ -42,14 +42,6 @@ def official_source(source: str, dataset: str = "cifar10") -> str:
     return source
 
 
-def _cifar10_source(source: str) -> str:
-    return official_source(source, "cifar10")
-
-
-def _cifar100_source(source: str) -> str:
-    return official_source(source, "cifar100")
-
-
 def _converted(data_dir) -> bool:
     """The LMDBs the CIFAR-10 prototxts read are already in ``data_dir``."""
     d = Path(data_dir)
@@ -84,7 +76,7 @@ def _cmd_data(args) -> int:
     elif dataset in ("cifar10", "cifar100"):
         if resize:
             raise ValueError(f"--resize: {dataset} images stay 32x32")
-        source = (_cifar10_source if dataset == "cifar10" else _cifar100_source)(args.source)
+        source = official_source(args.source, dataset)
         prepare = prepare_cifar10 if dataset == "cifar10" else prepare_cifar100
         info = prepare(source, args.out or f"data/{dataset}", val_size=args.val_size,
                        seed=args.seed or 0, limit_per_class=args.limit_per_class)
@@ -113,7 +105,7 @@ def _prepare_train_data(args) -> None:
     if (not path.exists() and path.name == "cifar-10-python.tar.gz" and _converted(args.data_dir)):
         print(f"data: {path} not found; using the converted LMDBs in {args.data_dir} (train_lmdb, val_lmdb)")
         return
-    info = prepare_cifar10(_cifar10_source(args.data), args.data_dir, val_size=args.val_size, seed=0,
+    info = prepare_cifar10(official_source(args.data, "cifar10"), args.data_dir, val_size=args.val_size, seed=0,
                            limit_per_class=args.limit_per_class)
     print(_data_summary(info))
 

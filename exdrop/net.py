@@ -143,6 +143,8 @@ class Net(nn.Module):
         self.channels_last = on
         return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
+    _iteration_targets = None   # the Python layers' objects that take the solver's iteration
+
     def set_iteration(self, it: int) -> None:
         """Hand the solver's iteration ``it`` to every Python layer that asks for it.
 
@@ -152,12 +154,13 @@ class Net(nn.Module):
         solver's iteration before each forward, so a resumed run continues the schedule.
         A Python int: no host synchronisation.
         """
+        if self._iteration_targets is None:   # found once: the layers do not change after the build
+            self._iteration_targets = [target for layer in self.layer_list if isinstance(layer, Python)
+                                       for target in (layer.module, getattr(layer, "obj", None))
+                                       if getattr(target, "needs_iteration", False)]
         it = int(it)
-        for layer in self.layer_list:
-            if isinstance(layer, Python):
-                for target in (layer.module, getattr(layer, "obj", None)):
-                    if getattr(target, "needs_iteration", False):
-                        target.iteration = it
+        for target in self._iteration_targets:
+            target.iteration = it
 
     # ------------------------------------------------------------- building
     def _legacy_inputs(self, net_param, shapes, batch_size):

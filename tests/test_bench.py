@@ -108,3 +108,16 @@ def test_time_steps_interleaves_any_steppers():
     assert rows["fast"]["ratio_to_fast"] == pytest.approx(1.0)
     assert rows["slow"]["ratio_to_fast"] == pytest.approx(slow / fast) and slow / fast > 2
     assert rows["slow"]["median_s"] >= 0.02 and rows["slow"]["std_s"] >= 0.0
+
+
+def test_utilization_cost_reports_the_share_of_a_run(capsys):
+    """`exdrop bench utilization`: a test batch with Table 5's metrics against a plain one and a
+    training step, interleaved; the extra per test point and the share of the two schedules."""
+    from exdrop.bench import utilization_cost
+    res = utilization_cost(batch=4, iters=1, device=torch.device("cpu"), images=8)
+    rows = res["variants"]
+    assert list(rows) == ["train step (ED)", "test batch", "test batch + utilization"]
+    extra = (rows["test batch + utilization"]["median_s"] - rows["test batch"]["median_s"]) * 2   # 8 images / 4
+    assert res["extra_s_per_test_point"] == pytest.approx(extra)
+    step, plain = rows["train step (ED)"]["median_s"], rows["test batch"]["median_s"]
+    assert res["run_share_cpu_budget"] == pytest.approx(3 * extra / (1200 * step + 3 * 50 * plain))
