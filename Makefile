@@ -196,7 +196,7 @@ fig7:
 report:
 	$(PY) -m exdrop analyze $(analyze_args)
 	$(PY) -m exdrop report $(RUNS) --out $(RUNS)
-	cp $(RUNS)/report.html $(RUNS)/report.md $(RUNS)/fig*.png $(RUNS)/reliability_*.png results/
+	cp $(RUNS)/report.md $(RUNS)/fig*.png $(RUNS)/reliability_*.png results/
 
 # a headless chromium screenshot of the report: it opens, every figure shows (installs chromium once)
 report-screenshot:

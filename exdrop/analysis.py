@@ -64,7 +64,8 @@ __all__ = ["neurons_on", "peak", "entropy", "utilization", "moved_norms", "conse
 
 METRICS = ("neurons_on", "peak_peb", "entropy_act", "entropy_peb")
 METRIC_TITLES = {"neurons_on": "# Neurons ON", "peak_peb": "Peak p_EB", "entropy_act": "Entropy of activations",
-                 "entropy_peb": "Entropy of p_EB", "conservative": "Conservative filters"}
+                 "entropy_peb": "Entropy of p_EB", "conservative": "Conservative filters",
+                 "moved_median": "Median L2 distance of a unit's weights from their init"}
 # Table 5's thresholds of the conservative filters, per data set
 DELTA = {"cifar10": 0.25, "cifar100": 0.30, "caltech256": 1.25, "ucf101": 0.15}
 P_C = tuple(round(0.05 * i, 2) for i in range(20))     # 0, 0.05, ..., 0.95 (Fig. 7)

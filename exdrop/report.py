@@ -26,7 +26,7 @@ from .sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
 
 # Table 5 and Fig. 7 compare these (the paper: Standard, Curriculum, Excitation; the issue adds none)
 TABLE5_METHODS = ("none", "standard_fc1", "curriculum", "ed")
-TABLE5_ROWS = (*METRICS, "conservative")
+TABLE5_ROWS = (*METRICS, "conservative", "moved_median")   # the last: not in the paper, the scale of Delta
 
 # The paper's Table 5: (mean, std) per dataset, metric and method
 PAPER_TABLE5 = {
@@ -104,7 +104,7 @@ def summarize_cell(dataset, method, rate, runs) -> dict:
     cell = {"dataset": dataset, "method": method, "rate": rate, "seeds": len(runs),
             "runs": [r["run"] for r in runs], "delta": finals[0].get("delta"), "blob": finals[0]["blob"],
             "units": finals[0]["units"], "images": finals[0]["images"]}
-    for key in (*METRICS, "conservative", "accuracy", "nll", "ece", "peb_mass"):
+    for key in (*METRICS, "conservative", "moved_median", "accuracy", "nll", "ece", "peb_mass"):
         m, s = _mean_std([f.get(key) for f in finals])
         cell[key] = {"mean": m, "std": s,
                      "std_images": finals[0].get(key + "_std_images") if len(finals) == 1 else None}
@@ -151,6 +151,8 @@ def _fmt(v, key):
         return f"{v:.4f}"
     if key in ("neurons_on", "conservative"):
         return f"{v:.0f}"
+    if key == "moved_median":
+        return f"{v:.3f}"
     return f"{v:.2f}"
 
 
@@ -161,7 +163,7 @@ def _cell_text(stat, key, paper=None):
         text = _fmt(stat["mean"], key)
         if stat["std"] is not None:
             text += f" +- {_fmt(stat['std'], key)}"
-        elif stat.get("std_images") is not None and key != "conservative":
+        elif stat.get("std_images") is not None and key not in ("conservative", "moved_median"):
             text += f" (images: +- {_fmt(stat['std_images'], key)})"
     if paper:
         text += f" [{_fmt(paper[0], key)} +- {_fmt(paper[1], key)}]"
@@ -195,26 +197,30 @@ def table5_markdown(summary: dict) -> str:
 
 
 def calibration_markdown(summary: dict) -> str:
-    cells = [c for c in summary["cells"] if c["rate"] == 0.5]
-    lines = ["Calibration on the held-out test images: accuracy, test NLL (nats) and the expected calibration "
-             "error (15 equal-width confidence bins), mean +- std over seeds.", "",
+    order = {m: i for i, m in enumerate(METHODS)}
+    cells = sorted((c for c in summary["cells"] if c["rate"] == 0.5), key=lambda c: (c["dataset"], order[c["method"]]))
+
+    def cell(stat, scale=1.0, digits=2):
+        if stat["mean"] is None:
+            return "-"
+        text = f"{stat['mean'] * scale:.{digits}f}"
+        return text + (f" +- {stat['std'] * scale:.{digits}f}" if stat["std"] is not None else "")
+    lines = ["Calibration on the held-out test images: accuracy, test NLL (nats, the mean of -ln p(ground truth)) "
+             "and the expected calibration error (15 equal-width confidence bins), mean +- std over seeds.", "",
              "| Dataset | Method | Accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
     for c in cells:
-        acc = dict(c["accuracy"])
-        acc = {k: (v * 100 if isinstance(v, float) and k in ("mean", "std", "std_images") else v)
-               for k, v in acc.items()}
-        lines.append(f"| {c['dataset']} | {METHOD_LABELS[c['method']]} | {_cell_text(acc, 'accuracy')} | "
-                     f"{_cell_text(c['nll'], 'nll')} | {_cell_text(c['ece'], 'ece').replace('(images: +- ', '(+- ')} |")
+        lines.append(f"| {c['dataset']} | {METHOD_LABELS[c['method']]} | {cell(c['accuracy'], 100)} | "
+                     f"{cell(c['nll'])} | {cell(c['ece'], digits=3)} |")
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- figures
-def _band(ax, x, mean, std, method, label):
+def _band(ax, x, mean, std, method, label, alpha=0.18):
     mean = np.asarray(mean, float)
     line, = ax.plot(x, mean, color=COLORS.get(method), lw=2.2 if method == "ed" else 1.4, label=label)
     if std is not None:
         std = np.asarray(std, float)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.18, lw=0)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=alpha, lw=0)
 
 
 def _title(summary, text):
@@ -233,10 +239,10 @@ def plot_fig7(summary: dict, dataset: str, path, what: str = "gt_prob") -> Path:
     for ax, mode in zip(axes, ("most", "least", "random")):
         for c in cells:
             e = c["compression"][mode]
-            std = e.get(what + "_std_models")
-            if std is None:
-                std, band_over = e.get(what + "_std_images"), "images (one model)"
-            _band(ax, e["x"], e[what], std, c["method"], f"{METHOD_LABELS[c['method']]} (n={c['seeds']})")
+            std, alpha = e.get(what + "_std_models"), 0.18
+            if std is None:   # one model: the spread over the images, wide, so drawn fainter
+                std, alpha, band_over = e.get(what + "_std_images"), 0.07, "images (one model)"
+            _band(ax, e["x"], e[what], std, c["method"], f"{METHOD_LABELS[c['method']]} (n={c['seeds']})", alpha)
         ax.set_title(titles[mode], fontsize=10)
         ax.set_xlabel("p_c (cumulative p_EB switched off)" if mode != "random" else "k units switched off")
         ax.grid(alpha=0.3)

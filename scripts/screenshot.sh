@@ -2,11 +2,11 @@
 # A headless-browser screenshot of an HTML page (the report): proof that it opens and that every
 # figure is visible. Uses Debian's chromium, installed here when it is missing (root or sudo).
 #
-# Usage: scripts/screenshot.sh PAGE.html OUT.png [WIDTHxHEIGHT]   (default 1300x9000)
+# Usage: scripts/screenshot.sh PAGE.html OUT.png [WIDTHxHEIGHT]   (default 1300x6800)
 set -euo pipefail
 page=${1:?usage: scripts/screenshot.sh PAGE.html OUT.png [WIDTHxHEIGHT]}
 out=${2:?usage: scripts/screenshot.sh PAGE.html OUT.png [WIDTHxHEIGHT]}
-size=${3:-1300x9000}
+size=${3:-1300x6800}
 [[ -f $page ]] || { echo "screenshot.sh: $page: no such file" >&2; exit 1; }
 
 browser=$(command -v chromium || command -v chromium-browser || true)
