@@ -737,6 +737,14 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
     assert json.loads((runs["caffe"] / "results.json").read_text())["iterations"] == 6
     assert (runs["caffe"] / "init.caffemodel").stat().st_mtime_ns == init_written   # a resume keeps it
 
+    # the analysis reads a Caffe run as an engine run: its snapshots and init.caffemodel are pycaffe's
+    from exdrop.analysis import analyze_run
+    res = analyze_run(runs["caffe"], delta=0.05, training_images=3, echo=lambda *a: None)
+    f = res["final"]
+    assert res["iteration"] == 6 and f["images"] == 6 and 0 < f["peb_mass"] <= 1 + 1e-5   # lost where Z = 0
+    rows = res["over_training"]["rows"]
+    assert 0 <= f["conservative"] <= 16 and rows[0]["iter"] == 0 and rows[-1]["iter"] == 6
+
 
 def test_caffe_backend_net_without_loss_names_the_layer(caffe, tmp_path):
     """ExcitationDropout needs the logits: without a loss layer (and no 'logits' in its

@@ -385,6 +385,9 @@ class _StubBackend:
         self.snapshots.append(self.iter)
         return self.out / f"stub_iter_{self.iter}.caffemodel"
 
+    def save_weights(self, path):   # the run's iteration-0 weights: nothing to write for a stub
+        Path(path).write_bytes(b"")
+
     def results_extra(self):
         return {}
 
