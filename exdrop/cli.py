@@ -146,6 +146,8 @@ def _cmd_train(args) -> int:
         extra["utilization"] = None if args.utilization in ("", "off") else args.utilization
     if args.utilization_images is not None:
         extra["utilization_images"] = args.utilization_images
+    if args.tensorboard:
+        extra["tensorboard"] = args.tensorboard
     cfg = TrainConfig(solver=args.solver, out=args.out, backend=args.backend, max_iter=args.max_iter,
                       device=args.device, resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
@@ -393,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-iter", type=int, help="test batches per test pass (default: the solver's test_iter)")
     t.add_argument("--display", type=int, help="log a training row every N iterations (default: the solver's display)")
     t.add_argument("--snapshot-every", type=int, help="snapshot every N iterations (default: the solver's snapshot)")
+    t.add_argument("--tensorboard", metavar="DIR",
+                   help="also write every log.csv row (loss, accuracy, learning rate, the utilization metrics) as "
+                        "TensorBoard event files in DIR (`tensorboard --logdir DIR`)")
     t.add_argument("--utilization", metavar="BLOB",
                    help="log Table 5's metrics (# neurons ON, peak p_EB, the two entropies) of BLOB at every test "
                         "point as log.csv columns (engine backend); default auto: the first fc of a test net with "

@@ -87,6 +87,7 @@ class TrainConfig:
     # net with a SoftmaxWithLoss, a blob name, or None (off); on the first utilization_images images
     utilization: str | None = "auto"
     utilization_images: int = 1000
+    tensorboard: str | None = None     # a folder for TensorBoard event files (every log.csv row's numbers)
     overrides: dict = field(default_factory=dict)
 
 
@@ -479,6 +480,7 @@ class Trainer:
         self.bar = None
         self._shown_at = time.perf_counter()
         self._last_rate = 0.0
+        self.tb = self._tensorboard(cfg.tensorboard, self.backend.iter if cfg.resume else None)
 
     def _tests_at(self, it: int) -> bool:
         """Whether this run tests at iteration ``it`` (on schedule, or the final test at max_iter)."""
@@ -685,8 +687,27 @@ class Trainer:
             prune_snapshots(self.sp.snapshot_prefix, self.backend.iter, self.cfg.keep_snapshots)
         return self.last_snapshot
 
+    @staticmethod
+    def _tensorboard(folder: str | None, resume_iter: int | None):
+        """A TensorBoard SummaryWriter for ``folder`` (None: off); a resumed run hides the steps after its snapshot."""
+        if not folder:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(f"--tensorboard needs the tensorboard package (`make setup` installs it; or "
+                              f"pip install tensorboard): {exc}") from None
+        return SummaryWriter(str(folder), purge_step=resume_iter)
+
     def _log(self, row: dict, bar) -> None:
         self.log.add(row)
+        if self.tb is not None:   # the row's numbers: train/loss, train/lr, test/accuracy, test/neurons_on, ...
+            for key, value in row.items():
+                if key in ("iter", "phase", "elapsed_s") or value is None or isinstance(value, (bool, str)):
+                    continue
+                if math.isfinite(float(value)):
+                    self.tb.add_scalar(f"{row['phase']}/{key}", float(value), int(row["iter"]))
+            self.tb.flush()
         if bar is None:
             if self.cfg.progress:
                 print(format_row(row), flush=True)
@@ -710,6 +731,8 @@ class Trainer:
                     "snapshot": str(self.last_snapshot or "")})
         if error:
             res["error"] = error
+        if self.tb is not None:
+            self.tb.close()
         return self.log.finish(res)
 
 

@@ -82,6 +82,23 @@ def test_engine_run_folder(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def test_tensorboard_event_files_hold_the_log_rows(tmp_path):
+    """--tensorboard DIR: every number of log.csv as a TensorBoard scalar (phase/column, at its iteration)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    solver = write_tiny(tmp_path)
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    assert exdrop_main(["train", str(solver), "--out", str(out), *OVERRIDES, "--tensorboard", str(tb)]) == 0
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/accuracy", "test/accuracy", "test/loss", "test/neurons_on",
+            "test/peak_peb"} <= tags
+    for r in _rows(out / "log.csv"):
+        for key in ("loss", "accuracy", "lr") + (("neurons_on",) if r["phase"] == "test" else ()):
+            got = {e.step: e.value for e in events.Scalars(f"{r['phase']}/{key}")}
+            assert got[int(r["iter"])] == pytest.approx(float(r[key]), rel=1e-5), (r["phase"], key, r["iter"])
+
+
 # ---------------------------------------------------------------------- the loop over a stub
 class StubBackend:
     """The backend interface with scripted numbers: loss 10 - iter, output 'acc' = iter."""
