@@ -158,6 +158,9 @@ class CaffeBackend(Backend):
         for path in (cfg.resume, cfg.weights):
             if path and not Path(path).exists():  # Caffe would abort the process
                 raise FileNotFoundError(f"{path} not found")
+        if cfg.weights and str(cfg.weights).endswith((".pth", ".pt")):
+            raise ValueError(f"--weights {cfg.weights}: the Caffe backend reads .caffemodel files only; train on the "
+                             "engine, or save the engine's converted weights (a run's init.caffemodel) and pass that")
         caffe = load_caffe()
         self.cfg = cfg
         sp, self.out = prepare_solver(cfg, solver_mode=CPU)

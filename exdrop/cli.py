@@ -390,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inexact-resume", action="store_true",
                    help="resume even when the snapshot's .engine.pt (RNG and data cursors) is missing or "
                         "unreadable: the data order and random draws then differ from the uninterrupted run")
-    t.add_argument("--weights", help="initialise from a .caffemodel")
+    t.add_argument("--weights", help="initialise from a .caffemodel (V1 or V2, by layer name: e.g. the Model Zoo's "
+                                     "VGG_ILSVRC_16_layers.caffemodel, sha1-checked) or a torchvision-style .pth "
+                                     "state dict (by layer order, its first convolution converted to the prototxt's "
+                                     "input convention; tensors only, nothing unpickled)")
     t.add_argument("--test-interval", type=int, help="test every N iterations (default: the solver's test_interval)")
     t.add_argument("--test-iter", type=int, help="test batches per test pass (default: the solver's test_iter)")
     t.add_argument("--display", type=int, help="log a training row every N iterations (default: the solver's display)")

@@ -161,9 +161,11 @@ def write_binary_proto(msg, path) -> None:
     atomic_write(path, msg.SerializeToString())
 
 
-def read_caffemodel(path) -> caffe_pb2.NetParameter:
-    """A binary NetParameter (.caffemodel); V1 models are refused."""
-    return _check_not_v1(read_binary_proto(path, caffe_pb2.NetParameter()), os.fspath(path))
+def read_caffemodel(path, allow_v1: bool = False) -> caffe_pb2.NetParameter:
+    """A binary NetParameter (.caffemodel); V1 models (``layers``, the Model Zoo's VGG and AlexNet)
+    are refused unless ``allow_v1`` (loading weights by name needs only names and blobs)."""
+    net = read_binary_proto(path, caffe_pb2.NetParameter())
+    return net if allow_v1 else _check_not_v1(net, os.fspath(path))
 
 
 def write_caffemodel(net_param: caffe_pb2.NetParameter, path) -> None:

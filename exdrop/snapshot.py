@@ -36,12 +36,13 @@ def save_weights(net, path) -> None:
     cio.write_caffemodel(to_net_param(net), path)
 
 
-def load_weights(net, path, strict_missing: bool = False) -> list[str]:
-    """Copy blobs from a .caffemodel into ``net`` by layer name; returns the layers loaded."""
+def load_weights(net, path, strict_missing: bool = False, allow_v1: bool = False) -> list[str]:
+    """Copy blobs from a .caffemodel into ``net`` by layer name; returns the layers loaded.
+    ``allow_v1``: V1 files too (pretrained Model Zoo weights; snapshots are always V2)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} not found")
-    src = cio.read_caffemodel(path)
+    src = cio.read_caffemodel(path, allow_v1=allow_v1)
     # V1 files (the model zoo's VGG/AlexNet) keep name and blobs in `layers`: enough to load by name.
     by_name = {l.name: l for l in (src.layer if len(src.layer) else src.layers)}
     loaded = []

@@ -279,8 +279,13 @@ class EngineBackend(Backend):
             raise ValueError(f"--amp must be bf16 or fp16, got {cfg.amp!r}")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)) \
             if cfg.amp else contextlib.nullcontext
-        if cfg.weights:
-            load_weights(self.train_net, cfg.weights)
+        if cfg.weights:   # Caffe's --weights: by layer name; a torchvision .pth by order, conv1 converted
+            from .pretrained import input_transform, load_pretrained
+            torch_file = str(cfg.weights).endswith((".pth", ".pt"))
+            got = load_pretrained(self.train_net, cfg.weights, input_transform(train_param) if torch_file else None)
+            if cfg.progress:
+                print(f"weights: {len(got['loaded'])} layers from {cfg.weights} ({got['format']})"
+                      + (f"; from their fillers: {', '.join(got['kept_filler'])}" if got["kept_filler"] else ""))
         self.solver = make_solver(sp, self.train_net.learnable(), cfg.solver)
         self.elapsed = 0.0
         self.loop_state: dict = {}   # the run loop's display window, saved with each snapshot
