@@ -31,7 +31,7 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
 .PHONY: table2 table4 table5 fig7 report report-screenshot
-.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 train-cifar10 bench bench-table6 prototxt mutation
+.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 train-cifar10 train-wrn-cifar10 bench bench-table6 prototxt mutation
 
 help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch, and real pycaffe via"
@@ -44,6 +44,7 @@ help:
 	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
 	@echo "     (without DATA: the LMDBs already converted in DATA_DIR, else the official archive is downloaded)"
+	@echo "make train-wrn-cifar10     WRN-28-10 (Sec. 5), VARIANT=activation|standard|none, the knobs of train-cifar10"
 	@echo "make data-cifar10          convert DATA into $(DATA_DIR)/{train,val}_lmdb once"
 	@echo "make data-cifar100         convert CIFAR100=<cifar-100-python.tar.gz | folder | .tgz | list> (or DATA=)"
 	@echo "                           into $(CIFAR100_DIR)/{train,val,test}_lmdb once (default: the official archive,"
@@ -92,6 +93,7 @@ test:
 
 prototxt:
 	$(PY) -m exdrop.variants
+	$(PY) -m exdrop.wrn
 
 # Mutation testing: mutmut (pinned here, installed on demand, not by setup) mutates the files of
 # [tool.mutmut] in pyproject.toml in a copy under mutants/ and runs, for each mutant, only the
@@ -126,6 +128,11 @@ data-cifar100:
 
 data-caltech256:
 	$(PY) -m exdrop data --dataset caltech256 $(CALTECH256) --split $(SPLIT) --out $(CALTECH256_DIR)
+
+# WRN-28-10 (Sec. 5): VARIANT=activation|standard|none, the same data and knobs as train-cifar10
+train-wrn-cifar10:
+	$(MAKE) train-cifar10 SOLVER=prototxt/wrn/cifar10/solver_$(VARIANT).prototxt \
+	  OUT=$(if $(filter command line,$(origin OUT)),$(OUT),models/wrn28_10_cifar10_$(VARIANT))
 
 train-cifar10:
 ifeq ($(BACKEND),caffe)

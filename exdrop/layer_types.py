@@ -22,7 +22,7 @@ from torch import nn
 
 from . import eb
 from .proto import caffe_pb2
-from .pylayer import TRAIN, load_layer_class, parse_param_str
+from .pylayer import TEST, TRAIN, load_layer_class, parse_param_str
 
 REGISTRY: dict[str, type["Layer"]] = {}        # Caffe type name -> layer type
 TORCH_MODULES: dict[type, type["Layer"]] = {}  # torch.nn module class -> layer type
@@ -434,6 +434,98 @@ class LRN(Layer):
         pad = (g.size - 1) // 2
         avg = F.avg_pool2d(x * x, g.size, 1, pad, ceil_mode=True, count_include_pad=True)
         return x * (1.0 + g.alpha * avg).pow(-g.beta)
+
+
+@register("BatchNorm")
+class BatchNorm(Layer):
+    """Caffe's BatchNorm: normalisation only (a Scale layer after it holds gamma and beta).
+
+    Three blobs, never learned (Caffe masks them from the solver): the running sums of the mean
+    and of the variance and their scale factor. Without ``use_global_stats`` (the default in
+    the TRAIN phase) a forward normalises with the batch's statistics over every axis but the
+    channels and updates the sums, as Caffe's BatchNormLayer::Forward_cpu::
+
+        s = s * f + 1;  mean_sum = mean_sum * f + mean;  var_sum = var_sum * f + m / (m - 1) * var
+
+    (f the moving_average_fraction, m the values per channel); with it (TEST) it uses
+    ``mean_sum / s`` and ``var_sum / s``. The engine updates the sums in the forward of a
+    training step (autograd on), not in the guided layers' no-grad re-runs of the head. EB
+    passes through unchanged (the original Caffe EB).
+    """
+
+    eb_rule = staticmethod(_same_shape)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        if len(bottom_shapes[0]) < 2:
+            raise ValueError(f"needs a channel axis, got shape {bottom_shapes[0]}")
+        p = lp.batch_norm_param
+        return SimpleNamespace(channels=bottom_shapes[0][1], fraction=p.moving_average_fraction, eps=p.eps,
+                               global_stats=p.use_global_stats if p.HasField("use_global_stats") else None)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        super().__init__(lp, bottom_shapes, phase)
+        self.top_shapes = [tuple(bottom_shapes[0])]
+        c = self.g.channels
+        for shape in ((c,), (c,), (1,)):
+            self.blobs.append(nn.Parameter(torch.zeros(shape), requires_grad=False))
+        self.global_stats = self.g.global_stats if self.g.global_stats is not None else phase == TEST
+
+    def param_spec(self, i: int):
+        return 0.0, 0.0, self.lp.param[i].name if i < len(self.lp.param) else ""
+
+    def forward(self, x):
+        g, dims = self.g, [0, *range(2, x.dim())]
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        xf = x.float()
+        if self.global_stats:
+            s = self.blobs[2][0]
+            factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / torch.where(s == 0, torch.ones_like(s), s))
+            mean, var = self.blobs[0] * factor, self.blobs[1] * factor
+        else:
+            mean = xf.mean(dims)
+            var = (xf - mean.view(view)).pow(2).mean(dims)
+            if torch.is_grad_enabled():
+                m = x.numel() // g.channels
+                with torch.no_grad():
+                    self.blobs[2].mul_(g.fraction).add_(1.0)
+                    self.blobs[0].mul_(g.fraction).add_(mean.detach())
+                    self.blobs[1].mul_(g.fraction).add_(var.detach() * (m / (m - 1) if m > 1 else 1.0))
+        return ((xf - mean.view(view)) / torch.sqrt(var.view(view) + g.eps)).to(x.dtype)
+
+
+@register("Scale")
+class Scale(Layer):
+    """Caffe's Scale with one bottom: ``top = x * gamma (+ beta)`` over ``num_axes`` axes from
+    ``axis`` (gamma's filler defaults to constant 1, as Caffe's). EB passes through unchanged."""
+
+    eb_rule = staticmethod(_same_shape)
+
+    @staticmethod
+    def geometry(lp, bottom_shapes):
+        p, shape = lp.scale_param, bottom_shapes[0]
+        axis = p.axis + len(shape) if p.axis < 0 else p.axis
+        n = len(shape) - axis if p.num_axes == -1 else p.num_axes
+        if not 0 <= axis <= len(shape) or axis + n > len(shape):
+            raise ValueError(f"axis {p.axis} and num_axes {p.num_axes} do not fit the bottom shape {shape}")
+        return SimpleNamespace(axis=axis, shape=tuple(shape[axis:axis + n]), bias=p.bias_term,
+                               after=len(shape) - axis - n)
+
+    def __init__(self, lp, bottom_shapes, phase):
+        if len(bottom_shapes) != 1:
+            raise LayerError(f"layer '{lp.name}' (type Scale): only the one-bottom form (learned scale) is supported")
+        super().__init__(lp, bottom_shapes, phase)
+        self.top_shapes = [tuple(bottom_shapes[0])]
+        p = lp.scale_param
+        self.add_blob(self.g.shape, p.filler if p.HasField("filler") else caffe_pb2.FillerParameter(type="constant",
+                                                                                                   value=1.0))
+        if self.g.bias:
+            self.add_blob(self.g.shape, p.bias_filler)
+
+    def forward(self, x):
+        view = (1,) * self.g.axis + self.g.shape + (1,) * self.g.after
+        y = x * self.blobs[0].view(view)
+        return y + self.blobs[1].view(view) if self.g.bias else y
 
 
 # ----------------------------------------------------------------- activations & dropout

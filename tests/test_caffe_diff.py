@@ -814,3 +814,128 @@ def test_bench_caffe_times_caffe_and_the_engine(caffe, tmp_path, capsys):
     assert "| input | batch | method | Caffe (s/iter) | engine (s/iter) | engine / Caffe |" in table
     assert "| 32x32, 10 classes | 100 | ED / Standard |" in table and figures["table"] in table
     print(f"[caffe-diff] bench caffe, one round at 32x32 (s/iter): {mean}")
+
+
+BN_NET = """name: "bn_scale"
+layer {{ name: "data" type: "Input" top: "data" top: "label"
+  input_param {{ shape {{ dim: 4 dim: 3 dim: 6 dim: 6 }} shape {{ dim: 4 }} }} }}
+layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param {{ num_output: 5 kernel_size: 3 pad: 1 weight_filler {{ type: "gaussian" std: 0.3 }}
+    bias_filler {{ type: "constant" value: 0.2 }} }} }}
+layer {{ name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" {bn} }}
+layer {{ name: "scale" type: "Scale" bottom: "conv" top: "conv"
+  scale_param {{ bias_term: true filler {{ type: "gaussian" std: 0.5 }} bias_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "relu" type: "ReLU" bottom: "conv" top: "conv" }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+force_backward: true
+"""
+
+
+@pytest.mark.parametrize("bn", ["", "batch_norm_param { moving_average_fraction: 0.9 eps: 0.001 }"])
+def test_batchnorm_and_scale_match_caffe(caffe, tmp_path, bn):
+    """Caffe's BatchNorm (batch statistics and its running sums in TRAIN, the sums in TEST) and
+    Scale (gamma, beta): forward, every gradient, the running sums after two forwards; EB
+    passes through both unchanged."""
+    path = tmp_path / "bn.prototxt"
+    path.write_text(BN_NET.format(bn=bn))
+    caffe.set_random_seed(3)
+    cnet = caffe.Net(str(path), caffe.TRAIN)
+    weights = tmp_path / "w.caffemodel"
+    cnet.save(str(weights))
+    enet = engine_net(path, TRAIN)
+    assert load_weights(enet, weights, strict_missing=True) == ["conv", "bn", "scale", "ip"]
+    errs = {}
+    for step in range(2):   # two batches: the running sums accumulate
+        x, y = fixed_input(4, (3, 6, 6), 3, seed=11 + step, scale=2.0)
+        set_input(cnet, x, y)
+        cnet.forward()
+        for blobs in cnet.params.values():
+            for b in blobs:
+                b.diff[...] = 0
+        cnet.backward()
+        for p in enet.parameters():
+            p.grad = None
+        blobs = enet(feed_of(x, y))
+        enet.loss(blobs).backward()
+        errs[f"loss@{step}"] = rel_err(blobs["loss"].detach().numpy(), cnet.blobs["loss"].data)
+        errs[f"conv@{step}"] = rel_err(blobs["conv"].detach().numpy(), cnet.blobs["conv"].data)
+        for lname in ("conv", "scale", "ip"):
+            for i, cb in enumerate(cnet.params[lname]):
+                g = enet.layer(lname).blobs[i].grad.numpy()
+                if (lname, i) == ("conv", 1):   # BatchNorm removes the mean: the conv bias's gradient is 0 up to
+                    scale = float(np.abs(cnet.params["conv"][0].diff).max())   # rounding, on both sides
+                    assert np.abs(g).max() < 1e-4 * scale and np.abs(cb.diff).max() < 1e-4 * scale
+                    continue
+                errs[f"{lname}[{i}].grad@{step}"] = rel_err(g, cb.diff)
+        for i, cb in enumerate(cnet.params["bn"]):
+            errs[f"bn[{i}]@{step}"] = rel_err(enet.layer("bn").blobs[i].detach().numpy(), cb.data)
+    # the TEST phase: the running sums (use_global_stats), Caffe's and the engine's from the same file
+    cnet.save(str(weights))
+    ctest = caffe.Net(str(path), str(weights), caffe.TEST)
+    etest = engine_net(path, TEST)
+    load_weights(etest, weights, strict_missing=True)
+    x, y = fixed_input(4, (3, 6, 6), 3, seed=20, scale=2.0)
+    set_input(ctest, x, y)
+    ctest.forward()
+    with torch.no_grad():
+        tb = etest(feed_of(x, y))
+    errs["test conv"] = rel_err(tb["conv"].numpy(), ctest.blobs["conv"].data)
+    errs["test loss"] = rel_err(tb["loss"].numpy(), ctest.blobs["loss"].data)
+    _report(f"BatchNorm + Scale ({bn or 'defaults'})", errs)
+    assert all(v < TOL for v in errs.values()), errs
+    assert all(float(np.abs(g.diff).max()) > 0 for g in cnet.params["scale"])   # the test saw real gradients
+    # EB through BatchNorm and Scale: unchanged (mass conserved), with the solver leaving the sums alone
+    with torch.no_grad():
+        etest.forward(feed_of(x, y), record=True)
+        p_conv = etest.excitation("conv")
+    assert p_conv.sum(dim=(1, 2, 3)).numpy() == pytest.approx(np.ones(4), abs=1e-5)
+    assert [e.lr_mult for e in enet.learnable() if e.name.startswith("bn.")] == [0.0, 0.0, 0.0]
+
+
+def test_wrn_10_1_matches_caffe(caffe, tmp_path):
+    """A small wide residual net (WRN-10-1, the generator of prototxt/wrn/): BatchNorm, Scale,
+    Eltwise SUM, 1x1 shortcuts, global average pooling; forward blobs, every gradient and the
+    BatchNorm running sums after one training forward match real Caffe."""
+    from google.protobuf import text_format
+
+    from exdrop.wrn import wrn_net
+    path = tmp_path / "wrn10_1.prototxt"
+    param = wrn_net(10, 1, "none", input_shape=(4, 3, 32, 32))
+    keep = [lp for lp in param.layer if lp.type != "Accuracy"]   # Caffe's Accuracy has no backward (force_backward)
+    del param.layer[:]
+    param.layer.extend(keep)
+    param.force_backward = True
+    path.write_text(text_format.MessageToString(param))
+    caffe.set_random_seed(5)
+    cnet = caffe.Net(str(path), caffe.TRAIN)
+    weights = tmp_path / "w.caffemodel"
+    cnet.save(str(weights))
+    enet = engine_net(path, TRAIN)
+    load_weights(enet, weights, strict_missing=True)
+    x, y = fixed_input(4, (3, 32, 32), 10, seed=21, scale=1.0)
+    set_input(cnet, x, y)
+    cnet.forward()
+    for blobs in cnet.params.values():
+        for b in blobs:
+            b.diff[...] = 0
+    cnet.backward()
+    blobs = enet(feed_of(x, y))
+    enet.loss(blobs).backward()
+    fwd = {k: v[2] for k, v in compare_blobs(cnet, blobs).items()}
+    grads, sums = {}, {}
+    for lname, cblobs in cnet.params.items():
+        layer = enet.layer(lname)
+        for i, cb in enumerate(cblobs):
+            if layer.type == "BatchNorm":
+                sums[f"{lname}[{i}]"] = rel_err(layer.blobs[i].detach().numpy(), cb.data)
+            else:
+                grads[f"{lname}[{i}]"] = rel_err(layer.blobs[i].grad.numpy(), cb.diff)
+    _report("WRN-10-1 forward", fwd)
+    _report("WRN-10-1 gradients", grads)
+    _report("WRN-10-1 BatchNorm running sums", sums)
+    assert len(sums) == 3 * 7 and len(grads) > 20
+    assert all(v < TOL for v in fwd.values()), fwd
+    assert all(v < TOL for v in grads.values()), grads
+    assert all(v < TOL for v in sums.values()), sums
