@@ -132,7 +132,7 @@ data-caltech256:
 # WRN-28-10 (Sec. 5): VARIANT=activation|standard|none, the same data and knobs as train-cifar10
 train-wrn-cifar10:
 	$(MAKE) train-cifar10 SOLVER=prototxt/wrn/cifar10/solver_$(VARIANT).prototxt \
-	  OUT=$(if $(filter command line,$(origin OUT)),$(OUT),models/wrn28_10_cifar10_$(VARIANT))
+	  OUT=$(if $(filter command line,$(origin OUT)),$(OUT),models/wrn_cifar10_$(VARIANT))
 
 train-cifar10:
 ifeq ($(BACKEND),caffe)

@@ -2,7 +2,7 @@
 paper: WRN-28-10 on CIFAR-10 with Activation Dropout in place of its dropout.
 
 ``python -m exdrop.wrn`` (run by ``make prototxt``) writes ``prototxt/wrn/cifar10/``:
-``train_val_<variant>.prototxt`` for WRN-28-10 (variants: activation, standard, none) and
+``train_val_<variant>.prototxt`` for WRN-28-10 (variants: activation, ed, standard, none) and
 ``solver_<variant>.prototxt`` (the Sec. 5 recipe: SGD with momentum 0.9 and Nesterov, lr 0.1
 x0.2 at epochs 60 / 120 / 160 of 200, batch 128, weight decay 5e-4). ``wrn_net(depth, width, ...)``
 gives any depth and width (the differential tests use WRN-10-1).
@@ -27,6 +27,7 @@ OUT = ROOT / "prototxt" / "wrn" / "cifar10"
 MEAN_BGR = (113.87, 122.95, 125.31)     # the CIFAR-10 training set's, as the CNN-2 prototxts
 DROPOUT = {   # the dropout between a block's convolutions
     "activation": ("Python", "activation_dropout", "ActivationDropout"),
+    "ed": ("Python", "excitation_dropout", "ExcitationDropout"),   # EB through the residual head above it
     "standard": ("Dropout", None, None),
     "none": (None, None, None),
 }
@@ -85,9 +86,8 @@ def wrn_net(depth: int = 28, width: int = 10, variant: str = "activation", class
     else:
         for phase, source, size, mirror in ((caffe_pb2.TRAIN, train_source, batch, True),
                                             (caffe_pb2.TEST, test_source, test_batch, False)):
+            # (Zagoruyko's random crops of a 4-pixel padded image have no Caffe transform: mirror only)
             t = caffe_pb2.TransformationParameter(scale=0.00390625, mirror=mirror, mean_value=MEAN_BGR)
-            if mirror:
-                t.crop_size = 32   # Zagoruyko's random crops come from 4-pixel padding; Caffe crops only
             lp = _layer(net, "data", "Data", [], ["data", "label"], transform_param=t,
                         data_param=caffe_pb2.DataParameter(source=source, batch_size=size,
                                                            backend=caffe_pb2.DataParameter.LMDB))
@@ -126,7 +126,7 @@ def solver(net_path: str, variant: str, train_images: int = 45000, batch: int = 
                                    lr_policy="multistep", gamma=0.2, max_iter=200 * per_epoch,
                                    test_interval=per_epoch, test_iter=[50], display=100,
                                    snapshot=20 * per_epoch, random_seed=1,
-                                   snapshot_prefix=f"models/wrn28_10_cifar10_{variant}/wrn28_10_{variant}")
+                                   snapshot_prefix=f"models/wrn_cifar10_{variant}/wrn28_10_{variant}")
     sp.stepvalue.extend(e * per_epoch for e in (60, 120, 160))
     sp.test_initialization = False
     return sp

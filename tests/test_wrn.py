@@ -19,7 +19,7 @@ from exdrop.wrn import OUT, solver, wrn_net, write_all
 
 def test_committed_prototxts_are_the_generated_ones(tmp_path):
     written = write_all(tmp_path)
-    assert len(written) == 6
+    assert len(written) == 8
     for path in written:
         committed = OUT / path.name
         assert committed.read_text() == path.read_text(), f"{committed}: regenerate with make prototxt"
@@ -65,5 +65,30 @@ def test_make_target_trains_the_generated_solver():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(["make", "-n", "-C", str(root), "train-wrn-cifar10", "VARIANT=standard", "MAX_ITER=5"],
                          capture_output=True, text=True, check=True).stdout
-    assert "exdrop train prototxt/wrn/cifar10/solver_standard.prototxt --out models/wrn28_10_cifar10_standard" in out
+    assert "exdrop train prototxt/wrn/cifar10/solver_standard.prototxt --out models/wrn_cifar10_standard" in out
     assert "--max-iter 5" in out
+
+
+def test_excitation_dropout_inside_the_residual_blocks_trains():
+    """ED between a block's convolutions: its p_EB comes from EB through the blocks above it
+    (BatchNorm, Scale, Eltwise SUM, shortcuts) in the training step. A residual branch carries
+    only its share of the mass (the shortcut takes the rest), so it does not sum to 1."""
+    torch.manual_seed(2)
+    net = Net(wrn_net(10, 1, "ed", input_shape=(4, 3, 32, 32)), TRAIN, "cpu", "wrn10-1-ed")
+    seen = []
+    layer = net.layer("g2b1_drop")
+    original = net._saliency
+
+    def spy(i, lyr, blobs):
+        out = original(i, lyr, blobs)
+        if lyr is layer:
+            seen.append(out.flatten(1).sum(1))
+        return out
+    net._saliency = spy
+    opt = make_solver(solver("net.prototxt", "ed"), net.learnable())
+    feed = {"data": torch.randn(4, 3, 32, 32), "label": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    loss = net.loss(net(feed))
+    loss.backward()
+    opt.step_update()
+    assert torch.isfinite(loss) and len(seen) == 1
+    assert torch.isfinite(seen[0]).all() and (seen[0] != 0).all()
