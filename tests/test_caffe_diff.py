@@ -99,6 +99,27 @@ def set_input(cnet, x, y) -> None:
     cnet.blobs["label"].data[...] = y
 
 
+def caffe_and_engine(caffe, path, folder, seed: int):
+    """A Caffe TRAIN net of ``path`` with fillers drawn from ``seed``, its weights saved in
+    ``folder``, and the engine's TRAIN net loaded from them: (cnet, enet, weights, loaded layers)."""
+    caffe.set_random_seed(seed)
+    cnet = caffe.Net(str(path), caffe.TRAIN)
+    weights = Path(folder) / "init.caffemodel"
+    cnet.save(str(weights))
+    enet = engine_net(path, TRAIN)
+    return cnet, enet, weights, load_weights(enet, weights, strict_missing=True)
+
+
+def caffe_forward_backward(cnet, x, y) -> None:
+    """One forward and backward of a Caffe net on (x, y), the parameter diffs cleared first."""
+    set_input(cnet, x, y)
+    cnet.forward()
+    for blobs in cnet.params.values():
+        for b in blobs:
+            b.diff[...] = 0
+    cnet.backward()
+
+
 def write_net(kind, path, batch, shape, classes, phase=TRAIN, variant="none"):
     if kind == "misc":
         return write_misc(path, batch, classes)
@@ -223,20 +244,9 @@ def fwd_bwd(request, caffe, tmp_path_factory):
     kind, batch, shape, classes, scale = NETS[name]
     d = tmp_path_factory.mktemp(name)
     path = write_net(kind, d / "net.prototxt", batch, shape, classes)
-    caffe.set_random_seed(1)
-    cnet = caffe.Net(str(path), caffe.TRAIN)
-    weights = d / "init.caffemodel"
-    cnet.save(str(weights))
+    cnet, enet, weights, loaded = caffe_and_engine(caffe, path, d, seed=1)
     x, y = fixed_input(batch, shape, classes, seed=7, scale=scale)
-    set_input(cnet, x, y)
-    cnet.forward()
-    for blobs in cnet.params.values():
-        for b in blobs:
-            b.diff[...] = 0
-    cnet.backward()
-
-    enet = engine_net(path, TRAIN)
-    loaded = load_weights(enet, weights, strict_missing=True)
+    caffe_forward_backward(cnet, x, y)
     feed = feed_of(x, y)
     feed["data"].requires_grad_(True)
     blobs = enet(feed)
@@ -840,21 +850,12 @@ def test_batchnorm_and_scale_match_caffe(caffe, tmp_path, bn):
     passes through both unchanged."""
     path = tmp_path / "bn.prototxt"
     path.write_text(BN_NET.format(bn=bn))
-    caffe.set_random_seed(3)
-    cnet = caffe.Net(str(path), caffe.TRAIN)
-    weights = tmp_path / "w.caffemodel"
-    cnet.save(str(weights))
-    enet = engine_net(path, TRAIN)
-    assert load_weights(enet, weights, strict_missing=True) == ["conv", "bn", "scale", "ip"]
+    cnet, enet, weights, loaded = caffe_and_engine(caffe, path, tmp_path, seed=3)
+    assert loaded == ["conv", "bn", "scale", "ip"]
     errs = {}
     for step in range(2):   # two batches: the running sums accumulate
         x, y = fixed_input(4, (3, 6, 6), 3, seed=11 + step, scale=2.0)
-        set_input(cnet, x, y)
-        cnet.forward()
-        for blobs in cnet.params.values():
-            for b in blobs:
-                b.diff[...] = 0
-        cnet.backward()
+        caffe_forward_backward(cnet, x, y)
         for p in enet.parameters():
             p.grad = None
         blobs = enet(feed_of(x, y))
@@ -908,19 +909,9 @@ def test_wrn_10_1_matches_caffe(caffe, tmp_path):
     param.layer.extend(keep)
     param.force_backward = True
     path.write_text(text_format.MessageToString(param))
-    caffe.set_random_seed(5)
-    cnet = caffe.Net(str(path), caffe.TRAIN)
-    weights = tmp_path / "w.caffemodel"
-    cnet.save(str(weights))
-    enet = engine_net(path, TRAIN)
-    load_weights(enet, weights, strict_missing=True)
+    cnet, enet, _, _ = caffe_and_engine(caffe, path, tmp_path, seed=5)
     x, y = fixed_input(4, (3, 32, 32), 10, seed=21, scale=1.0)
-    set_input(cnet, x, y)
-    cnet.forward()
-    for blobs in cnet.params.values():
-        for b in blobs:
-            b.diff[...] = 0
-    cnet.backward()
+    caffe_forward_backward(cnet, x, y)
     blobs = enet(feed_of(x, y))
     enet.loss(blobs).backward()
     fwd = {k: v[2] for k, v in compare_blobs(cnet, blobs).items()}
