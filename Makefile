@@ -31,7 +31,7 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
 .PHONY: table2 table4 table5 fig7 report report-screenshot
-.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 train-cifar10 train-wrn-cifar10 bench bench-table6 prototxt mutation
+.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 data-ucf101 train-cifar10 train-wrn-cifar10 bench bench-table6 prototxt mutation
 
 help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch, and real pycaffe via"
@@ -52,6 +52,8 @@ help:
 	@echo "make data-caltech256       convert CALTECH256=<256_ObjectCategories folder | .tar> into"
 	@echo "                           $(CALTECH256_DIR)/{train,test,val}_lmdb once: SPLIT=0..4 of the paper's five"
 	@echo "                           random splits of 50 train + 20 test images per class, 128x128"
+	@echo "make data-ucf101           UCF101=<UCF-101 folder> SPLITS=<ucfTrainTestlist> UCF_SPLIT=1..3 EVERY=<n>: frames"
+	@echo "                           (every n-th, short side 256), list files and LMDBs in data/ucf101"
 	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100), ITERS=<n> (20)"
 	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 ITERS=<n>"
 	@echo "                           BATCH=<b>; writes models/bench/table6_<net>_<cpu|cuda>.json"
@@ -128,6 +130,14 @@ data-cifar100:
 
 data-caltech256:
 	$(PY) -m exdrop data --dataset caltech256 $(CALTECH256) --split $(SPLIT) --out $(CALTECH256_DIR)
+
+# UCF101: UCF101=<UCF-101 video folder> SPLITS=<ucfTrainTestlist folder>, official split UCF_SPLIT=1..3
+UCF101 ?= data/UCF-101
+SPLITS ?= data/ucfTrainTestlist
+UCF_SPLIT ?= 1
+EVERY ?= 5
+data-ucf101:
+	$(PY) -m exdrop data --dataset ucf101 $(UCF101) --splits $(SPLITS) --split $(UCF_SPLIT) --every $(EVERY) --out data/ucf101
 
 # WRN-28-10 (Sec. 5): VARIANT=activation|standard|none, the same data and knobs as train-cifar10
 train-wrn-cifar10:

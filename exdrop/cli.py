@@ -54,15 +54,26 @@ def _cmd_data(args) -> int:
         raise ValueError(f"two datasets given: {args.dataset} and --dataset {args.dataset_opt}")
     dataset = args.dataset or args.dataset_opt or "cifar10"
     resize = None
-    if args.resize:
+    if args.resize and dataset != "ucf101":
         try:
             resize = tuple(int(v) for v in args.resize.lower().split("x"))
         except ValueError:
             resize = ()
         if len(resize) != 2 or min(resize) < 1:
             raise ValueError(f"--resize {args.resize}: expected HxW, e.g. 128x128")
-    if args.split is not None and dataset != "caltech256":
-        raise ValueError(f"--split picks one of Caltech-256's five splits; {dataset} has its own")
+    if args.split is not None and dataset not in ("caltech256", "ucf101"):
+        raise ValueError(f"--split picks one of Caltech-256's five or UCF101's three splits; {dataset} has its own")
+    if (args.splits or args.every) and dataset != "ucf101":
+        raise ValueError("--splits and --every are for ucf101")
+    if dataset == "ucf101":
+        from .data.ucf101 import prepare_ucf101
+        if not args.splits:
+            raise ValueError("ucf101: give --splits, the folder of classInd.txt and trainlist0N.txt / testlist0N.txt")
+        info = prepare_ucf101(args.source, args.splits, args.out or "data/ucf101", split=args.split or 1,
+                              every=args.every or 5, short_side=int(args.resize) if args.resize else 256)
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2,
+                         default=str))
+        return 0
     if dataset == "caltech256":
         given = [o for o, v in (("--val-size", args.val_size), ("--seed", args.seed),
                                 ("--limit-per-class", args.limit_per_class)) if v is not None]
@@ -351,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("data", help="convert a dataset into Caffe Datum LMDBs")
-    datasets = ["cifar10", "cifar100", "caltech256", "images"]
+    datasets = ["cifar10", "cifar100", "caltech256", "ucf101", "images"]
     d.add_argument("dataset", nargs="?", choices=datasets,
                    help="cifar10 (default), cifar100: the official archive or an image tree of the 10 / 100 "
                         "classes; caltech256: 256_ObjectCategories (folder or .tar); images: any class/*.jpg tree")
@@ -361,12 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (default data/cifar10, data/cifar100, data/caltech256: the "
                                  "prototxts' paths)")
     d.add_argument("--split", type=int, help="caltech256: which of the paper's five random splits of 50 train + "
-                                             "20 test images per class, 0..4 (default 0)")
+                                             "20 test images per class, 0..4 (default 0); ucf101: the official "
+                                             "split 1..3 (default 1)")
+    d.add_argument("--splits", help="ucf101: the folder of the official lists (classInd.txt, trainlist0N.txt, "
+                                    "testlist0N.txt)")
+    d.add_argument("--every", type=int, help="ucf101: keep every N-th frame of each video (default 5)")
     d.add_argument("--val-size", type=int, default=None, help="stratified validation images (default 5000 when no test split)")
     d.add_argument("--seed", type=int, default=None, help="seed of the validation split and of the train shuffle (default 0)")
     d.add_argument("--limit-per-class", type=int, default=None,
                    help="keep at most N images per class (quick experiments)")
-    d.add_argument("--resize", help="HxW, e.g. 128x128 (images; caltech256: SxS, default 128x128)")
+    d.add_argument("--resize", help="HxW, e.g. 128x128 (images; caltech256: SxS, default 128x128; ucf101: the "
+                                    "frames' short side, default 256)")
     d.set_defaults(fn=_cmd_data)
 
     t = sub.add_parser("train", help="train from a solver prototxt (like `caffe train`)")

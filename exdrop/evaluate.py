@@ -277,8 +277,9 @@ def evaluate(net_or_solver, weights, data=None, iterations: int | None = None, d
         sizes[-1] = records - batch * (n_iter - 1)
     t0 = time.perf_counter()
     run = _run_engine if backend == "engine" else _run_caffe
-    outputs, loss_weights, preds, labels, classes, dev = run(tn, lp, score, weights, sizes, device, progress)
+    outputs, loss_weights, probs, labels, classes, dev = run(tn, lp, score, weights, sizes, device, progress)
     seconds = time.perf_counter() - t0
+    preds = probs.argmax(1)
 
     valid = (labels != score.ignore) if score.ignore is not None else np.ones(labels.shape, bool)
     bad = valid & ((labels < 0) | (labels >= classes))
@@ -309,7 +310,27 @@ def evaluate(net_or_solver, weights, data=None, iterations: int | None = None, d
         "net": tn.source, "weights": str(weights), "data": str(lmdb), "data_split": split,
         "data_layer": lp.name, "scores_blob": score.scores, "label_blob": score.label,
         "backend": backend, "device": dev, "seed": tn.seed, "seconds": round(seconds, 3),
+        **video_accuracy(lmdb, probs, labels, once),
     }
+
+
+def video_accuracy(lmdb, probs: np.ndarray, labels: np.ndarray, each_image_once: bool) -> dict:
+    """UCF101's video accuracy: with a ``test_videos.json`` beside the LMDB (exdrop.data.ucf101) whose
+    videos hold every image evaluated, in order, the softmax of each video's frames is averaged and
+    its argmax scored against the video's label. {} otherwise."""
+    path = Path(lmdb).parent / "test_videos.json"
+    if not each_image_once or not path.is_file():
+        return {}
+    videos = json.loads(path.read_text())["videos"]
+    counts = [int(v["frames"]) for v in videos]
+    if sum(counts) != len(probs):
+        return {"video_accuracy": None, "video_note": f"{path}: {sum(counts)} frames listed, {len(probs)} evaluated"}
+    bounds = np.cumsum([0, *counts])
+    mean = np.add.reduceat(probs, bounds[:-1], axis=0) / np.asarray(counts)[:, None]
+    truth = np.asarray([int(v["label"]) for v in videos])
+    if not np.array_equal(labels[bounds[:-1]], truth):
+        raise ValueError(f"{path}: the videos' labels do not match the LMDB's frames (another split or order?)")
+    return {"video_accuracy": float((mean.argmax(1) == truth).mean()), "videos": len(videos)}
 
 
 def _progress(enabled: bool, total: int):
@@ -357,7 +378,7 @@ def _run_engine(tn, lp, score, weights, sizes, device, progress):
                 v = v if full else v * n
                 sums[name] = sums[name] + v if name in sums else v
             s = blobs[score.scores]
-            preds.append(s.reshape(s.shape[0], -1).argmax(1))
+            preds.append(s.reshape(s.shape[0], -1).float().softmax(1))   # per image: the video accuracy averages them
             labels.append(blobs[score.label].reshape(-1).long())
             if bar is not None:
                 bar.update(1)
@@ -410,8 +431,8 @@ def _run_caffe(tn, lp, score, weights, sizes, device, progress):
         for o in _summed(net.outputs, score):   # as CaffeBackend.test: float means, summed
             v = float(np.mean(net.blobs[o].data))
             sums[o] = sums.get(o, 0.0) + (v if full else v * n)
-        s = net.blobs[score.scores].data
-        preds.append(s.reshape(s.shape[0], -1).argmax(1))
+        s = net.blobs[score.scores].data[:n]
+        preds.append(torch.from_numpy(s.reshape(s.shape[0], -1).astype(np.float32)).softmax(1).numpy())
         labels.append(net.blobs[score.label].data.reshape(-1).astype(np.int64))
         if bar is not None:
             bar.update(1)
@@ -502,6 +523,9 @@ def format_table(result: dict, max_rows: int = 20) -> str:
              f"({result['iterations']} batches of {result['batch_size']}; {result['reading']})",
              f"accuracy: {result['accuracy']:.4f}   loss: {'n/a' if loss is None else f'{loss:.4f}'}   "
              f"[{result['backend']}, {result['device']}]"]
+    if result.get("video_accuracy") is not None:
+        lines.append(f"video accuracy: {result['video_accuracy']:.4f} over {result['videos']} videos "
+                     "(each video's frame softmax averaged)")
     names = result.get("classes") or [str(i) for i in range(result["num_classes"])]
     rows = list(zip(names, result["per_class_images"], result["per_class_accuracy"]))
     width = max(5, *(len(n) for n in names)) if names else 5
