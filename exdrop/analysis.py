@@ -39,7 +39,7 @@ Functional core (tensors in, tensors out; tested on hand-made values)::
 
 Over a net: :func:`analyze` (one .caffemodel, one pass over the data), :func:`analyze_run`
 (a run folder: its last snapshot in full, every snapshot on the first images for the curves
-over training), :func:`analyze_sweep` (every run of a sweep folder, then the tables and
+over training), :func:`exdrop.report.analyze_sweep` (every run of a sweep folder, then the tables and
 figures of :mod:`exdrop.report`).
 """
 from __future__ import annotations
