@@ -170,8 +170,8 @@ def _ucf101(title: str, weights: str, crop: int, mean: str, solver_title: str, r
                 *_dropout_lines(what, "relu6 and relu7"),
                 "# Fine-tuning: every layer up to fc7 keeps its ImageNet name, so pretrained weights",
                 f"# (e.g. {weights}, given with --weights) load by name; the classifier",
-                "# is renamed fc8_ucf101 (rates x10 / x20), so it starts from its filler. A model-zoo",
-                "# caffemodel in the old V1 format must first go through Caffe's upgrade_net_proto_binary.",
+                "# is renamed fc8_ucf101 (rates x10 / x20), so it starts from its filler. The Model",
+                "# Zoo's V1 caffemodels load as they are (real Caffe's --weights: upgrade_net_proto_binary first).",
                 "# Data: Datum LMDBs of frames (BGR, 0..255), e.g. resized to 256x256; a random",
                 f"# {crop}x{crop} crop and mirror in TRAIN, the centre crop in TEST;",
                 f"# {mean}.")
@@ -189,6 +189,8 @@ def _ucf101(title: str, weights: str, crop: int, mean: str, solver_title: str, r
         "standard_both": Variant(header("Standard Dropout (Caffe's Dropout layer, ratio 0.5) after fc6 and fc7, "
                                         "as in the ImageNet net"),
                                  solver("Standard Dropout at fc6 and fc7"), (fc6, fc7)),
+        "curriculum": Variant(header("Curriculum Dropout (Morerio et al. 2017; retain 1 -> 0.5, gamma 5e-4) after fc6"),
+                              solver("Curriculum Dropout at fc6"), (Drop("curriculum", "relu6", "drop6"),)),
         "activation": Variant(header("Activation Dropout (Eqn 4) after fc6"), solver("Activation Dropout at fc6"),
                               (Drop("activation", "relu6", "drop6"),)),
         "ed": Variant(header("Excitation Dropout after fc6"), solver("Excitation Dropout at fc6"),
