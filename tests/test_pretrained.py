@@ -164,6 +164,7 @@ def _torchvision_vgg16_fc7(state, x):
         return F.relu(F.linear(x, state["classifier.3.weight"], state["classifier.3.bias"]))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")   # torch's note on the refused pickle
 def test_pretrained_errors_name_the_file(tmp_path):
     param = cio.read_net_prototxt(ROOT / "prototxt/cnn2/cifar10/train_val_ed.prototxt")
     net = Net(with_input_layer(param, TEST, 1, (3, 32, 32)), TEST, torch.device("cpu"), "cnn2")
