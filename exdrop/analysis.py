@@ -58,7 +58,7 @@ import torch
 from . import io as cio
 from .functional import unit_saliency
 
-__all__ = ["neurons_on", "peak", "entropy", "utilization", "moved_norms", "conservative_units", "relevance_keep_masks",
+__all__ = ["neurons_on", "peak", "entropy", "utilization", "UtilizationMeter", "moved_norms", "conservative_units", "relevance_keep_masks",
            "random_keep_masks", "calibration_bins", "expected_calibration_error", "METRICS", "DELTA",
            "P_C", "analyze", "analyze_run", "default_blob", "run_snapshots"]
 
@@ -101,6 +101,24 @@ def utilization(a: torch.Tensor, p: torch.Tensor) -> dict:
     (device tensors: no host sync)."""
     return {"neurons_on": neurons_on(a).sum(), "peak_peb": peak(p).sum(), "entropy_act": entropy(a).sum(),
             "entropy_peb": entropy(p).sum()}
+
+
+class UtilizationMeter:
+    """The utilization columns of one test pass (both backends): the first ``images`` images of
+    the pass, batch by batch; sums stay where the tensors are (no host sync until ``means``)."""
+
+    def __init__(self, images: int, batch: int):
+        self.batches = math.ceil(images / max(1, batch))
+        self.sums: dict = {}
+        self.images = 0
+
+    def add(self, a: torch.Tensor, p: torch.Tensor) -> None:
+        for name, v in utilization(a, p).items():
+            self.sums[name] = self.sums[name] + v if name in self.sums else v
+        self.images += a.shape[0]
+
+    def means(self) -> dict:
+        return {name: float(v) / self.images for name, v in self.sums.items()}
 
 
 def moved_norms(w0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -241,10 +259,12 @@ class _Head:
         return h[self.scores]
 
 
-def _gt_prob(scores: torch.Tensor, labels: torch.Tensor):
-    """(probability of the ground truth, correct top-1), ``(B,)`` each."""
-    s = scores.flatten(1).float()
-    return s.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1), s.argmax(1) == labels
+def _gt_prob(scores: torch.Tensor, labels: torch.Tensor, with_confidence: bool = False):
+    """(probability of the ground truth, correct top-1[, top-1 confidence]), ``(B,)`` each."""
+    probs = scores.flatten(1).float().softmax(1)
+    top = probs.max(1)
+    out = (probs.gather(1, labels.view(-1, 1)).squeeze(1), top.indices == labels)
+    return (*out, top.values) if with_confidence else out
 
 
 class _Sums:
@@ -336,9 +356,8 @@ def analyze(net_or_solver, weights, data=None, blob: str | None = None, init_wei
             sums.add("entropy_act", entropy(a))
             sums.add("entropy_peb", entropy(p))
             sums.add("peb_mass", unit_saliency(p).sum(1))
-            prob, correct = _gt_prob(blobs[score.scores], labels)
+            prob, correct, conf = _gt_prob(blobs[score.scores], labels, with_confidence=True)
             sums.add("nll", -prob.clamp_min(torch.finfo(torch.float32).tiny).log())
-            conf = blobs[score.scores].flatten(1).float().softmax(1).max(1).values
             for acc, new in zip(bins, calibration_bins(conf, correct)):
                 acc += new
             sums.add("accuracy", correct.float())

@@ -23,6 +23,7 @@ import torch
 from google.protobuf import text_format
 
 from . import io as cio
+from .analysis import METRICS, UtilizationMeter, utilization_target
 from .caffe_eb import CaffeExcitation
 from .caffe_env import import_caffe
 from .eb import signal_blobs, signal_classes
@@ -182,7 +183,6 @@ class CaffeBackend(Backend):
         self.outputs = sorted(set(self.net.outputs).union(*(tn.outputs for tn in self.test_nets)))
         self.utilization, self.test_walker = None, None
         if self.test_nets:   # Table 5's metrics at each test point: the engine's walk over the Caffe test net
-            from .analysis import METRICS, utilization_target
             test_param, test_src = tests[0]
             shapes = {name: tuple(b.data.shape) for name, b in self.test_nets[0].blobs.items()}
             self.utilization = utilization_target(test_param, cfg.utilization, shapes)
@@ -211,25 +211,20 @@ class CaffeBackend(Backend):
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, float] = {}
         util = self.utilization if k == 0 else None
-        util_batches = -(-self.cfg.utilization_images // max(1, tn.blobs[util[0]].data.shape[0])) if util else 0
-        util_sums: dict[str, float] = {}
-        util_images = 0
+        meter = UtilizationMeter(self.cfg.utilization_images, tn.blobs[util[0]].data.shape[0]) if util else None
         for i in range(n_iter):
             tn.forward()
             for o in tn.outputs:
                 sums[o] = sums.get(o, 0.0) + float(np.mean(tn.blobs[o].data))
-            if i < util_batches:
-                from .analysis import utilization
+            if meter is not None and i < meter.batches:
                 blob, scores, label = util
-                a = torch.from_numpy(tn.blobs[blob].data.copy())
-                p = torch.from_numpy(self.test_walker.excitation(blob, scores, tn.blobs[label].data))
-                for name, v in utilization(a, p).items():
-                    util_sums[name] = util_sums.get(name, 0.0) + float(v)
-                util_images += a.shape[0]
+                meter.add(torch.from_numpy(tn.blobs[blob].data.copy()),
+                          torch.from_numpy(self.test_walker.excitation(blob, scores, tn.blobs[label].data)))
             if tick is not None:
                 tick()
         out = {o: v / n_iter for o, v in sums.items()}
-        out.update({name: v / util_images for name, v in util_sums.items()})
+        if meter is not None:
+            out.update(meter.means())
         return out
 
     def snapshot(self, elapsed: float) -> Path:

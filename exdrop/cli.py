@@ -71,10 +71,7 @@ def _cmd_data(args) -> int:
             raise ValueError("ucf101: give --splits, the folder of classInd.txt and trainlist0N.txt / testlist0N.txt")
         info = prepare_ucf101(args.source, args.splits, args.out or "data/ucf101", split=args.split or 1,
                               every=args.every or 5, short_side=int(args.resize) if args.resize else 256)
-        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}, indent=2,
-                         default=str))
-        return 0
-    if dataset == "caltech256":
+    elif dataset == "caltech256":
         given = [o for o, v in (("--val-size", args.val_size), ("--seed", args.seed),
                                 ("--limit-per-class", args.limit_per_class)) if v is not None]
         if given:

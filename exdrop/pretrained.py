@@ -80,8 +80,9 @@ def fetch(name: str, folder="data/weights") -> Path:
 
 def _check_known(path: Path) -> None:
     known = MODEL_ZOO.get(path.name)
-    if known and sha1(path) != known[1]:
-        raise ValueError(f"{path}: sha1 {sha1(path)} is not the Model Zoo file's {known[1]} (a truncated or other "
+    digest = sha1(path) if known else None
+    if known and digest != known[1]:
+        raise ValueError(f"{path}: sha1 {digest} is not the Model Zoo file's {known[1]} (a truncated or other "
                          f"download? fetch {known[0]} again)")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import DELTA, METRIC_TITLES, METRICS, analyze_run
+from .plot import _pyplot
 from .sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
 
 # Table 5 and Fig. 7 compare these (the paper: Standard, Curriculum, Excitation; the issue adds none)
@@ -49,13 +50,6 @@ PAPER_TABLE5 = {
 COLORS = {"none": "tab:gray", "standard_fc1": "tab:blue", "standard_both": "tab:cyan", "maskimg": "tab:olive",
           "curriculum": "tab:green", "adaptive": "tab:brown", "information": "tab:pink", "activation": "tab:orange",
           "ed": "tab:purple"}   # the paper draws Excitation Dropout in purple
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    return plt
 
 
 # ---------------------------------------------------------------------- the sweep's analysis
@@ -120,14 +114,12 @@ def summarize_cell(dataset, method, rate, runs) -> dict:
                                            .tolist())
         comp[mode] = entry
     cell["compression"] = comp
-    rel = np.array([f["reliability"]["count"] for f in finals]).sum(0)
-    conf = np.nansum([[c * n if c is not None else np.nan for c, n in zip(f["reliability"]["confidence"],
-                                                                          f["reliability"]["count"])]
-                      for f in finals], 0)
-    acc = np.nansum([[a * n if a is not None else np.nan for a, n in zip(f["reliability"]["accuracy"],
-                                                                         f["reliability"]["count"])]
-                     for f in finals], 0)
-    cell["reliability"] = {"count": rel.tolist(),
+    # the bins' sums over the runs, back from each run's per-bin means (None: an empty bin)
+    count = np.array([f["reliability"]["count"] for f in finals], float)
+    conf, acc = (np.nansum(np.array([f["reliability"][k] for f in finals], float) * count, 0)
+                 for k in ("confidence", "accuracy"))
+    rel = count.sum(0)
+    cell["reliability"] = {"count": rel.astype(int).tolist(),
                            "confidence": [float(c / n) if n else None for c, n in zip(conf, rel)],
                            "accuracy": [float(a / n) if n else None for a, n in zip(acc, rel)]}
     curves = [r.get("over_training") for r in runs if r.get("over_training")]

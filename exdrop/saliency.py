@@ -94,7 +94,7 @@ def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=
     from .analysis import default_blob, run_info, run_snapshots
     from .net import Net
     from .pylayer import TEST
-    from .report import _pyplot
+    from .plot import _pyplot
     from .snapshot import load_weights
     from .sweep import METHOD_LABELS
     from .train import pick_device

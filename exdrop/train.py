@@ -37,6 +37,7 @@ from google.protobuf import text_format
 
 from . import io as cio
 from .net import Net
+from .analysis import METRICS, UtilizationMeter, utilization_target
 from .pylayer import TEST, TRAIN
 from .runlog import RunLog, budget, format_row
 from .snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state, plain_to,
@@ -292,7 +293,6 @@ class EngineBackend(Backend):
         if cfg.resume:
             self._restore(cfg.resume)
         self.outputs = sorted(set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets)))
-        from .analysis import METRICS, utilization_target
         self.utilization = utilization_target(self.test_nets[0].layer_params, cfg.utilization,
                                               self.test_nets[0].blob_shapes) if self.test_nets else None
         if self.utilization:
@@ -326,25 +326,22 @@ class EngineBackend(Backend):
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, torch.Tensor] = {}
         util = self.utilization[0] if self.utilization and k == 0 else None
-        util_batches = math.ceil(self.cfg.utilization_images / max(1, tn.blob_shapes[util][0])) if util else 0
-        util_sums: dict[str, torch.Tensor] = {}
-        util_images = 0
+        meter = UtilizationMeter(self.cfg.utilization_images, tn.blob_shapes[util][0]) if util else None
         for i in range(n_iter):
+            measure = meter is not None and i < meter.batches
             # float32 even under --amp: the figures do not depend on the training speed-up
-            blobs = tn.forward(record=True) if i < util_batches else tn()
+            blobs = tn.forward(record=measure)
             for name in tn.outputs:
                 v = blobs[name].detach().float()
                 sums[name] = sums[name] + v if name in sums else v
-            if i < util_batches:   # Table 5's metrics on the first images: EB over the head only
-                from .analysis import utilization
-                for name, v in utilization(blobs[util], tn.excitation(util, self.utilization[1])).items():
-                    util_sums[name] = util_sums[name] + v if name in util_sums else v
-                util_images += blobs[util].shape[0]
+            if measure:   # Table 5's metrics on the first images: EB over the head only
+                meter.add(blobs[util], tn.excitation(util, self.utilization[1]))
                 tn.records = None
             if tick is not None:
                 tick()   # host only: no sync
         out = {name: (v / n_iter).mean().item() for name, v in sums.items()}
-        out.update({name: v.item() / util_images for name, v in util_sums.items()})
+        if meter is not None:
+            out.update(meter.means())
         return out
 
     def snapshot(self, elapsed: float) -> Path:
