@@ -117,6 +117,16 @@ class UtilizationMeter:
             self.sums[name] = self.sums[name] + v if name in self.sums else v
         self.images += a.shape[0]
 
+    def reduce(self, sum_over) -> None:
+        """Add up the meters of many processes; ``sum_over``: a list of tensors -> their sums over the processes."""
+        names = list(self.sums)
+        if not names:
+            return
+        device = torch.as_tensor(self.sums[names[0]]).device
+        *sums, images = sum_over([torch.as_tensor(self.sums[k], device=device).double() for k in names]
+                                 + [torch.tensor(float(self.images), dtype=torch.float64, device=device)])
+        self.sums, self.images = dict(zip(names, sums)), int(round(float(images)))
+
     def means(self) -> dict:
         return {name: float(v) / self.images for name, v in self.sums.items()}
 

@@ -71,11 +71,15 @@ class Net(nn.Module):
         device: where parameters and data live.
         source: file name used in error messages.
         batch_size: overrides every data layer's batch size (benchmarks, tests).
+        world: an :class:`exdrop.distributed.World` of many processes: each data layer gives this
+            process its part of the global batch (the prototxt's ``batch_size``).
     """
 
     def __init__(self, net_param, phase=TRAIN, device=None, source: str = "<net>",
-                 stages=(), batch_size: int | None = None, search_paths: list[Path] | None = None):
+                 stages=(), batch_size: int | None = None, search_paths: list[Path] | None = None,
+                 world=None):
         super().__init__()
+        self.world = world
         if net_param.layers:
             raise LayerError(f"{source}: V1 'layers' nets are not supported; upgrade with Caffe's upgrade_net_proto_text")
         self.phase = {"TRAIN": TRAIN, "TEST": TEST}.get(phase, phase)
@@ -187,7 +191,12 @@ class Net(nn.Module):
         try:
             if batch_size:
                 lp = _with_batch_size(lp, batch_size)
-            src = make_source(lp, self.phase, self.device)
+            part = None
+            if self.world is not None and self.world.active:
+                from .distributed import shard_slice
+                batch = lp.data_param.batch_size if lp.type == "Data" else lp.image_data_param.batch_size
+                part = shard_slice(self.world, batch, f"{self.source}: layer '{lp.name}'")
+            src = make_source(lp, self.phase, self.device, part=part)
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise LayerError(f"{self.source}: layer '{lp.name}' (type {lp.type}): {exc}") from exc
         self.sources[lp.name] = src

@@ -23,11 +23,14 @@ class RunLog:
     which the continued run does not have)."""
 
     def __init__(self, out: Path, outputs, resume_iter: int | None = None, retest_at_resume: bool = True,
-                 display: int | None = None):
+                 display: int | None = None, write: bool = True):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.columns = BASE_COLUMNS + sorted(set(outputs))
         self.rows: list[dict] = []
+        self.file = self.writer = None
+        if not write:   # a many-process run's other ranks: the rows are kept in memory only
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "log.csv"
         kept = []
         if resume_iter is not None and path.exists():
@@ -43,8 +46,9 @@ class RunLog:
             self.add(r)
 
     def add(self, row: dict) -> None:
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.file.flush()
+        if self.writer is not None:
+            self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.file.flush()
         self.rows.append(row)
 
     def summary(self) -> dict:
@@ -58,6 +62,8 @@ class RunLog:
                 "train_loss": _num(trains[-1].get("loss")) if trains else None}
 
     def finish(self, results: dict) -> dict:
+        if self.file is None:
+            return results
         tmp = self.out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, self.out / "results.json")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
+from . import distributed as dist
 from . import io as cio
 from .net import Net
 from .analysis import METRICS, UtilizationMeter, utilization_target
@@ -92,8 +93,18 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
 
 
-def pick_device(requested: str, solver_mode: int) -> torch.device:
-    """``auto``: CUDA when there is one (solver_mode GPU or CPU alike), else CPU."""
+def pick_device(requested: str, solver_mode: int, world: dist.World = dist.ONE) -> torch.device:
+    """``auto``: CUDA when there is one (solver_mode GPU or CPU alike), else CPU. Under torchrun
+    each process takes the GPU of its LOCAL_RANK (``cuda`` or ``auto``; ``cuda:N`` is refused)."""
+    if world.active and requested in (None, "", "auto", "cuda") and torch.cuda.is_available():
+        if world.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {world.local_rank}: torch sees {torch.cuda.device_count()} CUDA device(s); "
+                             "start at most one process per GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    if world.active and requested and requested.startswith("cuda:"):
+        raise ValueError(f"--device {requested}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                         "give --device cuda (or auto)")
     if requested and requested != "auto":
         try:
             dev = torch.device(requested)
@@ -149,17 +160,19 @@ def check_solver(sp, source: str) -> None:
         raise ValueError(f"{source}: " + "; ".join(problems) + " (command-line overrides included)")
 
 
-def prepare_solver(cfg: TrainConfig, **settings):
+def prepare_solver(cfg: TrainConfig, write: bool = True, **settings):
     """The solver this run uses, written to ``<run folder>/solver.prototxt``; returns (param, run folder).
 
     :func:`load_solver` plus ``settings`` (a backend's own, e.g. solver_mode), with the net
     paths made absolute and ``snapshot_prefix`` moved into ``<run folder>/snapshots/``.
+    ``write``: False on the processes of a many-process run other than rank 0.
     """
     sp = load_solver(cfg)
     for key, value in settings.items():
         setattr(sp, key, value)
     out = Path(cfg.out or Path("models") / Path(sp.snapshot_prefix or "run").parent.name)
-    (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    if write:
+        (out / "snapshots").mkdir(parents=True, exist_ok=True)
     for key in ("net", "train_net"):
         if sp.HasField(key):
             setattr(sp, key, _absolute(getattr(sp, key), cfg.solver))
@@ -168,7 +181,8 @@ def prepare_solver(cfg: TrainConfig, **settings):
     sp.test_net.extend(tests)
     prefix = Path(sp.snapshot_prefix).name if sp.snapshot_prefix else "snapshot"
     sp.snapshot_prefix = str((out / "snapshots" / prefix).resolve())
-    (out / "solver.prototxt").write_text(text_format.MessageToString(sp))
+    if write:
+        (out / "solver.prototxt").write_text(text_format.MessageToString(sp))
     return sp, out
 
 
@@ -259,16 +273,21 @@ class EngineBackend(Backend):
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        sp, self.out = prepare_solver(cfg)
+        self.world = world = dist.world_from_env()
+        sp, self.out = prepare_solver(cfg, write=world.main)
         self.sp = sp
-        self.device = pick_device(cfg.device, sp.solver_mode)
-        if sp.random_seed >= 0:
-            torch.manual_seed(sp.random_seed)
+        self.device = pick_device(cfg.device, sp.solver_mode, world)
+        dist.init(world, self.device)
+        seed = sp.random_seed
+        if world.active and seed < 0:   # one seed for all: the same fillers and data order everywhere
+            seed = dist.broadcast(world, int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))
+        if seed >= 0:
+            torch.manual_seed(seed)
         (train_param, train_src), tests = net_params(sp, cfg.solver)
-        self.train_net = Net(train_param, TRAIN, self.device, train_src, batch_size=cfg.batch_size)
+        self.train_net = Net(train_param, TRAIN, self.device, train_src, batch_size=cfg.batch_size, world=world)
         self.test_nets = []
         for param, src in tests:
-            tn = Net(param, TEST, self.device, src, batch_size=cfg.batch_size)
+            tn = Net(param, TEST, self.device, src, batch_size=cfg.batch_size, world=world)
             tn.share_weights_from(self.train_net)
             self.test_nets.append(tn)
         if len(self.test_nets) and len(sp.test_iter) not in (1, len(self.test_nets)):
@@ -284,12 +303,18 @@ class EngineBackend(Backend):
             from .pretrained import input_transform, load_pretrained
             torch_file = str(cfg.weights).endswith((".pth", ".pt"))
             got = load_pretrained(self.train_net, cfg.weights, input_transform(train_param) if torch_file else None)
-            if cfg.progress:
+            if cfg.progress and world.main:
                 print(f"weights: {len(got['loaded'])} layers from {cfg.weights} ({got['format']})"
                       + (f"; from their fillers: {', '.join(got['kept_filler'])}" if got["kept_filler"] else ""))
         self.solver = make_solver(sp, self.train_net.learnable(), cfg.solver)
         self.elapsed = 0.0
         self.loop_state: dict = {}   # the run loop's display window, saved with each snapshot
+        self.ddp = None
+        if world.active:
+            torch.manual_seed(seed + world.rank)   # each process its own dropout masks; rank 0 as one process
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(self.train_net, device_ids=[self.device.index] if self.device.type
+                                               == "cuda" else None)
         if cfg.resume:
             self._restore(cfg.resume)
         self.outputs = sorted(set(self.train_net.outputs).union(*(tn.outputs for tn in self.test_nets)))
@@ -308,17 +333,22 @@ class EngineBackend(Backend):
             p.grad = None
         net.set_iteration(self.solver.iter)   # Curriculum Dropout's t: the solver's, restored on resume
         loss_sum, outputs_sum = None, {}
-        for _ in range(passes):
-            with self.autocast():
-                blobs = net()
-                loss = net.loss(blobs)
-            loss.backward()
+        for k in range(passes):
+            # many processes: DDP averages the gradients in the last pass's backward (iter_size passes accumulate)
+            sync = self.ddp is None or k == passes - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    blobs = (self.ddp or net)()
+                    loss = net.loss(blobs)
+                loss.backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             for name in net.outputs:
                 v = blobs[name].detach()
                 outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
         self.solver.step_update()
-        return loss_sum / passes, {k: v / passes for k, v in outputs_sum.items()}
+        names = list(outputs_sum)
+        loss, *outs = dist.mean_over(self.world, [loss_sum / passes] + [outputs_sum[k] / passes for k in names])
+        return loss, dict(zip(names, outs))
 
     @torch.no_grad()
     def test(self, k: int, tick=None) -> dict:
@@ -326,7 +356,9 @@ class EngineBackend(Backend):
         n_iter = self.sp.test_iter[min(k, len(self.sp.test_iter) - 1)]
         sums: dict[str, torch.Tensor] = {}
         util = self.utilization[0] if self.utilization and k == 0 else None
-        meter = UtilizationMeter(self.cfg.utilization_images, tn.blob_shapes[util][0]) if util else None
+        # the first images of the pass, as on one process: each process measures its part of those batches
+        meter = UtilizationMeter(self.cfg.utilization_images, tn.blob_shapes[util][0] * self.world.size) \
+            if util else None
         for i in range(n_iter):
             measure = meter is not None and i < meter.batches
             # float32 even under --amp: the figures do not depend on the training speed-up
@@ -339,8 +371,11 @@ class EngineBackend(Backend):
                 tn.records = None
             if tick is not None:
                 tick()   # host only: no sync
-        out = {name: (v / n_iter).mean().item() for name, v in sums.items()}
+        names = list(sums)
+        means = dist.mean_over(self.world, [sums[name] / n_iter for name in names])
+        out = {name: v.mean().item() for name, v in zip(names, means)}
         if meter is not None:
+            meter.reduce(lambda ts: dist.sum_over(self.world, ts))
             out.update(meter.means())
         return out
 
@@ -349,20 +384,28 @@ class EngineBackend(Backend):
         when all three are complete, the .solverstate last, so a kill leaves no .solverstate without its set."""
         base = f"{self.sp.snapshot_prefix}_iter_{self.solver.iter}"
         model, extra, state = Path(base + ".caffemodel"), Path(base + ".engine.pt"), Path(base + ".solverstate")
+        rng = {"torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        ranks = dist.gather(self.world, rng)   # many processes: each draws its own masks
+        if not self.world.main:   # the weights, data cursors and solver are the same on every process
+            dist.barrier(self.world)
+            return model
         tmp = {path: Path(f"{path}.tmp") for path in (model, extra, state)}
         save_weights(self.train_net, tmp[model])
         # only what the .solverstate lacks: its history (Adam's m and v, float32) restores the solver exactly
-        engine_state = {"iter": self.solver.iter, "elapsed": elapsed, "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        engine_state = {"iter": self.solver.iter, "elapsed": elapsed, **rng,
                         "data": {"train": self.train_net.data_state(),
                                  "test": [tn.data_state() for tn in self.test_nets]},
                         "loop": self.loop_state}
+        if self.world.active:
+            engine_state["ranks"] = ranks
         torch.save(plain_state(engine_state), tmp[extra])
         self.solver.save_solverstate(tmp[state], str(model))
         for path in (model, extra, state):
             normal_file_mode(tmp[path])
         for path in (model, extra, state):
             os.replace(tmp[path], path)
+        dist.barrier(self.world)   # the set is complete before any process goes on (a resume reads it)
         return model
 
     def save_weights(self, path: Path) -> None:
@@ -399,9 +442,23 @@ class EngineBackend(Backend):
             return
         # the solver (iter, current_step, history) is the .solverstate's, restored above; an older
         # engine state's copy of the history ("solver") equals it and is not needed
-        torch.set_rng_state(st["torch_rng"])
-        if st.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        rng = st
+        if self.world.active or st.get("ranks"):
+            saved = len(st.get("ranks") or [None])
+            if saved != self.world.size:
+                if not self.cfg.inexact_resume:
+                    raise SnapshotError(f"cannot resume {state_path} exactly: it was written by {saved} process(es), "
+                                        f"this run has {self.world.size} (the dropout masks' random state is per "
+                                        "process). Resume with as many, or pass --inexact-resume")
+                print(f"exdrop: warning: inexact resume from {state_path}: written by {saved} process(es), resumed "
+                      f"with {self.world.size}; the dropout masks' random draws differ from the uninterrupted run",
+                      file=sys.stderr)
+                rng = {"torch_rng": torch.get_rng_state()}
+            else:
+                rng = st["ranks"][self.world.rank]
+        torch.set_rng_state(rng["torch_rng"])
+        if rng.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
         self.train_net.load_data_state(st["data"]["train"])
         for tn, ds in zip(self.test_nets, st["data"]["test"]):
             tn.load_data_state(ds)
@@ -420,6 +477,9 @@ def make_backend(cfg: TrainConfig):
     if cfg.backend == "engine":
         return EngineBackend(cfg)
     if cfg.backend == "caffe":
+        if dist.world_from_env().active:
+            raise ValueError("the caffe backend runs one process (pycaffe on the CPU); many processes under "
+                             "torchrun are the engine's: drop --backend caffe")
         from .caffe_backend import CaffeBackend
         return CaffeBackend(cfg)
     raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
@@ -467,22 +527,29 @@ class Trainer:
         self.cfg = cfg
         self.backend = backend if backend is not None else make_backend(cfg)
         self.sp, self.out = self.backend.sp, self.backend.out
+        # many processes: each runs this loop on the same averaged numbers; rank 0 writes the run folder
+        self.world = getattr(self.backend, "world", dist.ONE)
+        self.main = self.world.main
+        if not self.main:
+            cfg.progress = False
         self.elapsed = self.backend.elapsed
         self.last_snapshot: Path | None = None
         self.last_good: Path | None = Path(cfg.resume) if cfg.resume else None   # the newest finite snapshot
         self.watch = DivergenceWatch()
-        remove_unfinished_snapshots(self.out / "snapshots")
+        if self.main:
+            remove_unfinished_snapshots(self.out / "snapshots")
         # the loss smoothing and output sums of the display window, carried by the engine's snapshots
         carried = getattr(self.backend, "loop_state", None) or {}
         self.recent: list = list(carried.get("recent_losses", []))   # the last average_loss losses
         self.outputs_sum: dict = dict(carried.get("outputs_sum", {}))
         self.outputs_n: int = int(carried.get("outputs_n", 0))
         self.log = RunLog(self.out, self.backend.outputs, self.backend.iter if cfg.resume else None,
-                          retest_at_resume=self._tests_at(self.backend.iter), display=self.sp.display)
+                          retest_at_resume=self._tests_at(self.backend.iter), display=self.sp.display,
+                          write=self.main)
         self.bar = None
         self._shown_at = time.perf_counter()
         self._last_rate = 0.0
-        self.tb = self._tensorboard(cfg.tensorboard, self.backend.iter if cfg.resume else None)
+        self.tb = self._tensorboard(cfg.tensorboard if self.main else None, self.backend.iter if cfg.resume else None)
 
     def _tests_at(self, it: int) -> bool:
         """Whether this run tests at iteration ``it`` (on schedule, or the final test at max_iter)."""
@@ -498,10 +565,10 @@ class Trainer:
         old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
         t0 = time.perf_counter() - self.elapsed
         start_iter = backend.iter
-        if start_iter == 0:
+        if start_iter == 0 and self.main:
             self.save_init_weights()
         try:
-            while backend.iter < sp.max_iter and not stop["flag"]:
+            while backend.iter < sp.max_iter and not self._stopping(stop, start_iter):
                 it = backend.iter
                 if sp.test_interval and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization):
                     self.check_finite()
@@ -525,6 +592,8 @@ class Trainer:
                 if sp.snapshot and backend.iter % sp.snapshot == 0:
                     self.snapshot(time.perf_counter() - t0)
             self.check_finite(window_end=backend.iter - 1 if not sp.display else None)
+            if self.world.active:
+                stop["flag"] = dist.any_over(self.world, stop["flag"])
             if stop["flag"]:
                 status = "interrupted"
             self._final_train_row(start_iter, time.perf_counter() - t0, bar)
@@ -539,6 +608,8 @@ class Trainer:
                 bar.close()
             self.bar = None
         self.elapsed = time.perf_counter() - t0
+        if self.world.active:   # the same run time everywhere: results.json and snapshots say rank 0's
+            self.elapsed = dist.broadcast(self.world, self.elapsed)
         try:
             if status == "finished":
                 if sp.snapshot_after_train and (not sp.snapshot or backend.iter % sp.snapshot):
@@ -547,14 +618,27 @@ class Trainer:
                     self.test(None, self.elapsed)
             elif status == "interrupted":
                 self.snapshot(self.elapsed)  # Caffe snapshots on SIGINT too; nothing is lost
-                self._say_how_to_resume()
+                if self.main:
+                    self._say_how_to_resume()
         except TrainingDiverged as exc:
             status, error = "diverged", str(exc)
         results = self._results(status, error)
-        self._plot()
+        if self.main:
+            self._plot()
         if error:
             raise TrainingDiverged(error)
         return results
+
+    def _stopping(self, stop: dict, start_iter: int) -> bool:
+        """Whether Ctrl-C (SIGINT) stops the run now. Many processes agree on it every
+        STOP_CHECK_EVERY iterations, so that all stop at the same iteration."""
+        if not self.world.active:
+            return stop["flag"]
+        it = self.backend.iter
+        if it == start_iter or it % dist.STOP_CHECK_EVERY:
+            return False
+        stop["flag"] = dist.any_over(self.world, stop["flag"])
+        return stop["flag"]
 
     def save_init_weights(self) -> Path:
         """``RUN/init.caffemodel``: the weights at iteration 0 (written complete or not at all)."""
@@ -685,7 +769,7 @@ class Trainer:
         self.backend.loop_state = {"recent_losses": self.recent, "outputs_sum": self.outputs_sum,
                                    "outputs_n": self.outputs_n}
         self.last_snapshot = self.last_good = self.backend.snapshot(elapsed)
-        if self.cfg.keep_snapshots > 0:   # the new set is complete: the older ones may go
+        if self.cfg.keep_snapshots > 0 and self.main:   # the new set is complete: the older ones may go
             prune_snapshots(self.sp.snapshot_prefix, self.backend.iter, self.cfg.keep_snapshots)
         return self.last_snapshot
 
@@ -725,7 +809,7 @@ class Trainer:
                "solver_used": str(self.out / "solver.prototxt"), "iterations": iters, "max_iter": self.sp.max_iter,
                "budget": budget(self.sp.max_iter, cio.read_solver_prototxt(self.cfg.solver).max_iter),
                "net_override": str(self.cfg.net) if self.cfg.net else None,
-               "keep_snapshots": self.cfg.keep_snapshots}
+               "keep_snapshots": self.cfg.keep_snapshots, "processes": self.world.size}
         res.update(self.log.summary())
         res.update({"seconds": round(self.elapsed, 2), "seconds_per_iter": round(self.elapsed / max(1, iters), 4)})
         res.update(self.backend.results_extra())
@@ -759,4 +843,8 @@ def _progress(enabled: bool, start: int, total: int):
 
 
 def train(cfg: TrainConfig) -> dict:
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        dist.close(trainer.world)

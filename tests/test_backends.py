@@ -26,7 +26,7 @@ from caffe_nets import ROOT, TINY_LOSS, TINY_NET, write_tiny  # noqa: E402
 
 RESULT_KEYS = {"status", "backend", "solver", "solver_used", "iterations", "max_iter", "budget", "test_accuracy",
                "test_loss", "best_test_accuracy", "train_loss", "seconds", "seconds_per_iter", "net", "test_source",
-               "device", "guided_layers", "torch", "host", "snapshot", "net_override", "keep_snapshots"}
+               "device", "guided_layers", "torch", "host", "snapshot", "net_override", "keep_snapshots", "processes"}
 UTILIZATION = ["entropy_act", "entropy_peb"]
 OVERRIDES = ["--max-iter", "6", "--display", "2", "--test-interval", "3", "--test-iter", "1",
              "--snapshot-every", "2", "--seed", "5", "--device", "cpu", "--quiet"]

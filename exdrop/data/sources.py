@@ -106,12 +106,15 @@ class DataTransformer:
         c, h, w = self.in_shape
         return (c, self.crop, self.crop) if self.crop else (c, h, w)
 
-    def __call__(self, data: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Transform ``data[idx]`` (data: (N,C,H,W) resident tensor, idx: (B,) int64) -> float32."""
+    def __call__(self, data: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
+                 part: slice | None = None) -> torch.Tensor:
+        """Transform ``data[idx]`` (data: (N,C,H,W) resident tensor, idx: (B,) int64) -> float32.
+        ``part``: only these images of the batch, with the crops and mirrors drawn for the whole
+        batch (a process's share of a global batch, :mod:`exdrop.distributed`)."""
         c, h, w = self.in_shape
         b = idx.numel()
         dev = data.device
-        mirror = None
+        mirror = h_off = w_off = None
         if self.do_mirror:   # Caffe: do_mirror = mirror && Rand(2), in every phase
             mirror = torch.randint(0, 2, (b,), generator=gen, device=dev).bool()
         if self.crop:
@@ -122,6 +125,9 @@ class DataTransformer:
             else:
                 h_off = torch.full((b,), (h - cs) // 2, device=dev, dtype=torch.long)
                 w_off = torch.full((b,), (w - cs) // 2, device=dev, dtype=torch.long)
+        if part is not None:
+            idx, mirror, h_off, w_off = (None if t is None else t[part] for t in (idx, mirror, h_off, w_off))
+            b = idx.numel()
         if not self.crop and mirror is None:
             x = data.index_select(0, idx).float()
             if self.mean is not None:
@@ -158,9 +164,10 @@ class BatchSource:
 
     def __init__(self, images, labels, batch_size: int, transform_param=None, phase=TRAIN, device="cpu",
                  shuffle: bool = False, rand_skip: int = 0, seed: int | None = None, name: str = "",
-                 kind: str = "Data"):
+                 kind: str = "Data", part: slice | None = None):
         if batch_size <= 0:
             raise ValueError(f"layer '{name}': batch_size must be positive")
+        self.part = part   # this process's images of each batch (many processes: exdrop.distributed)
         self.name, self.kind = name, kind
         self.batch_size = int(batch_size)
         self.phase = _phase(phase)
@@ -194,7 +201,8 @@ class BatchSource:
         self.order = torch.randperm(self.n, generator=self.gen, device=self.device)
 
     def top_shapes(self) -> list[tuple]:
-        return [(self.batch_size,) + self.transformer.out_shape(), (self.batch_size,)]
+        b = len(range(self.batch_size)[self.part]) if self.part is not None else self.batch_size
+        return [(b,) + self.transformer.out_shape(), (b,)]
 
     def next_indices(self) -> torch.Tensor:
         b, n = self.batch_size, self.n
@@ -217,7 +225,8 @@ class BatchSource:
 
     def next_batch(self) -> list[torch.Tensor]:
         idx = self.next_indices()
-        return [self.transformer(self.images, idx, self.gen), self.labels[idx]]
+        labels = self.labels[idx] if self.part is None else self.labels[idx[self.part]]
+        return [self.transformer(self.images, idx, self.gen, self.part), labels]
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "epoch": self.epoch, "n": self.n, "seed": self.seed,
@@ -318,7 +327,7 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
 
 
 def make_source(layer_param, phase, device="cpu", seed: int | None = None, source: str | None = None,
-                batch_size: int | None = None) -> BatchSource:
+                batch_size: int | None = None, part: slice | None = None) -> BatchSource:
     """Build the batch source of a ``Data`` / ``ImageData`` layer (or, with ``source`` = an LMDB
     path, of an ``Input`` layer).  ``seed``: the source's RNG seed (crops, mirrors, shuffles);
     None draws one from torch's global generator."""
@@ -335,13 +344,13 @@ def make_source(layer_param, phase, device="cpu", seed: int | None = None, sourc
                              "set `backend: LMDB` and convert the data to LMDB (exdrop.data.prepare_*)")
         images, labels = _load_lmdb(path, tp, name)
         return BatchSource(images, labels, batch_size or dp.batch_size, tp, phase, device, shuffle=False,
-                           rand_skip=dp.rand_skip, seed=seed, name=name, kind="Data")
+                           rand_skip=dp.rand_skip, seed=seed, name=name, kind="Data", part=part)
     if typ == "ImageData":
         ip = lp.image_data_param
         path = resolve_source(ip.source, name)
         images, labels = load_image_list_data(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
         return BatchSource(images, labels, batch_size or ip.batch_size, tp, phase, device, shuffle=ip.shuffle,
-                           rand_skip=ip.rand_skip, seed=seed, name=name, kind="ImageData")
+                           rand_skip=ip.rand_skip, seed=seed, name=name, kind="ImageData", part=part)
     if typ == "Input":
         if source is None:
             raise ValueError(f"layer '{name}': an Input layer has no data source; pass source=<LMDB path>")
@@ -352,5 +361,6 @@ def make_source(layer_param, phase, device="cpu", seed: int | None = None, sourc
             except (AttributeError, IndexError):
                 raise ValueError(f"layer '{name}': give batch_size for the Input layer") from None
         images, labels = _load_lmdb(path, tp, name)
-        return BatchSource(images, labels, batch_size, tp, phase, device, seed=seed, name=name, kind="Input")
+        return BatchSource(images, labels, batch_size, tp, phase, device, seed=seed, name=name, kind="Input",
+                           part=part)
     raise ValueError(f"layer '{name}': no batch source for layer type {typ!r}")

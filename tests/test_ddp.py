@@ -1,0 +1,218 @@
+"""One run on many processes (issue 12, item 6): ``torchrun -m exdrop train`` with
+DistributedDataParallel, here 2 gloo processes on the CPU.
+
+The prototxt's batch is the global batch, split over the processes: a dropout-free net follows
+the one-process run up to float sums (the same crops and mirrors, the averaged gradients); a
+guided net gives each image the one-process p_EB, with its own mask draws. Rank 0 writes the run
+folder once; a resume with the same number of processes continues exactly.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exdrop import distributed as dist
+from exdrop.io import read_caffemodel
+from exdrop.net import Net
+from exdrop.pylayer import TRAIN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NET = """name: "ddp_{kind}"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
+  transform_param {{ scale: 0.00390625 crop_size: 8 mirror: true }}
+  data_param {{ source: "{data}/train_lmdb" batch_size: 8 backend: LMDB }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ scale: 0.00390625 crop_size: 8 }} data_param {{ source: "{data}/val_lmdb" batch_size: 6 backend: LMDB }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: 4 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+  inner_product_param {{ num_output: 16 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "relu2" type: "ReLU" bottom: "ip1" top: "ip1" }}
+{drop}layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "accuracy" type: "Accuracy" bottom: "ip2" bottom: "label" top: "accuracy" }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
+"""
+ED = """layer { name: "drop" type: "Python" bottom: "ip1" top: "ip1"
+  python_param { module: "excitation_dropout" layer: "ExcitationDropout" param_str: "{'dropout_ratio': 0.5}" } }
+"""
+SOLVER = """net: "{net}"
+test_iter: 2
+test_interval: 6
+display: 1
+average_loss: 1
+max_iter: 12
+type: "SGD"
+base_lr: 0.05
+momentum: 0.9
+weight_decay: 0.001
+lr_policy: "fixed"
+snapshot: 6
+snapshot_prefix: "models/ddp/tiny"
+solver_mode: CPU
+random_seed: 3
+"""
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    """48 train / 12 val 10x10 images in 3 classes (one channel darker per class), and the two nets."""
+    from exdrop.data import write_datum_lmdb
+    tmp = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 48), ("val", 12)):
+        labels = rng.integers(0, 3, n)
+        images = rng.integers(0, 256, (n, 3, 10, 10), dtype=np.uint8)
+        images[np.arange(n), labels] //= 3
+        write_datum_lmdb(tmp / f"{name}_lmdb", images, labels)
+    solvers = {}
+    for kind, drop in (("plain", ""), ("ed", ED)):
+        net = tmp / f"{kind}.prototxt"
+        net.write_text(NET.format(kind=kind, data=tmp, drop=drop))
+        solvers[kind] = tmp / f"solver_{kind}.prototxt"
+        solvers[kind].write_text(SOLVER.format(net=net))
+    return solvers
+
+
+def _train(solver, out, processes: int, *extra):
+    """`exdrop train` as one process, or under torchrun with ``processes`` gloo processes."""
+    launch = [sys.executable, "-m", "exdrop"] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+         "-m", "exdrop"]
+    cmd = launch + ["train", str(solver), "--out", str(out), "--device", "cpu", "--quiet",
+                    "--keep-snapshots", "0", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _log(out):
+    with open(Path(out) / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _series(rows, phase, key):
+    return np.array([float(r[key]) for r in rows if r["phase"] == phase])
+
+
+def _weights(path):
+    return {lp.name: [np.asarray(b.data, np.float32) for b in lp.blobs] for lp in read_caffemodel(path).layer}
+
+
+def test_two_processes_follow_one_process_without_dropout(fixture, tmp_path):
+    """The same global batch of 8 split 4 + 4: the loss at every iteration, the test numbers and
+    the final weights of the one-process run, up to float sums; the run folder is written once."""
+    _train(fixture["plain"], tmp_path / "one", 1)
+    proc = _train(fixture["plain"], tmp_path / "two", 2)
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [(r["iter"], r["phase"]) for r in one] == [(r["iter"], r["phase"]) for r in two]   # no row twice
+    for phase, key in (("train", "loss"), ("train", "accuracy"), ("test", "loss"), ("test", "accuracy"),
+                       ("test", "entropy_act"), ("test", "neurons_on")):
+        np.testing.assert_allclose(_series(two, phase, key), _series(one, phase, key), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{phase} {key}")
+    assert len(_series(one, "train", "loss")) == 12
+    # the training moved the weights, identically
+    w0, w1, w2 = (_weights(p) for p in (tmp_path / "one/init.caffemodel", tmp_path / "one/snapshots/tiny_iter_12.caffemodel",
+                                         tmp_path / "two/snapshots/tiny_iter_12.caffemodel"))
+    assert np.abs(w1["ip1"][0] - w0["ip1"][0]).max() > 1e-3
+    for name in w1:
+        for a, b in zip(w2[name], w1[name]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    snaps = sorted(p.name for p in (tmp_path / "two/snapshots").iterdir())
+    assert snaps == sorted(f"tiny_iter_{i}.{ext}" for i in (6, 12) for ext in ("caffemodel", "engine.pt", "solverstate"))
+    import json
+    res = json.loads((tmp_path / "two/results.json").read_text())
+    assert res["processes"] == 2 and res["status"] == "finished" and res["iterations"] == 12
+    assert proc.stdout.count("final: 12 iterations") == 1   # rank 0 speaks
+
+
+def test_two_processes_resume_exactly(fixture, tmp_path):
+    """Excitation Dropout on 2 processes, stopped at 6 and resumed: the uninterrupted run's losses
+    and weights (each process's mask RNG is in the snapshot); 1 process may not resume it exactly."""
+    _train(fixture["ed"], tmp_path / "whole", 2)
+    _train(fixture["ed"], tmp_path / "parts", 2, "--max-iter", "6")
+    _train(fixture["ed"], tmp_path / "parts", 2, "--snapshot", str(tmp_path / "parts/snapshots/tiny_iter_6.solverstate"))
+    whole, parts = _log(tmp_path / "whole"), _log(tmp_path / "parts")
+    assert [(r["iter"], r["phase"]) for r in whole] == [(r["iter"], r["phase"]) for r in parts]
+    np.testing.assert_array_equal(_series(parts, "train", "loss"), _series(whole, "train", "loss"))
+    a = _weights(tmp_path / "whole/snapshots/tiny_iter_12.caffemodel")
+    b = _weights(tmp_path / "parts/snapshots/tiny_iter_12.caffemodel")
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    # the masks differ from one process's: the losses are not the one-process losses
+    _train(fixture["ed"], tmp_path / "one", 1)
+    assert not np.allclose(_series(_log(tmp_path / "one"), "train", "loss")[1:], _series(whole, "train", "loss")[1:])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "exdrop", "train", str(fixture["ed"]), "--out", str(tmp_path / "x"),
+                           "--device", "cpu", "--quiet", "--snapshot",
+                           str(tmp_path / "whole/snapshots/tiny_iter_6.solverstate")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "written by 2 process(es), this run has 1" in proc.stderr
+
+
+def test_guided_dropout_gets_each_images_one_process_p_eb(fixture, monkeypatch):
+    """In process, the nets of rank 0 and rank 1 of 2 against the one-process net (same seed): each
+    reads its half of the same batch (the same crops and mirrors), and Excitation Dropout gets the
+    one-process p_EB for each of its images; only the mask draws are the process's own."""
+    from exdrop.io import read_net_prototxt
+    param = read_net_prototxt(str(fixture["ed"]).replace("solver_ed", "ed"))
+    seen = {}
+    saliency = Net._saliency
+
+    def record(self, i, layer, blobs):
+        p = saliency(self, i, layer, blobs)
+        seen[self.world] = (blobs["data"].clone(), blobs["label"].clone(), p.clone())
+        return p
+    monkeypatch.setattr(Net, "_saliency", record)
+    for world in (None, dist.World(0, 2), dist.World(1, 2)):
+        torch.manual_seed(7)
+        net = Net(param, TRAIN, "cpu", "ed", world=world, search_paths=[ROOT / "layers"])
+        assert net.blob_shapes["data"][0] == (8 if world is None else 4)
+        net()
+    for k, part in ((0, slice(0, 4)), (1, slice(4, 8))):
+        data, label, p = seen[dist.World(k, 2)]
+        torch.testing.assert_close(data, seen[None][0][part])
+        torch.testing.assert_close(label, seen[None][1][part])
+        torch.testing.assert_close(p, seen[None][2][part], rtol=1e-5, atol=1e-7)
+
+
+def test_global_batch_must_split(fixture):
+    from exdrop.io import read_net_prototxt
+    from exdrop.net import LayerError
+    param = read_net_prototxt(str(fixture["plain"]).replace("solver_plain", "plain"))
+    with pytest.raises((ValueError, LayerError), match="batch_size 8 does not split over 3 processes"):
+        Net(param, TRAIN, "cpu", "plain", world=dist.World(0, 3))
+
+
+def test_world_from_torchrun_environment():
+    assert dist.world_from_env({}) == dist.ONE
+    assert dist.world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == dist.World(3, 4, 1)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        dist.world_from_env({"WORLD_SIZE": "2"})
+
+
+def test_slurm_array_runs_one_plan_line_unchanged(tmp_path):
+    """scripts/slurm_sweep.sbatch: array task N runs line N of a sweep's plan.txt as it is."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("".join(f"cd {tmp_path} && echo run{k} > out{k}.txt\n" for k in (1, 2, 3)))
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="2")
+    proc = subprocess.run(["bash", str(ROOT / "scripts/slurm_sweep.sbatch"), str(plan)], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("out*.txt")) == ["out2.txt"]
+    assert (tmp_path / "out2.txt").read_text() == "run2\n"
+    env["SLURM_ARRAY_TASK_ID"] = "4"
+    proc = subprocess.run(["bash", str(ROOT / "scripts/slurm_sweep.sbatch"), str(plan)], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "has no line 4" in proc.stderr
+    for script in ("scripts/slurm_sweep.sbatch", "scripts/slurm_torchrun.sbatch"):
+        assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
