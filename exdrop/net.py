@@ -249,6 +249,8 @@ class Net(nn.Module):
                 continue
             name = label_source[layer.lp.bottom[1]]
             labels = self.sources[name].labels
+            if labels is None:   # read from disk: the labels come with each batch
+                continue
             classes = self.blob_shapes[layer.lp.bottom[0]][layer.axis]
             bad = (labels < 0) | (labels >= classes)
             if layer.ignore is not None:

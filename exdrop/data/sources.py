@@ -271,18 +271,19 @@ class BatchSource:
 # layer types
 # ----------------------------------------------------------------------------------------------
 def _load_lmdb(path: Path, tp, layer_name: str):
-    from .lmdb_datum import DatumLMDB
-    with DatumLMDB(path) as db:
+    from .stream import _close_db, _open_db   # one LMDB environment per process, shared with the streams
+    db = _open_db(path)
+    try:
         fc = bool(tp.force_color) if tp is not None else False
         fg = bool(tp.force_gray) if tp is not None else False
         return db.read_all(force_color=fc, force_gray=fg)
+    finally:
+        _close_db(db)
 
 
-def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, new_width: int = 0,
-                         is_color: bool = True, layer_name: str = ""):
-    """Decode every image of an ImageData list (``path label``; path = root_folder + path, like
-    Caffe) into one (N,C,H,W) uint8 array (BGR) + int64 labels."""
-    import cv2
+def read_list_entries(list_path, root_folder: str = "", layer_name: str = "", new_height: int = 0,
+                      new_width: int = 0) -> list[tuple[str, int]]:
+    """An ImageData list file (``path label`` per line) as [(root_folder + path, label)]."""
     if (new_height > 0) != (new_width > 0):
         raise ValueError(f"layer '{layer_name}': new_height and new_width must be set together")
     entries = []
@@ -303,6 +304,15 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
         entries.append((root_folder + line[:pos], int(label)))
     if not entries:
         raise ValueError(f"layer '{layer_name}': list file {list_path} is empty")
+    return entries
+
+
+def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, new_width: int = 0,
+                         is_color: bool = True, layer_name: str = ""):
+    """Decode every image of an ImageData list (``path label``; path = root_folder + path, like
+    Caffe) into one (N,C,H,W) uint8 array (BGR) + int64 labels."""
+    import cv2
+    entries = read_list_entries(list_path, root_folder, layer_name, new_height, new_width)
     flag = cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE
 
     def load(e):
@@ -326,11 +336,29 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
     return np.ascontiguousarray(arr), np.asarray([e[1] for e in entries], np.int64)
 
 
+def _streams(records, stream: bool | None) -> bool:
+    from . import stream as st
+    return bool(stream) or st.resident_bytes(records, len(records)) > st.RESIDENT_BYTES
+
+
+def _stream_source(records, batch_size, tp, phase, device, shuffle, rand_skip, seed, name, kind, part):
+    from .stream import StreamSource
+    try:
+        return StreamSource(records, batch_size, tp, phase, device, shuffle=shuffle, rand_skip=rand_skip, seed=seed,
+                            name=name, kind=kind, part=part)
+    except BaseException:
+        records.close()
+        raise
+
+
 def make_source(layer_param, phase, device="cpu", seed: int | None = None, source: str | None = None,
-                batch_size: int | None = None, part: slice | None = None) -> BatchSource:
+                batch_size: int | None = None, part: slice | None = None,
+                stream: bool | None = None) -> BatchSource:
     """Build the batch source of a ``Data`` / ``ImageData`` layer (or, with ``source`` = an LMDB
     path, of an ``Input`` layer).  ``seed``: the source's RNG seed (crops, mirrors, shuffles);
-    None draws one from torch's global generator."""
+    None draws one from torch's global generator. ``stream``: read the records from disk batch by
+    batch (:class:`exdrop.data.stream.StreamSource`); None: when the decoded images would take
+    more than ``stream.RESIDENT_BYTES``, else hold them in memory."""
     lp = layer_param
     name, typ = lp.name, lp.type
     tp = lp.transform_param if lp.HasField("transform_param") else None
@@ -342,12 +370,25 @@ def make_source(layer_param, phase, device="cpu", seed: int | None = None, sourc
         if dp.backend != caffe_pb2.DataParameter.LMDB and (dp.HasField("backend") or not is_lmdb):
             raise ValueError(f"layer '{name}': only the LMDB backend is supported (source {dp.source}); "
                              "set `backend: LMDB` and convert the data to LMDB (exdrop.data.prepare_*)")
+        if stream is not False:
+            from .stream import LMDBRecords
+            records = LMDBRecords(path, bool(tp and tp.force_color), bool(tp and tp.force_gray))
+            if _streams(records, stream):
+                return _stream_source(records, batch_size or dp.batch_size, tp, phase, device, False, dp.rand_skip,
+                                      seed, name, "Data", part)
+            records.close()
         images, labels = _load_lmdb(path, tp, name)
         return BatchSource(images, labels, batch_size or dp.batch_size, tp, phase, device, shuffle=False,
                            rand_skip=dp.rand_skip, seed=seed, name=name, kind="Data", part=part)
     if typ == "ImageData":
         ip = lp.image_data_param
         path = resolve_source(ip.source, name)
+        if stream is not False:
+            from .stream import ListRecords
+            records = ListRecords(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
+            if _streams(records, stream):
+                return _stream_source(records, batch_size or ip.batch_size, tp, phase, device, ip.shuffle,
+                                      ip.rand_skip, seed, name, "ImageData", part)
         images, labels = load_image_list_data(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
         return BatchSource(images, labels, batch_size or ip.batch_size, tp, phase, device, shuffle=ip.shuffle,
                            rand_skip=ip.rand_skip, seed=seed, name=name, kind="ImageData", part=part)

@@ -1,0 +1,265 @@
+"""Batches read from disk as training asks for them, for data sets whose decoded images do not
+fit in memory (UCF101 frames, ImageNet): Caffe's Data layer reading its LMDB record by record (or
+ImageData its list), with Caffe's prefetch, one batch decoded ahead in threads.
+
+:func:`exdrop.data.make_source` picks a :class:`StreamSource` when the decoded images would take
+more than :data:`RESIDENT_BYTES`; smaller data sets stay resident (:class:`BatchSource`, one
+gather per batch on the device). Both read the same records in the same order: a ``Data`` layer
+sequentially with wrap-around, an ``ImageData`` list in order or in a permutation drawn at each
+epoch end. The crops and mirrors come from the same device generator as in :class:`BatchSource`,
+so a ``Data`` layer gives the same batches either way. The shuffled order of ``ImageData``
+comes from a separate CPU generator here, so the host never waits on the device.
+
+Every record of one source must have one size (the batch is one tensor): convert with a fixed
+size (UCF101's frames are; ImageNet at 256x256 as Caffe's create_imagenet.sh).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import torch
+
+from .lmdb_datum import CorruptRecordError, DatumLMDB
+from .sources import TRAIN, DataTransformer, _phase
+
+# decoded images above this many bytes are read from disk batch by batch, below it held in memory
+RESIDENT_BYTES = 4 << 30
+DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+# LMDB opens an environment once per process: the sources reading one LMDB share it
+_OPEN: dict[str, list] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_db(path) -> DatumLMDB:
+    key = os.path.realpath(path)
+    with _OPEN_LOCK:
+        entry = _OPEN.get(key)
+        if entry is None:
+            entry = _OPEN[key] = [DatumLMDB(path), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _close_db(db: DatumLMDB) -> None:
+    key = os.path.realpath(db.path)
+    with _OPEN_LOCK:
+        entry = _OPEN.get(key)
+        if entry is None or entry[0] is not db:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _OPEN[key]
+            db.close()
+
+
+class LMDBRecords:
+    """A Datum LMDB's records by position (key order); the labels are read with the images."""
+
+    def __init__(self, path, force_color: bool = False, force_gray: bool = False):
+        self.where = f"LMDB {path}"
+        self.db = _open_db(path)
+        self.force = (force_color, force_gray)
+        with self.db._env.begin() as txn:
+            self.keys = list(txn.cursor().iternext(keys=True, values=False))
+        if not self.keys:
+            raise ValueError(f"LMDB {path} is empty")
+        self.labels = None   # known only record by record
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def name(self, i: int) -> str:
+        return f"record {self.keys[i].decode(errors='replace')!r} of {self.where}"
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        txn = getattr(self._local, "txn", None)
+        if txn is None:   # one read transaction per thread (LMDB's rule)
+            txn = self._local.txn = self.db._env.begin(buffers=True)
+        value = txn.get(self.keys[i])
+        if value is None:
+            raise CorruptRecordError(f"{self.name(i)} is gone (the LMDB changed while it was read)")
+        return self.db._decode(self.keys[i], bytes(value), *self.force)
+
+    def close(self) -> None:
+        if self.db is not None:
+            _close_db(self.db)
+            self.db = None
+
+
+class ListRecords:
+    """An ImageData list file's images by position (``root_folder + path``, optional resize)."""
+
+    def __init__(self, list_path, root_folder: str = "", new_height: int = 0, new_width: int = 0,
+                 is_color: bool = True, layer_name: str = ""):
+        from .sources import read_list_entries
+        self.where = f"list {list_path}"
+        self.entries = read_list_entries(list_path, root_folder, layer_name, new_height, new_width)
+        self.size = (new_height, new_width)
+        self.color = is_color
+        self.labels = np.asarray([e[1] for e in self.entries], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def name(self, i: int) -> str:
+        return f"image {self.entries[i][0]} (line {i + 1} of {self.where})"
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        import cv2
+        img = cv2.imread(self.entries[i][0], cv2.IMREAD_COLOR if self.color else cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise FileNotFoundError(f"could not load {self.name(i)}")
+        if self.size[0] > 0:
+            img = cv2.resize(img, (self.size[1], self.size[0]))
+        return (img[None] if img.ndim == 2 else img.transpose(2, 0, 1)), self.entries[i][1]
+
+    def close(self) -> None:
+        pass
+
+
+class StreamSource:
+    """The :class:`BatchSource` interface over records read from disk: ``next_batch()``,
+    ``batch_size``, ``top_shapes()``, ``state_dict()`` / ``load_state_dict()`` (the batch
+    decoded ahead is part of the state, so a resume continues exactly), ``to(device)``."""
+
+    def __init__(self, records, batch_size: int, transform_param=None, phase=TRAIN, device="cpu",
+                 shuffle: bool = False, rand_skip: int = 0, seed: int | None = None, name: str = "",
+                 kind: str = "Data", part: slice | None = None, threads: int = DECODE_THREADS):
+        if batch_size <= 0:
+            raise ValueError(f"layer '{name}': batch_size must be positive")
+        self.records, self.name, self.kind, self.part = records, name, kind, part
+        self.batch_size, self.phase, self.shuffle = int(batch_size), _phase(phase), bool(shuffle)
+        self.n = len(records)
+        self.device = torch.device(device)
+        first, _ = records.read(0)
+        self.in_shape, self.dtype = tuple(first.shape), first.dtype
+        self.labels = None if records.labels is None else torch.as_tensor(records.labels).to(self.device)
+        self.transformer = DataTransformer(transform_param, self.phase, self.in_shape, self.device, name)
+        self.seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if seed is None else int(seed)
+        self.gen = torch.Generator(device=self.device)   # crops and mirrors, as BatchSource
+        self.gen.manual_seed(self.seed)
+        self.order_gen = torch.Generator().manual_seed(self.seed)   # the epoch permutations, on the host
+        self.cursor, self.epoch, self.order = 0, 0, None
+        if self.shuffle:
+            self.order = torch.randperm(self.n, generator=self.order_gen)
+        if rand_skip:
+            self.cursor = int(torch.randint(0, int(rand_skip), (1,), generator=self.order_gen).item()) % self.n
+        own = range(self.batch_size)[part] if part is not None else range(self.batch_size)
+        # the transformer gathers rows [idx[part]] of the decoded part: positions relative to its first image
+        self._local_idx = torch.arange(self.batch_size, device=self.device) - own.start
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=f"decode-{name}")
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix=f"prefetch-{name}")
+        self._pending_idx = self._next_indices()
+        self._pending = self._ahead.submit(self._load, self._pending_idx)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def top_shapes(self) -> list[tuple]:
+        b = len(range(self.batch_size)[self.part]) if self.part is not None else self.batch_size
+        return [(b,) + self.transformer.out_shape(), (b,)]
+
+    def _next_indices(self) -> np.ndarray:
+        """The next batch's record positions (BatchSource.next_indices, on the host)."""
+        b, n = self.batch_size, self.n
+        if not self.shuffle:
+            idx = (np.arange(b) + self.cursor) % n
+            self.epoch += (self.cursor + b) // n
+            self.cursor = (self.cursor + b) % n
+            return idx
+        parts, need = [], b
+        while need:
+            take = min(need, n - self.cursor)
+            parts.append(self.order[self.cursor:self.cursor + take].numpy())
+            self.cursor += take
+            need -= take
+            if self.cursor == n:
+                self.cursor, self.epoch = 0, self.epoch + 1
+                self.order = torch.randperm(n, generator=self.order_gen)
+        return np.concatenate(parts)
+
+    def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode this process's images of a batch (threads: OpenCV and LMDB release the GIL)."""
+        own = idx if self.part is None else idx[self.part]
+        out = np.empty((len(own),) + self.in_shape, self.dtype)
+        labels = np.empty(len(own), np.int64)
+
+        def one(k):
+            img, label = self.records.read(int(own[k]))
+            if img.shape != self.in_shape:
+                raise CorruptRecordError(f"layer '{self.name}': {self.records.name(int(own[k]))} is "
+                                         f"{img.shape[1]}x{img.shape[2]}, the first record is "
+                                         f"{self.in_shape[1]}x{self.in_shape[2]}: the records of a data set "
+                                         "read from disk must share one size (convert with a fixed size)")
+            out[k], labels[k] = img, label
+        list(self._pool.map(one, range(len(own))))
+        data, lab = torch.from_numpy(out), torch.from_numpy(labels)
+        if self.device.type == "cuda":
+            data, lab = data.pin_memory(), lab.pin_memory()
+        return data, lab
+
+    def next_batch(self) -> list[torch.Tensor]:
+        data, labels = self._pending.result()
+        self._pending_idx = self._next_indices()
+        self._pending = self._ahead.submit(self._load, self._pending_idx)
+        data = data.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        return [self.transformer(data, self._local_idx, self.gen, self.part), labels]
+
+    def state_dict(self) -> dict:
+        return {"stream": True, "cursor": self.cursor, "epoch": self.epoch, "n": self.n, "seed": self.seed,
+                "order": self.order, "order_rng": self.order_gen.get_state(), "pending": torch.from_numpy(
+                    self._pending_idx.copy()), "rng_state": self.gen.get_state(), "rng_device": self.device.type}
+
+    def load_state_dict(self, st: dict):
+        if int(st["n"]) != self.n or not st.get("stream"):
+            raise ValueError(f"layer '{self.name}': the saved data state is for "
+                             f"{'a data set held in memory' if not st.get('stream') else str(st['n']) + ' records'}"
+                             f", this source reads {self.n} records from disk")
+        self._pending.result()   # let the old prefetch finish before its batch is replaced
+        self.cursor, self.epoch = int(st["cursor"]), int(st["epoch"])
+        self.order = st.get("order")
+        self.order_gen.set_state(st["order_rng"])
+        if st.get("rng_device") == self.device.type:
+            self.gen.set_state(st["rng_state"])
+        else:
+            self.gen.manual_seed((int(st["seed"]) * 1000003 + self.cursor + self.epoch) % 2 ** 62)
+        self._pending_idx = st["pending"].numpy().astype(np.int64)
+        self._pending = self._ahead.submit(self._load, self._pending_idx)
+
+    def to(self, device):
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.gen, device=self.device).item())
+        self.device = device
+        self.transformer.to(device)
+        self._local_idx = self._local_idx.to(device)
+        if self.labels is not None:
+            self.labels = self.labels.to(device)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed)
+        return self
+
+    def close(self) -> None:
+        self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
+        self.records.close()
+
+    def __repr__(self):
+        return (f"StreamSource({self.kind} '{self.name}', n={self.n}, batch={self.batch_size}, "
+                f"top={self.top_shapes()[0]}, device={self.device}, read from disk)")
+
+
+def resident_bytes(records, n: int) -> int:
+    """What holding ``n`` records like the first in memory would take."""
+    img, _ = records.read(0)
+    return int(img.nbytes) * int(n)
+
+
+__all__ = ["StreamSource", "LMDBRecords", "ListRecords", "RESIDENT_BYTES", "resident_bytes"]

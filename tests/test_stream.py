@@ -1,0 +1,157 @@
+"""Data read from disk batch by batch (exdrop/data/stream.py), for data sets too large to hold in
+memory (UCF101 frames, ImageNet): the same batches as the resident source for a Data layer, one
+batch decoded ahead, exact resume, a process's part of a global batch, clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from exdrop.data import make_source, write_datum_lmdb
+from exdrop.data import stream as S
+from exdrop.data.sources import BatchSource
+from exdrop.proto import caffe_pb2
+
+
+def _lp(kind: str, source: str, batch: int = 5, crop: int = 6, mirror: bool = True, shuffle: bool = False,
+        root: str = ""):
+    lp = caffe_pb2.LayerParameter(name="data", type=kind)
+    lp.top.extend(["data", "label"])
+    lp.transform_param.crop_size = crop
+    lp.transform_param.mirror = mirror
+    lp.transform_param.mean_value.extend([10, 20, 30])
+    if kind == "Data":
+        lp.data_param.source, lp.data_param.batch_size = source, batch
+        lp.data_param.backend = caffe_pb2.DataParameter.LMDB
+    else:
+        lp.image_data_param.source, lp.image_data_param.batch_size = source, batch
+        lp.image_data_param.shuffle, lp.image_data_param.root_folder = shuffle, root
+    return lp
+
+
+@pytest.fixture(scope="module")
+def lmdb(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stream")
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (13, 3, 9, 8), dtype=np.uint8)
+    labels = rng.integers(0, 4, 13)
+    write_datum_lmdb(tmp / "db", images, labels)
+    return tmp / "db", images, labels
+
+
+def test_stream_gives_the_resident_batches(lmdb):
+    """Data layer, TRAIN, random crop + mirror, 13 records in batches of 5 (wrap-around): the
+    stream's batches equal the resident source's, over three epochs."""
+    path, images, labels = lmdb
+    resident = make_source(_lp("Data", str(path)), 0, seed=5, stream=False)
+    streamed = make_source(_lp("Data", str(path)), 0, seed=5, stream=True)
+    assert isinstance(resident, BatchSource) and isinstance(streamed, S.StreamSource)
+    assert streamed.top_shapes() == resident.top_shapes() == [(5, 3, 6, 6), (5,)]
+    for _ in range(8):
+        (x1, y1), (x2, y2) = resident.next_batch(), streamed.next_batch()
+        torch.testing.assert_close(x2, x1, rtol=0, atol=0)
+        torch.testing.assert_close(y2, y1)
+    streamed.close()
+
+
+def test_stream_decodes_by_hand(lmdb):
+    """TEST phase, centre crop, no mirror: record k minus the mean, by numpy."""
+    path, images, labels = lmdb
+    src = make_source(_lp("Data", str(path), mirror=False), 1, stream=True)
+    x, y = src.next_batch()
+    want = images[:5, :, 1:7, 1:7].astype(np.float32) - np.array([10, 20, 30], np.float32)[:, None, None]
+    np.testing.assert_array_equal(x.numpy(), want)
+    np.testing.assert_array_equal(y.numpy(), labels[:5])
+    src.close()
+
+
+def test_stream_resumes_exactly(lmdb):
+    """A state taken mid-run (with a batch decoded ahead) continues as the uninterrupted source."""
+    path, _, _ = lmdb
+    a = make_source(_lp("Data", str(path)), 0, seed=3, stream=True)
+    for _ in range(3):
+        a.next_batch()
+    state = a.state_dict()
+    rest = [a.next_batch() for _ in range(4)]
+    b = make_source(_lp("Data", str(path)), 0, seed=99, stream=True)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(rest, (b.next_batch() for _ in range(4))):
+        torch.testing.assert_close(x2, x1, rtol=0, atol=0)
+        torch.testing.assert_close(y2, y1)
+    with pytest.raises(ValueError, match="held in memory"):
+        b.load_state_dict(make_source(_lp("Data", str(path)), 0, stream=False).state_dict())
+    a.close()
+    b.close()
+
+
+def test_stream_part_of_a_global_batch(lmdb):
+    """Rank 1 of 2 (a batch of 6 split 3 + 3): the second half of the one-process batch."""
+    path, _, _ = lmdb
+    whole = make_source(_lp("Data", str(path), batch=6), 0, seed=4, stream=True)
+    half = make_source(_lp("Data", str(path), batch=6), 0, seed=4, stream=True, part=slice(3, 6))
+    assert half.top_shapes()[0][0] == 3
+    for _ in range(4):
+        (x1, y1), (x2, y2) = whole.next_batch(), half.next_batch()
+        torch.testing.assert_close(x2, x1[3:], rtol=0, atol=0)
+        torch.testing.assert_close(y2, y1[3:])
+    whole.close()
+    half.close()
+
+
+def test_image_list_stream_shuffles_per_epoch_and_resumes(tmp_path):
+    import cv2
+    rng = np.random.default_rng(2)
+    lines = []
+    for k in range(7):
+        cv2.imwrite(str(tmp_path / f"{k}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        lines.append(f"{k}.png {k % 3}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    lp = _lp("ImageData", str(tmp_path / "list.txt"), batch=7, crop=0, mirror=False, shuffle=True,
+             root=str(tmp_path) + "/")
+    src = make_source(lp, 0, seed=1, stream=True)
+    assert src.labels.tolist() == [k % 3 for k in range(7)]   # known from the list: Net checks their range
+    epochs = [src.next_batch()[1].tolist() for _ in range(3)]
+    assert all(sorted(e) == sorted(k % 3 for k in range(7)) for e in epochs)   # each epoch every image once
+    firsts = [src.next_batch()[0] for _ in range(2)]
+    assert not torch.equal(firsts[0], firsts[1])   # a new permutation per epoch
+    state = src.state_dict()
+    nxt = src.next_batch()
+    again = make_source(lp, 0, seed=1, stream=True)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.next_batch()[0], nxt[0])
+    src.close()
+    again.close()
+
+
+def test_stream_errors_name_the_record(tmp_path):
+    rng = np.random.default_rng(0)
+    write_datum_lmdb(tmp_path / "a", rng.integers(0, 256, (4, 3, 8, 8), dtype=np.uint8), np.zeros(4, int))
+    import lmdb as lmdb_mod
+    env = lmdb_mod.open(str(tmp_path / "a"))
+    with env.begin(write=True) as txn:
+        key = list(txn.cursor().iternext(values=False))[2]
+        d = caffe_pb2.Datum(channels=3, height=9, width=8, data=bytes(3 * 9 * 8), label=1)
+        txn.put(key, d.SerializeToString())
+    env.close()
+    src = make_source(_lp("Data", str(tmp_path / "a"), batch=4, crop=0, mirror=False), 1, stream=True)
+    with pytest.raises(ValueError, match=f"record {key.decode()!r} of LMDB .*a is 9x8, the first record is 8x8"):
+        src.next_batch()
+    src.close()
+
+
+def test_net_streams_when_the_data_would_not_fit(lmdb, monkeypatch, tmp_path):
+    """Above RESIDENT_BYTES a Net's Data layer reads from disk, and a step trains on it."""
+    from exdrop.net import Net
+    path, _, _ = lmdb
+    net = caffe_pb2.NetParameter()
+    net.layer.add().CopyFrom(_lp("Data", str(path), batch=4))
+    ip = net.layer.add(name="ip", type="InnerProduct", bottom=["data"], top=["ip"])
+    ip.inner_product_param.num_output = 4
+    ip.inner_product_param.weight_filler.type = "xavier"
+    net.layer.add(name="loss", type="SoftmaxWithLoss", bottom=["ip", "label"], top=["loss"])
+    monkeypatch.setattr(S, "RESIDENT_BYTES", 0)
+    n = Net(net, 0, "cpu", "stream-net")
+    assert isinstance(n.sources["data"], S.StreamSource)
+    loss = n.loss(n())
+    loss.backward()
+    assert torch.isfinite(loss) and n.layer("ip").blobs[0].grad.abs().sum() > 0
+    monkeypatch.setattr(S, "RESIDENT_BYTES", 1 << 40)
+    assert isinstance(Net(net, 0, "cpu", "stream-net").sources["data"], BatchSource)
