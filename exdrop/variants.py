@@ -198,6 +198,35 @@ def _ucf101(title: str, weights: str, crop: int, mean: str, solver_title: str, r
     }
 
 
+def _imagenet() -> dict[str, Variant]:
+    """Sec. 5: AlexNet from scratch on ILSVRC-2012, Standard or Activation Dropout at fc6 only."""
+    def header(what):
+        return ("# AlexNet (bvlc_alexnet's train_val: LRN, grouped conv2/4/5, 1000 classes) trained from",
+                "# scratch on ILSVRC-2012 (paper Sec. 5).",
+                *_dropout_lines(what, "relu6 and relu7"),
+                *(() if what == "none" else
+                  ("# Unlike bvlc_alexnet (dropout after fc6 and fc7), fc7 has none: the paper drops at fc6 only.",)),
+                "# Data: Datum LMDBs of the images resized to 256x256 (BGR, 0..255; make data-imagenet);",
+                "# a random 227x227 crop and mirror in TRAIN, the centre crop in TEST; minus the ILSVRC",
+                "# BGR mean (104, 117, 123) per channel (bvlc_alexnet subtracts its mean image instead).",
+                "# Batch 50 (the paper's); TEST: batch 50 x test_iter 1000 = the 50,000 val images.")
+
+    def solver(what):
+        return (f"# The paper's ImageNet solver (Sec. 5): AlexNet from scratch on ILSVRC-2012, {what};",
+                "# from the paper: Adam, learning rate 1e-5, batch 50. Assumed where it is silent: a fixed rate,",
+                "# Adam's 0.9 / 0.999 and weight decay 0.005 (its Sec. 4.1 runs), and bvlc_alexnet's 450K",
+                "# iterations: at batch 50 that is 22.5M images, about 17.6 epochs (90 epochs at batch 50",
+                "# would be 2,306,101 iterations: exdrop train --max-iter, or MAX_ITER= with make).")
+
+    return {
+        "none": Variant(header("none"), solver("no dropout")),
+        "standard": Variant(header("Standard Dropout (Caffe's Dropout layer, ratio 0.5) after fc6 only"),
+                            solver("Standard Dropout at fc6"), (Drop("standard", "relu6", "drop6"),)),
+        "activation": Variant(header("Activation Dropout (Eqn 4, ratio 0.5) after fc6"),
+                              solver("Activation Dropout at fc6"), (Drop("activation", "relu6", "drop6"),)),
+    }
+
+
 VGG_MEAN = "minus VGG's ILSVRC BGR mean (103.939, 116.779, 123.68)"
 
 # folder under prototxt/ -> variant -> Variant
@@ -208,6 +237,7 @@ TABLE: dict[str, dict[str, Variant]] = {
     "alexnet/ucf101": _ucf101("AlexNet (the BVLC ILSVRC-2012 net)", "bvlc_alexnet.caffemodel", 227,
                               "minus the ILSVRC BGR mean (104, 117, 123) per channel", "AlexNet",
                               "batch 128, 5K iterations"),
+    "alexnet/imagenet": _imagenet(),
     "vgg16/ucf101": _ucf101("VGG16 (VGG's ILSVRC 16-layer net, configuration D)", "VGG_ILSVRC_16_layers.caffemodel",
                             224, VGG_MEAN, "VGG16", "batch 50, 30K iterations"),
     "vgg19/ucf101": _ucf101("VGG19 (VGG's ILSVRC 19-layer net, configuration E)", "VGG_ILSVRC_19_layers.caffemodel",

@@ -26,8 +26,10 @@ SOLVERS = sorted(PROTO.rglob("solver_*.prototxt"))
 ALL_PROTOTXTS = sorted(PROTO.rglob("*.prototxt"))
 
 # Side of the square images each dataset's Data layers deliver (a crop_size wins over it).
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "caltech256": 128, "ucf101": 256}
-CLASSES = {"cifar10": 10, "cifar100": 100, "caltech256": 256, "ucf101": 101}
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "caltech256": 128, "ucf101": 256, "imagenet": 256}
+CLASSES = {"cifar10": 10, "cifar100": 100, "caltech256": 256, "ucf101": 101, "imagenet": 1000}
+# the classifier's name where it is not the net's own: the ImageNet AlexNet keeps bvlc_alexnet's fc8
+LOGITS = {"imagenet": "fc8"}
 # Per net: the blob after the last pooling, its shape, and the (first, second) fully connected blobs.
 NETS = {
     "cnn2": {"pool": "pool3", "first": "ip1", "second": "ip2", "logits": "ip3"},
@@ -131,7 +133,8 @@ def test_the_expected_files_exist():
     for folder, variants in (("cnn2/caltech256", cnn2), ("cnn2/cifar100", cnn2),
                              ("cnn2/cifar10", tuple(v.replace("standard_fc1", "standard") for v in cnn2)),
                              *((f"{n}/ucf101", ("standard_fc6", "standard_both", "activation", "ed", "none"))
-                               for n in ("alexnet", "vgg16", "vgg19"))):
+                               for n in ("alexnet", "vgg16", "vgg19")),
+                             ("alexnet/imagenet", ("none", "standard", "activation"))):
         for v in variants:
             assert f"{folder}/train_val_{v}.prototxt" in have
             assert f"{folder}/solver_{v}.prototxt" in have
@@ -176,7 +179,7 @@ def test_train_val_builds_at_full_size(path, phase):
     pool_shape = info.get("pool_shape") or CNN2_POOL3[h]
     assert net.blob_shapes[info["pool"]] == (1, *pool_shape)
     assert net.blob_shapes[info["first"]] == (1, 4096 if net_name != "cnn2" else 2048)
-    assert net.blob_shapes[info["logits"]] == (1, CLASSES[dataset])
+    assert net.blob_shapes[LOGITS.get(dataset, info["logits"])] == (1, CLASSES[dataset])
     _, _, variant = parts(path)
     kl = {"drop_kl": pytest.approx(3.0 / TRAIN_IMAGES[dataset], rel=1e-5)} if variant == "information" else {}
     assert net.loss_weights == {"loss": 1.0, **kl}
@@ -276,6 +279,43 @@ def test_ucf101_nets_keep_the_imagenet_names(net_name):
     assert data[TRAIN].data_param.batch_size == batch
     assert data[TRAIN].data_param.source == "data/ucf101/train_lmdb"
     assert data[TEST].data_param.source == "data/ucf101/val_lmdb"
+
+
+def test_imagenet_alexnet_is_bvlc_alexnet_with_the_papers_batch():
+    """Sec. 5: bvlc_alexnet's layers and fillers, 1000 classes, batch 50, its data from
+    data/ilsvrc12 (make data-imagenet); the dropout only at fc6 (the variants' test above)."""
+    param = io.read_net_prototxt(PROTO / "alexnet/imagenet/train_val_none.prototxt")
+    learnable = [lp for lp in param.layer if lp.type in ("Convolution", "InnerProduct")]
+    assert [lp.name for lp in learnable] == [f"conv{i}" for i in range(1, 6)] + ["fc6", "fc7", "fc8"]
+    assert [lp.convolution_param.group or 1 for lp in learnable[:5]] == [1, 2, 1, 2, 2]
+    assert [lp.convolution_param.num_output for lp in learnable[:5]] == [96, 256, 384, 384, 256]
+    assert [lp.inner_product_param.num_output for lp in learnable[5:]] == [4096, 4096, 1000]
+    assert [lp.name for lp in param.layer if lp.type == "LRN"] == ["norm1", "norm2"]
+    for lp in learnable:
+        assert [(p.lr_mult, p.decay_mult) for p in lp.param] == [(1, 1), (2, 0)], lp.name
+    data = {lp.include[0].phase: lp for lp in param.layer if lp.type == "Data"}
+    for phase, lp in data.items():
+        tp = lp.transform_param
+        assert tp.crop_size == 227 and list(tp.mean_value) == pytest.approx([104, 117, 123])
+        assert tp.mirror == (phase == TRAIN) and lp.data_param.batch_size == 50
+    assert data[TRAIN].data_param.source == "data/ilsvrc12/train_lmdb"
+    assert data[TEST].data_param.source == "data/ilsvrc12/val_lmdb"
+    top5 = [lp for lp in filter_layers(param, TEST) if lp.type == "Accuracy" and lp.accuracy_param.top_k == 5]
+    assert len(top5) == 1 and not any(lp.accuracy_param.top_k == 5 for lp in filter_layers(param, TRAIN)
+                                      if lp.type == "Accuracy")
+
+
+@pytest.mark.parametrize("variant", ["none", "standard", "activation"])
+def test_imagenet_solver_is_the_papers(variant):
+    """Sec. 5: Adam, learning rate 1e-5 (batch 50 is the net's); the rest assumed as the solver says:
+    a fixed rate, weight decay 0.005, bvlc_alexnet's 450K iterations; the val set once per test."""
+    sp = io.read_solver_prototxt(PROTO / f"alexnet/imagenet/solver_{variant}.prototxt")
+    assert sp.type == "Adam" and sp.base_lr == pytest.approx(1e-5) and sp.lr_policy == "fixed"
+    assert sp.momentum == pytest.approx(0.9) and sp.momentum2 == pytest.approx(0.999)
+    assert sp.weight_decay == pytest.approx(0.005) and sp.max_iter == 450000
+    test = next(lp for lp in io.read_net_prototxt(ROOT / sp.net).layer
+                if lp.type == "Data" and lp.include[0].phase == TEST)
+    assert sp.test_iter[0] * test.data_param.batch_size == 50000
 
 
 def test_caltech256_data_follows_the_authors():

@@ -25,7 +25,7 @@ import numpy as np
 from .lmdb_datum import write_datum_lmdb
 
 __all__ = ["prepare_image_dataset", "open_image_source", "read_image_list", "RawDataset", "RawSplit",
-           "IMAGE_EXTS"]
+           "IMAGE_EXTS", "resize_short_side"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".jpe"}
 _META_VERSION = 1
@@ -80,6 +80,17 @@ def _finish(img: np.ndarray, resize) -> np.ndarray:
         h, w = resize
         img = cv2.resize(img, (int(w), int(h)))   # INTER_LINEAR, as Caffe's ReadImageToCVMat
     return img[None] if img.ndim == 2 else np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def resize_short_side(img: np.ndarray, side: int) -> np.ndarray:
+    """``img`` (HWC or HW) scaled so that its short side is ``side``, the aspect ratio kept
+    (cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging)."""
+    import cv2
+    h, w = img.shape[:2]
+    s = side / min(h, w)
+    if s == 1:
+        return img
+    return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
 
 
 def _is_visible(path: str) -> bool:

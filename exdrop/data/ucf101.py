@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import RawDataset, RawSplit, _imread, _prepare
+from .images import RawDataset, RawSplit, _imread, _prepare, resize_short_side
 
 __all__ = ["prepare_ucf101", "read_split_lists", "extract_frames"]
 
@@ -88,11 +88,7 @@ def extract_frames(video: Path, out_folder: Path, every: int = 5, short_side: in
             if not ok:
                 break
             if k % every == 0:
-                h, w = frame.shape[:2]
-                s = short_side / min(h, w)
-                if s != 1:
-                    frame = cv2.resize(frame, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA
-                                       if s < 1 else cv2.INTER_LINEAR)
+                frame = resize_short_side(frame, short_side)
                 path = out_folder / f"{k:05d}.jpg"
                 if not cv2.imwrite(str(path), frame, [cv2.IMWRITE_JPEG_QUALITY, 95]):
                     raise OSError(f"{path}: cannot write the frame")
