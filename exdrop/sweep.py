@@ -1,14 +1,17 @@
-"""The paper's comparisons as sweeps: method x dataset x dropout rate x seed (Tables 2 and 4, Fig. 3).
+"""The paper's comparisons as sweeps: method x dataset x net x dropout rate x seed (Tables 2, 3
+and 4, Fig. 3).
 
 One sweep is one folder (``results/table2_cifar10_cpu``)::
 
     plan.txt        one shell command per run, the same for a fresh start and a resume
                     (a cluster's job array runs line $SLURM_ARRAY_TASK_ID of it unchanged)
-    plan.json       every run: method, dataset, rate, seed, budget, folder, command
+    plan.json       every run: method, dataset, net, rate, seed, budget, folder, command
     data/           the converted data of the budget, one train LMDB order per seed
+                    (UCF101: one train list order per seed, see below)
     <dataset>/<method>[_r<rate>]/seed<k>/   a normal run folder (exdrop train), with the run's
-                    net.prototxt and sweep_solver.prototxt
-    table2.md / table4.md, table2.json / table4.json, fig3_<dataset>.png   (``collect``)
+                    net.prototxt and sweep_solver.prototxt; a fine-tuned net's runs are in
+                    <dataset>/<net>/<method>[_r<rate>]/seed<k>/
+    table2.md / table3.md / table4.md, their .json, fig3_<dataset>.png   (``collect``)
 
 A run whose ``results.json`` says finished is skipped; one with a snapshot resumes from it
 (``exdrop train --snapshot auto``). Seeds change the initialisation (the solver's
@@ -16,7 +19,30 @@ A run whose ``results.json`` says finished is skipped; one with a snapshot resum
 gets the training LMDB shuffled with that seed, as the paper shuffles the training images for
 each model). Budgets (:data:`BUDGETS`): ``paper`` is the paper's protocol as the prototxts
 state it; ``cpu`` is a reduced protocol that fits a 2-core machine (its numbers are labelled
-"reduced budget" everywhere).
+"reduced budget" everywhere); so is any budget cut short (``exdrop sweep --max-iter``).
+
+The net axis (:data:`NETS`): CNN-2 trains from scratch on CIFAR-10/100 and Caltech-256; AlexNet,
+VGG16 and VGG19 are fine-tuned on UCF101 (Table 3) from the Model Zoo's ImageNet weights, one
+file per net (``weights``: a missing file fails at plan time, naming where to get it). The
+run's command carries ``--weights FILE`` on every line of plan.txt: on a resume the trainer
+loads it first and then the snapshot's weights and solver state over it, so the snapshot wins.
+
+UCF101 data per seed, without a copy of the frames: the converted folder of ``make data-ucf101``
+(``train.txt``, ``frames/``, ``test_lmdb`` and ``test_videos.json``) is used as it is. Each seed
+gets ``train.txt`` shuffled with that seed (a text file, ``data/ucf101/train_seed<k>.txt``) and
+the run's TRAIN ``Data`` layer becomes an ``ImageData`` layer reading that list in order
+(``shuffle: false``, ``root_folder``: the converted folder, the same batch size and
+transform_param): the seeded order that a per-seed LMDB copy would give (the LMDB holds the
+same decoded JPEG frames), and the same order in real Caffe, whose ImageData layer reads
+``root_folder + path`` lines in order. The TEST layer keeps the converted test LMDB (in video
+order), as the prototxts say.
+
+UCF101 accuracy: the prototxts test ``test_iter`` x batch = 10,000 frames at each test point
+(log.csv, the curves), a window of the video-ordered test LMDB. The table's number is therefore
+each run's final snapshot evaluated once more on every test frame (``exdrop test ... --data
+<converted folder>``, a second command of the run, written to ``RUN/final_test/test.json``):
+the frame accuracy (the paper's Table 3 measure) and the video accuracy (the frames' softmax
+averaged per video), from one pass.
 """
 from __future__ import annotations
 
@@ -51,16 +77,29 @@ METHOD_LABELS = {
 RATED = ("standard_fc1", "standard_both", "maskimg", "curriculum", "activation", "ed")
 TABLE_METHODS = {
     "2": METHODS,
+    "3": ("none", "standard_fc1", "standard_both", "curriculum", "ed"),
     "4": ("standard_fc1", "standard_both", "ed"),
 }
-TABLE_RATES = {"2": (0.5,), "4": (0.25, 0.5, 0.75)}
+TABLE_RATES = {"2": (0.5,), "3": (0.5,), "4": (0.25, 0.5, 0.75)}
+TABLE_DATASETS = {"2": "cifar10", "3": "ucf101", "4": "cifar10"}   # the CLI's default
 
-DATASETS = {   # dataset -> prototxt folder, default raw source
+DATASETS = {   # dataset -> prototxt folder ("{net}": the net's folder), default source
     "cifar10": ("cnn2/cifar10", "data/cifar-10-python.tar.gz"),
     "cifar100": ("cnn2/cifar100", "data/cifar-100-python.tar.gz"),
     "caltech256": ("cnn2/caltech256", "data/256_ObjectCategories.tar"),
+    "ucf101": ("{net}/ucf101", "data/ucf101"),   # the converted folder of `make data-ucf101`
 }
-VARIANT_ALIASES = {("cnn2/cifar10", "standard_fc1"): "standard"}
+# net -> the ImageNet weights it is fine-tuned from (exdrop.pretrained.MODEL_ZOO), None: from scratch
+NETS = {"cnn2": None, "alexnet": "bvlc_alexnet.caffemodel", "vgg16": "VGG_ILSVRC_16_layers.caffemodel",
+        "vgg19": "VGG_ILSVRC_19_layers.caffemodel"}
+NET_LABELS = {"cnn2": "CNN-2", "alexnet": "AlexNet", "vgg16": "VGG16", "vgg19": "VGG19"}
+DATASET_NETS = {"ucf101": ("alexnet", "vgg16", "vgg19")}   # the others: cnn2
+WEIGHTS_DIR = "data/weights"   # where exdrop.pretrained.fetch puts the Model Zoo files
+TABLE3_ROWS = ("vgg16", "vgg19", "alexnet")   # the paper's row order
+FINAL_TEST = "final_test"      # RUN/final_test/test.json: a fine-tuned run's final snapshot on every test frame
+VARIANT_ALIASES = {("cnn2/cifar10", "standard_fc1"): "standard",
+                   # the sweep's first fc is the fine-tuned nets' fc6
+                   **{(f"{n}/ucf101", "standard_fc1"): "standard_fc6" for n in DATASET_NETS["ucf101"]}}
 
 # The paper's accuracies (%): Table 2 (rate 0.5), Table 4 (standard_fc1 / standard_both / ed at
 # 0.25 / 0.5 / 0.75), Table 6 top (activation) and Sec. 4.2 (no dropout on CIFAR-10).
@@ -78,6 +117,32 @@ PAPER = {
     ("caltech256", 0.25): {"standard_fc1": 26.23, "standard_both": 27.70, "ed": 33.60},
     ("caltech256", 0.75): {"standard_fc1": 32.51, "standard_both": 33.54, "ed": 36.81},
 }
+# The fine-tuned nets on UCF101 (%), frame accuracy, the mean of five models (the paper gives no
+# std and no video accuracy): Table 3 (rate 0.5; also in the text of Sec. 4.2), Table 2's UCF101
+# row (AlexNet: adaptive, information), Table 4's UCF101 rows and Table 6 top (activation), both
+# VGG16. Table 3 prints VGG19's Standard first fc as "72.52 (+1.29%)", while 72.52 - 71.32 = 1.20:
+# the accuracy is taken as printed.
+PAPER_FINETUNED = {
+    ("ucf101", "vgg16", 0.5): {"none": 69.37, "standard_fc1": 71.93, "standard_both": 73.01, "curriculum": 72.14,
+                               "ed": 73.23, "activation": 72.56},
+    ("ucf101", "vgg19", 0.5): {"none": 71.32, "standard_fc1": 72.52, "standard_both": 73.40, "curriculum": 73.18,
+                               "ed": 74.34},
+    ("ucf101", "alexnet", 0.5): {"none": 62.89, "standard_fc1": 64.50, "standard_both": 65.83, "curriculum": 64.55,
+                                 "ed": 67.56, "adaptive": 63.96, "information": 64.21},
+    ("ucf101", "vgg16", 0.25): {"standard_fc1": 71.01, "standard_both": 71.48, "ed": 73.56},
+    ("ucf101", "vgg16", 0.75): {"standard_fc1": 72.92, "standard_both": 72.89, "ed": 73.06},
+}
+
+
+def paper_figure(dataset: str, net: str, method: str, rate: float) -> float | None:
+    """The paper's accuracy (%) for a cell, or None where the paper has none."""
+    if net == "cnn2":
+        return PAPER.get((dataset, rate), {}).get(method)
+    return PAPER_FINETUNED.get((dataset, net, rate), {}).get(method)
+
+
+def nets_of(dataset: str) -> tuple:
+    return DATASET_NETS.get(dataset, ("cnn2",))
 
 
 @dataclass(frozen=True)
@@ -95,6 +160,24 @@ class Budget:
     amp: str | None = None               # "bf16": autocast the forward (EB stays float32)
     keep_snapshots: int = 1              # snapshot sets each run keeps (0: all, for the analysis over training)
     reduced: bool = True
+    batch_size: int | None = None        # the TRAIN data layer's batch
+    test_batch_size: int | None = None   # the TEST data layer's batch
+    test_iter: int | None = None         # test batches per test pass
+
+
+# what the paper's budget runs, per net: the prototxts' solvers as they are (Sec. 4.1)
+PAPER_RECIPES = {
+    "cnn2": "CNN-2 from scratch: 100K iterations, lr 1e-3 -> 1e-4 at 25K, batch 100, the full training split",
+    "alexnet": "AlexNet fine-tuned from ImageNet: 5K iterations, batch 128, Adam lr 1e-3 fixed, weight decay 0.005",
+    "vgg16": "VGG16 fine-tuned from ImageNet: 30K iterations, batch 50, Adam lr 1e-3 fixed, weight decay 0.005",
+    "vgg19": "VGG19 fine-tuned from ImageNet: 30K iterations, batch 50, Adam lr 1e-3 fixed, weight decay 0.005",
+}
+
+
+def describe(budget: Budget, nets) -> str:
+    """The budget's description with ``{recipes}`` filled in: the paper's recipe of each net."""
+    recipes = "; ".join(PAPER_RECIPES[n] for n in NETS if n in set(nets))
+    return budget.description.replace("{recipes}", recipes)
 
 
 # cpu: 24 epochs of the 5,000-image subset, tests at 400 / 800 / 1,200; a snapshot every 200 iterations,
@@ -102,8 +185,8 @@ class Budget:
 _CPU_SCHEDULE = dict(max_iter=1200, stepvalue=800, test_interval=400, snapshot=200, display=100, amp="bf16",
                      keep_snapshots=0)
 BUDGETS = {
-    "paper": Budget("paper", "the paper's protocol (Sec. 4.1): the prototxts' solver, 100K iterations, "
-                    "lr 1e-3 -> 1e-4 at 25K, batch 100, the full training split", reduced=False),
+    "paper": Budget("paper", "the paper's protocol (Sec. 4.1), the prototxts' solvers as they are: {recipes}",
+                    reduced=False),
     # the two reduced designs tried for a 2-core CPU (README, "Table 2 at a CPU budget"); cpu is
     # the one where the net without dropout overfits inside the budget
     "cpu": Budget("cpu", "reduced budget for a 2-core CPU: a stratified subset of 500 training images per "
@@ -128,22 +211,49 @@ class Run:
     folder: Path
     solver: Path = None   # written by `write_run`
     command: list = None
+    net: str = "cnn2"
+    weights: str | None = None    # the .caffemodel a fine-tuned net starts from
+    evaluate: list = None         # a fine-tuned run's second command: its final snapshot on every test frame
 
     @property
     def key(self) -> str:
-        return f"{self.dataset}/{self.method}_r{self.rate:g}/seed{self.seed}"
+        net = "" if self.net == "cnn2" else f"{self.net}/"
+        return f"{self.dataset}/{net}{self.method}_r{self.rate:g}/seed{self.seed}"
+
+
+def pretrained_weights(net: str, given: dict | None = None) -> str | None:
+    """The absolute path of the ImageNet weights ``net`` starts from (``given[net]``, else the Model
+    Zoo file in :data:`WEIGHTS_DIR`); None for a net trained from scratch. A missing file raises
+    FileNotFoundError naming the file and where to get it."""
+    zoo = NETS[net]
+    if zoo is None:
+        return None
+    path = Path((given or {}).get(net) or Path(WEIGHTS_DIR) / zoo)
+    if not path.is_file():
+        from .pretrained import MODEL_ZOO
+        url, digest = MODEL_ZOO[zoo]
+        raise FileNotFoundError(
+            f"{net}: the ImageNet weights {path} are not there. Get the Model Zoo's {zoo} ({url}, sha1 {digest}) "
+            f"into {WEIGHTS_DIR}/ (with a network: python -c \"from exdrop.pretrained import fetch; "
+            f"fetch('{zoo}')\"), or give its path: --weights {net}=FILE (make: {net.upper()}_WEIGHTS=FILE)")
+    return str(path.resolve())
 
 
 # ------------------------------------------------------------------ data
 
 def prepare_data(dataset: str, source: str, budget: Budget, out: Path, seeds, progress: bool = True) -> dict:
-    """The budget's converted data under ``out``: {"train": {seed: LMDB}, "val": {seed: LMDB}, "counts"}.
+    """The budget's converted data under ``out``: {"train": {seed: LMDB or list}, "val": {seed: LMDB},
+    "counts"}; for image lists also "root" (their root_folder) and "evaluate" (the converted folder
+    a run's final snapshot is tested on).
 
     CIFAR: the split is converted once (seed 0: the same subset and held-back images for every
     seed and method); each seed then gets its own copy of the training LMDB in an order drawn
-    from that seed. Caltech-256: seed k uses the paper's random split (k - 1) mod 5.
+    from that seed. Caltech-256: seed k uses the paper's random split (k - 1) mod 5. UCF101: the
+    folder converted by `make data-ucf101`, each seed its own order of train.txt (module docstring).
     """
     from . import data as D
+    if dataset == "ucf101":
+        return _ucf101_lists(Path(source), budget, out / "ucf101", seeds)
     folder = out / f"{dataset}_{budget.name}"
     if budget.train_per_class is not None:
         per_class = budget.train_per_class + (budget.val_per_class or 0)
@@ -177,6 +287,28 @@ def prepare_data(dataset: str, source: str, budget: Budget, out: Path, seeds, pr
     return {"val": {int(s): val for s in seeds}, "train": trains, "counts": info.get("counts")}
 
 
+def _ucf101_lists(src: Path, budget: Budget, out: Path, seeds) -> dict:
+    """The converted UCF101 folder ``src`` as it is, and one order of its train.txt per seed."""
+    if budget.train_per_class is not None:
+        raise ValueError(f"budget {budget.name!r} subsets the training images per class, which is defined for "
+                         "CNN-2 only; fine-tune on UCF101 at BUDGET=paper (a GPU's work), or stop the runs early "
+                         "with --max-iter N (MAX_ITER=N): a reduced budget, labelled so")
+    test = next((src / s for s in ("val_lmdb", "test_lmdb") if (src / s / "data.mdb").is_file()), None)
+    missing = [name for name, ok in (("train.txt", (src / "train.txt").is_file()),
+                                     ("frames/", (src / "frames").is_dir()),
+                                     ("test_lmdb/", test is not None),
+                                     ("test_videos.json", (src / "test_videos.json").is_file()),
+                                     ("meta.json", (src / "meta.json").is_file())) if not ok]
+    if missing:
+        raise FileNotFoundError(f"{src}: not a converted UCF101 folder (no {', '.join(missing)}); convert the videos "
+                                "once with `make data-ucf101 UCF101=path/to/UCF-101 SPLITS=path/to/ucfTrainTestlist` "
+                                "(writes data/ucf101) and give that folder (--data ucf101=DIR)")
+    counts = json.loads((src / "meta.json").read_text()).get("counts")
+    trains = {int(s): _seeded_list(src / "train.txt", out / f"train_seed{s}.txt", int(s)) for s in seeds}
+    return {"train": trains, "val": {int(s): str(test) for s in seeds}, "counts": counts,
+            "root": str(src.resolve()) + "/", "evaluate": str(src.resolve())}
+
+
 def _seeded_order(src: Path, dst: Path, seed: int) -> str:
     """``dst``: the records of LMDB ``src`` in an order drawn from ``seed`` (written once)."""
     from .data import DatumLMDB, write_datum_lmdb
@@ -191,15 +323,34 @@ def _seeded_order(src: Path, dst: Path, seed: int) -> str:
     return str(dst)
 
 
+def _seeded_list(src: Path, dst: Path, seed: int) -> str:
+    """``dst``: the lines of list file ``src`` in an order drawn from ``seed`` (written again only
+    when ``src`` changed)."""
+    st = src.stat()
+    stamp = {"source": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "seed": seed}
+    done = dst.with_suffix(".json")
+    if dst.is_file() and done.is_file() and json.loads(done.read_text()) == stamp:
+        return str(dst.resolve())
+    lines = [line for line in src.read_text().splitlines() if line.strip()]
+    order = np.random.default_rng(seed).permutation(len(lines))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text("".join(lines[i] + "\n" for i in order))
+    tmp.replace(dst)
+    done.write_text(json.dumps(stamp))
+    return str(dst.resolve())
+
+
 # ------------------------------------------------------------------ runs
 
-def variant_paths(dataset: str, method: str) -> tuple[Path, Path]:
-    folder = DATASETS[dataset][0]
+def variant_paths(dataset: str, method: str, net: str = "cnn2") -> tuple[Path, Path]:
+    folder = DATASETS[dataset][0].format(net=net)
     name = VARIANT_ALIASES.get((folder, method), method)
-    net, solver = PROTO / folder / f"train_val_{name}.prototxt", PROTO / folder / f"solver_{name}.prototxt"
-    if not net.is_file():
-        raise FileNotFoundError(f"no prototxt for method {method!r} on {dataset}: {net}")
-    return net, solver
+    net_path, solver = PROTO / folder / f"train_val_{name}.prototxt", PROTO / folder / f"solver_{name}.prototxt"
+    if not net_path.is_file():
+        on = dataset if net == "cnn2" else f"{dataset} ({net})"
+        raise FileNotFoundError(f"no prototxt for method {method!r} on {on}: {net_path}")
+    return net_path, solver
 
 
 def set_rate(net_param, rate: float, where: str) -> int:
@@ -219,11 +370,22 @@ def set_rate(net_param, rate: float, where: str) -> int:
     return n
 
 
+def _to_image_data(lp, source: str, root: str) -> None:
+    """A Data layer made an ImageData layer reading the list ``source`` in order, paths under ``root``
+    (its batch size and transform_param kept)."""
+    batch = lp.data_param.batch_size
+    lp.type = "ImageData"
+    lp.ClearField("data_param")
+    ip = lp.image_data_param
+    ip.source, ip.root_folder, ip.batch_size, ip.shuffle = source, root, batch, False
+
+
 def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable, device: str = "auto",
               backend: str = "engine") -> Run:
-    """Write the run folder's net.prototxt and sweep_solver.prototxt; set the run's command."""
+    """Write the run folder's net.prototxt and sweep_solver.prototxt; set the run's command (and, for
+    data with a converted folder to evaluate on, its final-test command)."""
     from google.protobuf import text_format
-    net_path, solver_path = variant_paths(run.dataset, run.method)
+    net_path, solver_path = variant_paths(run.dataset, run.method, run.net)
     net = cio.read_net_prototxt(net_path)
     if run.method in RATED:
         if not set_rate(net, run.rate, str(net_path)):
@@ -231,6 +393,7 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     elif run.rate != 0.5:
         raise ValueError(f"method {run.method} has no dropout rate to sweep (rated methods: {', '.join(RATED)})")
     n_train = (data.get("counts") or {}).get("train")
+    test_batch = None
     for lp in net.layer:
         if n_train and lp.type == "Python" and lp.python_param.layer == "InformationDropout" \
                 and len(lp.loss_weight) == 2:
@@ -239,7 +402,18 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
         if lp.type != "Data":
             continue
         phases = {r.phase for r in lp.include if r.HasField("phase")}
-        lp.data_param.source = str(Path(data["train" if phases == {0} else "val"][run.seed]).resolve())
+        source = str(Path(data["train" if phases == {0} else "val"][run.seed]).resolve())
+        if phases == {0}:
+            if budget.batch_size:
+                lp.data_param.batch_size = budget.batch_size
+            if data.get("root"):
+                _to_image_data(lp, source, data["root"])
+                continue
+        else:
+            if budget.test_batch_size:
+                lp.data_param.batch_size = budget.test_batch_size
+            test_batch = lp.data_param.batch_size
+        lp.data_param.source = source
     run.folder.mkdir(parents=True, exist_ok=True)
     (run.folder / "net.prototxt").write_text(
         f"# {run.key}: {net_path.relative_to(ROOT)} with the sweep's data and rate\n"
@@ -253,9 +427,10 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     if budget.stepvalue is not None:
         del sp.stepvalue[:]
         sp.stepvalue.append(budget.stepvalue)
-    if budget.train_per_class is not None:   # evaluate the whole held-back split
-        test_batch = next(lp.data_param.batch_size for lp in net.layer if lp.type == "Data"
-                          and any(r.phase == 1 for r in lp.include))
+    if budget.test_iter is not None:
+        del sp.test_iter[:]
+        sp.test_iter.append(budget.test_iter)
+    elif budget.train_per_class is not None and test_batch:   # evaluate the whole held-back split
         n_val = sum((data.get("counts") or {}).get("val_per_class") or []) or 0
         if n_val:
             del sp.test_iter[:]
@@ -263,37 +438,66 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     run.solver = run.folder / "sweep_solver.prototxt"
     run.solver.write_text(f"# {run.key}, budget {budget.name}: {solver_path.relative_to(ROOT)} with the "
                           f"sweep's seed and budget\n" + text_format.MessageToString(sp))
-    run.command = [python, "-m", "exdrop", "train", str(run.solver.resolve()), "--out", str(run.folder.resolve()),
+    folder = run.folder.resolve()
+    run.command = [python, "-m", "exdrop", "train", str(run.solver.resolve()), "--out", str(folder),
                    "--snapshot", "auto", "--quiet", "--device", device, "--backend", backend]
+    if run.weights:
+        run.command += ["--weights", str(run.weights)]
     if budget.amp:
         run.command += ["--amp", budget.amp]
     if budget.keep_snapshots != 1:
         run.command += ["--keep-snapshots", str(budget.keep_snapshots)]
+    run.evaluate = None
+    if data.get("evaluate"):
+        prefix = Path(sp.snapshot_prefix).name if sp.snapshot_prefix else "snapshot"   # as the trainer names it
+        final = folder / "snapshots" / f"{prefix}_iter_{sp.max_iter}.caffemodel"
+        run.evaluate = [python, "-m", "exdrop", "test", str(run.solver.resolve()), "--weights", str(final),
+                        "--data", data["evaluate"], "--out", str(folder / FINAL_TEST), "--quiet",
+                        "--device", device if backend == "engine" else "cpu", "--backend", backend]
     return run
 
 
+def _plan_line(r: Run) -> str:
+    log = shlex.quote(str(r.folder / "stdout.log"))
+    line = f"cd {shlex.quote(str(ROOT))} && {shlex.join(r.command)} > {log} 2>&1"
+    return line + (f" && {shlex.join(r.evaluate)} >> {log} 2>&1" if r.evaluate else "") + "\n"
+
+
 def plan(out: Path, datasets, methods, rates, seeds, budget: Budget, sources: dict, device="auto",
-         backend="engine", progress=True) -> list[Run]:
-    """Prepare the data, write every run folder and ``plan.txt`` / ``plan.json``; returns the runs."""
+         backend="engine", progress=True, nets=None, weights: dict | None = None) -> list[Run]:
+    """Prepare the data, write every run folder and ``plan.txt`` / ``plan.json``; returns the runs.
+    ``nets``: the nets to run where a dataset has several (default: all of the dataset's);
+    ``weights``: {net: .caffemodel} for the fine-tuned nets (default: the Model Zoo file in
+    :data:`WEIGHTS_DIR`), checked before anything is written."""
     out = Path(out)
+    chosen = {}
+    for dataset in datasets:
+        own = nets_of(dataset)
+        chosen[dataset] = [n for n in own if nets is None or n in nets]
+        if not chosen[dataset]:
+            raise ValueError(f"--nets {','.join(nets)}: {dataset} runs {', '.join(own)}")
+    paths = {n: pretrained_weights(n, weights) for d in datasets for n in chosen[d]}
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for dataset in datasets:
         data = prepare_data(dataset, sources.get(dataset) or DATASETS[dataset][1], budget, out / "data", seeds,
                             progress)
-        for method in methods:
-            for rate in (rates if method in RATED else (0.5,)):
-                for seed in seeds:
-                    name = method if len(rates) == 1 else f"{method}_r{rate:g}"
-                    run = Run(dataset, method, float(rate), int(seed), out / dataset / name / f"seed{seed}")
-                    runs.append(write_run(run, budget, data, device=device, backend=backend))
-    (out / "plan.txt").write_text("".join(
-        f"cd {shlex.quote(str(ROOT))} && {shlex.join(r.command)} > {shlex.quote(str(r.folder / 'stdout.log'))} 2>&1\n"
-        for r in runs))
+        for net in chosen[dataset]:
+            base = out / dataset if net == "cnn2" else out / dataset / net
+            for method in methods:
+                for rate in (rates if method in RATED else (0.5,)):
+                    for seed in seeds:
+                        name = method if len(rates) == 1 else f"{method}_r{rate:g}"
+                        run = Run(dataset, method, float(rate), int(seed), base / name / f"seed{seed}", net=net,
+                                  weights=paths[net])
+                        runs.append(write_run(run, budget, data, device=device, backend=backend))
+    (out / "plan.txt").write_text("".join(_plan_line(r) for r in runs))
+    info = dict(dataclasses.asdict(budget), description=describe(budget, {r.net for r in runs}))
     (out / "plan.json").write_text(json.dumps({
-        "budget": dataclasses.asdict(budget), "root": str(ROOT),
-        "runs": [{"key": r.key, "dataset": r.dataset, "method": r.method, "rate": r.rate, "seed": r.seed,
-                  "folder": str(r.folder), "command": r.command} for r in runs]}, indent=1))
+        "budget": info, "root": str(ROOT),
+        "runs": [{"key": r.key, "dataset": r.dataset, "net": r.net, "method": r.method, "rate": r.rate,
+                  "seed": r.seed, "folder": str(r.folder), "command": r.command, "weights": r.weights,
+                  "evaluate": r.evaluate} for r in runs]}, indent=1))
     return runs
 
 
@@ -310,35 +514,57 @@ def status(run_folder: Path) -> str:
     return "started" if any((run_folder / "snapshots").glob("*.solverstate")) else "new"
 
 
+def final_test(run_folder: Path) -> dict | None:
+    """A finished run's ``final_test/test.json`` when it is of the run's last snapshot, else None."""
+    try:
+        test = json.loads((Path(run_folder) / FINAL_TEST / "test.json").read_text())
+        res = json.loads((Path(run_folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return test if str(test.get("weights", "")).endswith(f"_iter_{res.get('max_iter')}.caffemodel") else None
+
+
+def _steps(run: Run) -> list[list]:
+    """The commands a run still needs: training unless finished, then its final test unless done."""
+    steps = [run.command] if status(run.folder) != "finished" else []
+    if run.evaluate and (steps or final_test(run.folder) is None):
+        steps.append(run.evaluate)
+    return steps
+
+
 def execute(runs: list[Run], workers: int = 1, threads: int | None = None, gpus: int | None = None,
             echo=print) -> dict:
     """Run the plan with ``workers`` local processes; finished runs are skipped. On CPU each
     process gets ``threads`` torch threads (default: the cores divided among the workers); with
-    GPUs the runs go round-robin over them (several runs share a GPU when workers > GPUs)."""
+    GPUs the runs go round-robin over them (several runs share a GPU when workers > GPUs). A
+    fine-tuned run's final test follows its training in the same worker slot."""
     import torch
     gpus = torch.cuda.device_count() if gpus is None else gpus
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    todo = [r for r in runs if status(r.folder) != "finished"]
-    echo(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run with {workers} "
+    queue = [(r, s) for r in runs if (s := _steps(r))]
+    echo(f"sweep: {len(runs)} runs, {len(runs) - len(queue)} finished, {len(queue)} to run with {workers} "
          f"worker(s)" + (f" on {gpus} GPU(s)" if gpus else f", {threads} thread(s) each"))
-    running: list[tuple[subprocess.Popen, Run, float, object]] = []
+    todo = len(queue)
+    running: list[tuple[subprocess.Popen, Run, float, object, list]] = []
     failed, slot = [], 0
-    queue = list(todo)
     try:
         while queue or running:
             while queue and len(running) < workers:
-                run = queue.pop(0)
+                run, steps = queue.pop(0)
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                 slot += 1
                 log = open(run.folder / "stdout.log", "ab")
-                echo(f"sweep: start {run.key}" + (" (resuming)" if status(run.folder) == "started" else ""))
-                proc = subprocess.Popen(run.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-                running.append((proc, run, time.perf_counter(), log))
+                if steps[0] is run.evaluate:
+                    echo(f"sweep: test  {run.key} (the final snapshot on every test image)")
+                else:
+                    echo(f"sweep: start {run.key}" + (" (resuming)" if status(run.folder) == "started" else ""))
+                proc = subprocess.Popen(steps[0], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running.append((proc, run, time.perf_counter(), log, steps[1:]))
             time.sleep(0.5)
             for item in list(running):
-                proc, run, t0, log = item
+                proc, run, t0, log, rest = item
                 if proc.poll() is None:
                     continue
                 running.remove(item)
@@ -346,13 +572,18 @@ def execute(runs: list[Run], workers: int = 1, threads: int | None = None, gpus:
                 took = time.perf_counter() - t0
                 if proc.returncode == 0:
                     echo(f"sweep: done  {run.key} in {took:.0f} s")
+                    if rest and status(run.folder) == "finished":
+                        queue.insert(0, (run, rest))
+                    elif rest:
+                        failed.append(run.key)
+                        echo(f"sweep: {run.key} stopped before max_iter; not tested (run the sweep again)")
                 else:
                     failed.append(run.key)
                     echo(f"sweep: FAILED {run.key} (exit {proc.returncode}; see {run.folder / 'stdout.log'})")
     except KeyboardInterrupt:
         # Ctrl-C reached the runs too (one process group): each snapshots and stops; wait for that
         echo(f"sweep: interrupted; waiting for {len(running)} run(s) to write their snapshots ...")
-        for proc, run, _, log in running:
+        for proc, run, _, log, _ in running:
             try:
                 proc.wait(timeout=600)
             except subprocess.TimeoutExpired:
@@ -360,7 +591,7 @@ def execute(runs: list[Run], workers: int = 1, threads: int | None = None, gpus:
             log.close()
         echo("sweep: stopped; the same command again skips the finished runs and resumes the others")
         raise
-    return {"runs": len(runs), "ran": len(todo), "failed": failed}
+    return {"runs": len(runs), "ran": todo, "failed": failed}
 
 
 # ------------------------------------------------------------------ results
@@ -381,8 +612,16 @@ def _final_test(folder: Path) -> tuple[float | None, float | None, list[tuple[in
     return float(last["accuracy"]), loss, curve
 
 
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof 1) in %, None where there are too few values."""
+    return (float(np.mean(values)) * 100 if values else None,
+            float(np.std(values, ddof=1)) * 100 if len(values) > 1 else None)
+
+
 def collect(out: Path) -> dict:
-    """Every number of the sweep in ``out`` (from plan.json and the run folders)."""
+    """Every number of the sweep in ``out`` (from plan.json and the run folders). A run with a
+    final-test command counts with its final test (frame and video accuracy on every test image
+    once); the others with the last test pass of their log.csv."""
     out = Path(out)
     p = json.loads((out / "plan.json").read_text())
     budget = p["budget"]
@@ -394,29 +633,41 @@ def collect(out: Path) -> dict:
         res = {}
         if (folder / "results.json").is_file():
             res = json.loads((folder / "results.json").read_text())
-        key = (r["dataset"], r["method"], r["rate"])
-        cells.setdefault(key, []).append({
-            "seed": r["seed"], "status": st, "accuracy": acc if st == "finished" else None,
-            "last_accuracy": acc, "loss": loss, "curve": curve, "iterations": res.get("iterations"),
-            "seconds": res.get("seconds"), "folder": str(folder)})
+        entry = {"seed": r["seed"], "status": st, "accuracy": acc if st == "finished" else None,
+                 "last_accuracy": acc, "loss": loss, "curve": curve, "iterations": res.get("iterations"),
+                 "seconds": res.get("seconds"), "folder": str(folder)}
+        if r.get("evaluate"):
+            test = final_test(folder) if st == "finished" else None
+            entry.update(accuracy=test and test["accuracy"], video_accuracy=test and test.get("video_accuracy"),
+                         test_images=test and test["images"], videos=test and test.get("videos"),
+                         accuracy_from=f"{FINAL_TEST}/test.json")
+        key = (r["dataset"], r.get("net", "cnn2"), r["method"], r["rate"])
+        cells.setdefault(key, []).append(entry)
     summary = []
-    for (dataset, method, rate), runs in sorted(cells.items()):
+    for (dataset, net, method, rate), runs in sorted(cells.items()):
         accs = [x["accuracy"] for x in runs if x["accuracy"] is not None]
-        paper = PAPER.get((dataset, rate), {}).get(method)
-        summary.append({"dataset": dataset, "method": method, "rate": rate, "seeds": len(accs),
-                        "planned_seeds": len(runs),
-                        "mean": float(np.mean(accs)) * 100 if accs else None,
-                        "std": float(np.std(accs, ddof=1)) * 100 if len(accs) > 1 else None,
-                        "paper": paper, "runs": runs})
+        mean, std = _mean_std(accs)
+        cell = {"dataset": dataset, "net": net, "method": method, "rate": rate, "seeds": len(accs),
+                "planned_seeds": len(runs), "mean": mean, "std": std,
+                "paper": paper_figure(dataset, net, method, rate), "runs": runs}
+        if any("video_accuracy" in x for x in runs):
+            videos = [x["video_accuracy"] for x in runs if x.get("video_accuracy") is not None]
+            cell["video_mean"], cell["video_std"] = _mean_std(videos)
+            cell["video_seeds"] = len(videos)
+        summary.append(cell)
     return {"budget": budget, "reduced": budget.get("reduced", True), "cells": summary}
 
 
-def _cell(c: dict) -> str:
-    if c is None or c["mean"] is None:
+def _cell(c: dict, video: bool = False) -> str:
+    if c is None:
         return "not yet"
-    s = f"{c['mean']:.2f}" + (f" +- {c['std']:.2f}" if c["std"] is not None else "")
-    s += f" (n={c['seeds']})" if c["seeds"] != c["planned_seeds"] or c["seeds"] == 1 else ""
-    return s + (f" [{c['paper']:.2f}]" if c["paper"] is not None else "")
+    mean, std, n = (c.get("video_mean"), c.get("video_std"), c.get("video_seeds")) if video else \
+        (c["mean"], c["std"], c["seeds"])
+    if mean is None:
+        return "not yet"
+    s = f"{mean:.2f}" + (f" +- {std:.2f}" if std is not None else "")
+    s += f" (n={n})" if n != c["planned_seeds"] or n == 1 else ""
+    return s + (f" [{c['paper']:.2f}]" if c["paper"] is not None and not video else "")
 
 
 def _budget_line(summary: dict) -> str:
@@ -425,27 +676,57 @@ def _budget_line(summary: dict) -> str:
     return f"{head} (`{b['name']}`): {b['description']}."
 
 
+def _row_label(dataset: str, net: str) -> str:
+    return dataset if net == "cnn2" else f"{dataset} ({NET_LABELS[net]})"
+
+
 def table_markdown(summary: dict, table: str) -> str:
-    """Table 2 (methods as columns, datasets as rows) or Table 4 (rates as columns)."""
-    cells = {(c["dataset"], c["method"], c["rate"]): c for c in summary["cells"]}
-    datasets = sorted({c["dataset"] for c in summary["cells"]}, key=list(DATASETS).index)
-    lines = [_budget_line(summary), "",
-             "Test accuracy (%), mean +- std over seeds (n = seeds finished), the paper's figure in [brackets]. ",
-             ""]
+    """Table 2 (methods as columns, datasets as rows), Table 3 (methods as columns, the fine-tuned
+    nets as rows, then the same for the video accuracy) or Table 4 (rates as columns)."""
+    cells = {(c["dataset"], c.get("net", "cnn2"), c["method"], c["rate"]): c for c in summary["cells"]}
+    rows = sorted({(c["dataset"], c.get("net", "cnn2")) for c in summary["cells"]},
+                  key=lambda dn: (list(DATASETS).index(dn[0]), list(NETS).index(dn[1])))
+    scratch = all(n == "cnn2" for _, n in rows)
+    lines = [_budget_line(summary), ""]
+    if scratch:
+        lines += ["Test accuracy (%), mean +- std over seeds (n = seeds finished), the paper's figure in "
+                  "[brackets]. ", ""]
+    else:
+        lines += ["Test accuracy (%), mean +- std over seeds (n = seeds finished), the paper's figure in [brackets] "
+                  "(a mean of five models; the paper gives no std). Fine-tuned nets: the frame accuracy of each "
+                  f"run's final snapshot on every test frame once (`RUN/{FINAL_TEST}/test.json`).", ""]
+    first = "Dataset (CNN-2)" if scratch else "Dataset (net)"
+
+    def methods_of(keep) -> list:
+        return [m for m in METHODS if any(c["method"] == m and keep(c) for c in summary["cells"])]
+
     if table == "2":
-        methods = [m for m in METHODS if any(c["method"] == m for c in summary["cells"])]
-        lines += ["| Dataset (CNN-2) | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+        methods = methods_of(lambda c: True)
+        lines += [f"| {first} | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
                   "|---|" + "---|" * len(methods)]
-        for d in datasets:
-            lines.append(f"| {d} | " + " | ".join(_cell(cells.get((d, m, 0.5))) for m in methods) + " |")
+        for d, n in rows:
+            lines.append(f"| {_row_label(d, n)} | " + " | ".join(_cell(cells.get((d, n, m, 0.5))) for m in methods)
+                         + " |")
+    elif table == "3":
+        methods = methods_of(lambda c: True)
+        head = ["| UCF101 (fine-tuned) | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+                "|---|" + "---|" * len(methods)]
+        order = sorted(rows, key=lambda dn: (TABLE3_ROWS + tuple(NETS)).index(dn[1]))
+        lines += head + [f"| {NET_LABELS[n]} | " + " | ".join(_cell(cells.get((d, n, m, 0.5))) for m in methods)
+                         + " |" for d, n in order]
+        if any("video_mean" in c for c in summary["cells"]):
+            lines += ["", "Video accuracy (%) of the same snapshots: the softmax of a test video's frames averaged, "
+                          "then the argmax (the paper reports no video accuracy).", ""]
+            lines += head + [f"| {NET_LABELS[n]} | " + " | ".join(_cell(cells.get((d, n, m, 0.5)), video=True)
+                                                               for m in methods) + " |" for d, n in order]
     else:
         rates = sorted({c["rate"] for c in summary["cells"]})
-        lines += ["| Dataset (CNN-2) | Dropout scheme | " + " | ".join(f"{r:g}" for r in rates) + " |",
+        lines += [f"| {first} | Dropout scheme | " + " | ".join(f"{r:g}" for r in rates) + " |",
                   "|---|---|" + "---|" * len(rates)]
-        for d in datasets:
-            for m in [m for m in METHODS if any(c["method"] == m and c["dataset"] == d for c in summary["cells"])]:
-                lines.append(f"| {d} | {METHOD_LABELS[m]} | " + " | ".join(_cell(cells.get((d, m, r)))
-                                                                         for r in rates) + " |")
+        for d, n in rows:
+            for m in methods_of(lambda c: c["dataset"] == d and c.get("net", "cnn2") == n):
+                lines.append(f"| {_row_label(d, n)} | {METHOD_LABELS[m]} | "
+                             + " | ".join(_cell(cells.get((d, n, m, r))) for r in rates) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -455,6 +736,7 @@ def plot_fig3(summary: dict, dataset: str, path: Path, rate: float = 0.5) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    nets = []
     for c in summary["cells"]:
         if c["dataset"] != dataset or c["rate"] != rate:
             continue
@@ -466,13 +748,15 @@ def plot_fig3(summary: dict, dataset: str, path: Path, rate: float = 0.5) -> Pat
             continue
         ys = np.array([[cv[i] for i in iters] for cv in curves]) * 100
         mean, std = ys.mean(0), ys.std(0)
-        line, = ax.plot(iters, mean, label=f"{METHOD_LABELS[c['method']]} (n={len(curves)})",
-                        lw=2.2 if c["method"] == "ed" else 1.4)
+        net = c.get("net", "cnn2")
+        nets += [net] if net not in nets else []
+        label = METHOD_LABELS[c["method"]] + ("" if net == "cnn2" else f", {NET_LABELS[net]}")
+        line, = ax.plot(iters, mean, label=f"{label} (n={len(curves)})", lw=2.2 if c["method"] == "ed" else 1.4)
         if len(curves) > 1:
             ax.fill_between(iters, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     b = summary["budget"]
-    ax.set_title(f"{dataset}: test accuracy, CNN-2 ({'reduced budget ' if summary['reduced'] else ''}"
-                 f"'{b['name']}')", fontsize=10)
+    ax.set_title(f"{dataset}: test accuracy, {', '.join(NET_LABELS[n] for n in nets) or 'CNN-2'} "
+                 f"({'reduced budget ' if summary['reduced'] else ''}'{b['name']}')", fontsize=10)
     ax.set_xlabel("iteration")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -488,11 +772,14 @@ def plot_fig3(summary: dict, dataset: str, path: Path, rate: float = 0.5) -> Pat
 
 
 def write_outputs(out: Path, table: str) -> list[Path]:
-    """table<N>.md, table<N>.json and fig3_<dataset>.png in the sweep folder."""
+    """table<N>.md, table<N>.json and (Table 2) fig3_<dataset>.png in the sweep folder."""
     out = Path(out)
     summary = collect(out)
     md = out / f"table{table}.md"
-    md.write_text(f"# Table {table}: CNN-2, {', '.join(sorted({c['dataset'] for c in summary['cells']}))}\n\n"
+    nets = [NET_LABELS[n] for n in NETS if any(c.get("net", "cnn2") == n for c in summary["cells"])] or ["CNN-2"]
+    tuned = " fine-tuned from ImageNet" if any(c.get("net", "cnn2") != "cnn2" for c in summary["cells"]) else ""
+    md.write_text(f"# Table {table}: {', '.join(nets)}{tuned}, "
+                  f"{', '.join(sorted({c['dataset'] for c in summary['cells']}))}\n\n"
                   + table_markdown(summary, table))
     js = out / f"table{table}.json"
     js.write_text(json.dumps(summary, indent=1))

@@ -4,6 +4,7 @@ LMDBs -> `exdrop test` with the frame and the video accuracy (checked by hand)."
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,37 +19,8 @@ from exdrop.net import Net
 from exdrop.pylayer import TEST
 from exdrop.snapshot import save_weights
 
-CLASSES = ["ApplyEyeMakeup", "Basketball", "YoYo"]
-
-
-def _video(path: Path, frames: int, colour, size=(40, 30)):
-    import cv2
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, size)
-    assert writer.isOpened()
-    rng = np.random.default_rng(len(str(path)))
-    for k in range(frames):
-        img = np.full((size[1], size[0], 3), colour, np.uint8)
-        img[:, : (k * 3) % size[0]] = rng.integers(0, 255, 3)   # something that moves
-        writer.write(img)
-    writer.release()
-
-
-@pytest.fixture(scope="module")
-def ucf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ucf")
-    videos, lists = root / "UCF-101", root / "ucfTrainTestlist"
-    lists.mkdir()
-    (lists / "classInd.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES, 1)))
-    train, test = [], []
-    for i, c in enumerate(CLASSES):
-        for g in (1, 2, 8):
-            name = f"{c}/v_{c}_g{g:02d}_c01.avi"
-            _video(videos / name, 11 + g, (40 * i, 80, 200 - 50 * i))
-            (test if g == 1 else train).append(name)
-    (lists / "trainlist01.txt").write_text("".join(f"{n} {CLASSES.index(n.split('/')[0]) + 1}\n" for n in train))
-    (lists / "testlist01.txt").write_text("".join(f"{n}\n" for n in test))
-    return videos, lists, root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ucf101_videos import CLASSES, ucf  # noqa: E402,F401  (ucf: the fixture)
 
 
 def test_videos_to_frames_lists_and_lmdbs(ucf, tmp_path):
