@@ -30,8 +30,8 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
-.PHONY: table2 table4 table5 fig7 report report-screenshot
-.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 data-ucf101 train-cifar10 train-wrn-cifar10 bench bench-table6 prototxt mutation
+.PHONY: table2 table3 table4 table5 fig7 report report-screenshot finetune-ucf101
+.PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 data-ucf101 data-imagenet train-cifar10 train-wrn-cifar10 train-imagenet bench bench-table6 prototxt mutation
 
 help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch, and real pycaffe via"
@@ -45,6 +45,9 @@ help:
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
 	@echo "     (without DATA: the LMDBs already converted in DATA_DIR, else the official archive is downloaded)"
 	@echo "make train-wrn-cifar10     WRN-28-10 (Sec. 5), VARIANT=activation|standard|none, the knobs of train-cifar10"
+	@echo "make train-imagenet        AlexNet from scratch on ILSVRC-2012 (Sec. 5), VARIANT=activation|standard|none"
+	@echo "                           (default activation), WEIGHTS=<.caffemodel to start from>, the knobs of"
+	@echo "                           train-cifar10 but DATA (the LMDBs of make data-imagenet)"
 	@echo "make data-cifar10          convert DATA into $(DATA_DIR)/{train,val}_lmdb once"
 	@echo "make data-cifar100         convert CIFAR100=<cifar-100-python.tar.gz | folder | .tgz | list> (or DATA=)"
 	@echo "                           into $(CIFAR100_DIR)/{train,val,test}_lmdb once (default: the official archive,"
@@ -52,6 +55,10 @@ help:
 	@echo "make data-caltech256       convert CALTECH256=<256_ObjectCategories folder | .tar> into"
 	@echo "                           $(CALTECH256_DIR)/{train,test,val}_lmdb once: SPLIT=0..4 of the paper's five"
 	@echo "                           random splits of 50 train + 20 test images per class, 128x128"
+	@echo "make data-imagenet         IMAGENET_TRAIN=<ILSVRC-2012 train folder> IMAGENET_VAL=<val folder>"
+	@echo "                           IMAGENET_LABELS=<ILSVRC2012_validation_ground_truth.txt | Caffe's val.txt | ...>"
+	@echo "                           (none for a val folder sorted into wnid folders): list files and 256x256 LMDBs"
+	@echo "                           in data/ilsvrc12; IMAGENET_LIMIT=<n>: at most n images per class"
 	@echo "make data-ucf101           UCF101=<UCF-101 folder> SPLITS=<ucfTrainTestlist> UCF_SPLIT=1..3 EVERY=<n>: frames"
 	@echo "                           (every n-th, short side 256), list files and LMDBs in data/ucf101"
 	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100), ITERS=<n> (20)"
@@ -69,6 +76,15 @@ help:
 	@echo "                           stopped and started again, finished runs are kept and snapshots resumed"
 	@echo "make table4                the paper's Table 4: Standard first fc / both fcs and Excitation at rates"
 	@echo "                           0.25 / 0.5 / 0.75, same knobs; results/table4.md"
+	@echo "make table3                the paper's Table 3: No, Standard first fc / both fcs, Curriculum and Excitation"
+	@echo "                           Dropout in NETS=alexnet,vgg16,vgg19 fine-tuned on UCF101 (UCF101_DIR=<the folder"
+	@echo "                           of make data-ucf101, default data/ucf101>) from ALEXNET_WEIGHTS= VGG16_WEIGHTS="
+	@echo "                           VGG19_WEIGHTS= (default data/weights/<the Model Zoo file>); SEEDS= WORKERS="
+	@echo "                           METHODS= MAX_ITER=<n: every run stopped at n, a reduced budget>; results/table3.md"
+	@echo "                           + the sweep folder results/table3_ucf101_<budget>/ (GPU work at BUDGET=paper)"
+	@echo "make finetune-ucf101       one Table 3 run: NET=alexnet|vgg16|vgg19 VARIANT=ed|standard_fc6|standard_both|"
+	@echo "                           none|curriculum|activation WEIGHTS=<ImageNet .caffemodel> (default: the Model Zoo"
+	@echo "                           file in data/weights/) on data/ucf101; OUT= MAX_ITER= DEVICE= RESUME= KEEP= BACKEND="
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 	@echo "make prototxt              regenerate the train_val_/solver_ variants from each folder's base*.prototxt"
 	@echo "make mutation              mutation testing (mutmut) of exdrop/{solver,eb,functional}.py and layers/*.py;"
@@ -139,6 +155,27 @@ EVERY ?= 5
 data-ucf101:
 	$(PY) -m exdrop data --dataset ucf101 $(UCF101) --splits $(SPLITS) --split $(UCF_SPLIT) --every $(EVERY) --out data/ucf101
 
+# ILSVRC-2012 (Sec. 5): IMAGENET_TRAIN=<train folder of wnid folders> IMAGENET_VAL=<val folder, flat or sorted
+# into wnid folders> IMAGENET_LABELS=<the devkit's ground truth (meta.mat beside it) | Caffe's val.txt |
+# LOC_val_solution.csv>, IMAGENET_LIMIT=<at most n images per class>; into data/ilsvrc12, the prototxts' folder
+IMAGENET_TRAIN  ?= data/ILSVRC2012/train
+IMAGENET_VAL    ?= data/ILSVRC2012/val
+IMAGENET_LABELS ?=
+IMAGENET_LIMIT  ?=
+data-imagenet:
+	$(PY) -m exdrop data --dataset imagenet $(IMAGENET_TRAIN) --val $(IMAGENET_VAL) \
+	  $(if $(IMAGENET_LABELS),--val-labels $(IMAGENET_LABELS)) $(if $(IMAGENET_LIMIT),--limit-per-class $(IMAGENET_LIMIT)) \
+	  --out data/ilsvrc12
+
+# AlexNet from scratch on ILSVRC-2012 (Sec. 5): VARIANT=activation|standard|none (default activation),
+# WEIGHTS=<.caffemodel to start from>, the knobs of train-cifar10 but DATA (make data-imagenet first)
+WEIGHTS ?=
+imagenet_variant = $(if $(filter command line environment,$(origin VARIANT)),$(VARIANT),activation)
+train-imagenet: SOLVER = prototxt/alexnet/imagenet/solver_$(imagenet_variant).prototxt
+train-imagenet: OUT = models/alexnet_imagenet_$(imagenet_variant)
+train-imagenet:
+	$(PY) -m exdrop train $(train_args) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(filter caffe,$(BACKEND)),--backend caffe)
+
 # WRN-28-10 (Sec. 5): VARIANT=activation|standard|none, the same data and knobs as train-cifar10
 train-wrn-cifar10:
 	$(MAKE) train-cifar10 SOLVER=prototxt/wrn/cifar10/solver_$(VARIANT).prototxt \
@@ -197,6 +234,35 @@ table2:
 table4:
 	$(PY) -m exdrop sweep --table 4 $(sweep_args)
 	cp $(call sweep_out,4)/table4.md $(call sweep_out,4)/table4.json results/
+
+# Table 3: the nets fine-tuned on UCF101 (the folder of make data-ucf101) from the Model Zoo's ImageNet
+# weights, in data/weights/ where exdrop.pretrained.fetch puts them. NETS is bench-table6's knob too: its
+# cnn2,vgg16 default is not Table 3's, so only a NETS given on the command line (or environment) counts here.
+UCF101_DIR      ?= data/ucf101
+ALEXNET_WEIGHTS ?= data/weights/bvlc_alexnet.caffemodel
+VGG16_WEIGHTS   ?= data/weights/VGG_ILSVRC_16_layers.caffemodel
+VGG19_WEIGHTS   ?= data/weights/VGG_ILSVRC_19_layers.caffemodel
+table3_nets = $(if $(filter command line environment,$(origin NETS)),$(NETS),alexnet,vgg16,vgg19)
+table3_out  = $(or $(SWEEP_OUT),results/table3_ucf101_$(BUDGET)$(if $(MAX_ITER),-$(MAX_ITER)it))
+table3:
+	$(PY) -m exdrop sweep --table 3 --datasets ucf101 --nets $(table3_nets) --seeds $(SEEDS) --budget $(BUDGET) \
+	  --workers $(WORKERS) --device $(DEVICE) --data ucf101=$(UCF101_DIR) \
+	  --weights alexnet=$(ALEXNET_WEIGHTS),vgg16=$(VGG16_WEIGHTS),vgg19=$(VGG19_WEIGHTS) \
+	  $(if $(METHODS),--methods $(METHODS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) --out $(table3_out) \
+	  $(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
+	cp $(table3_out)/table3.md $(table3_out)/table3.json results/
+
+# One Table 3 run: NET=alexnet|vgg16|vgg19 (here the architecture, not a net prototxt), VARIANT=ed|
+# standard_fc6 (or standard_fc1)|standard_both|none|curriculum|activation, WEIGHTS=<ImageNet .caffemodel>
+# (default: the Model Zoo file above); the prototxts read data/ucf101
+ucf_net     = $(or $(NET),alexnet)
+ucf_variant = $(patsubst standard,standard_fc6,$(patsubst standard_fc1,standard_fc6,$(VARIANT)))
+ucf_weights = $(or $(WEIGHTS),$(if $(filter vgg16,$(ucf_net)),$(VGG16_WEIGHTS),$(if $(filter vgg19,$(ucf_net)),$(VGG19_WEIGHTS),$(ALEXNET_WEIGHTS))))
+finetune-ucf101: OUT = models/$(ucf_net)_ucf101_$(ucf_variant)
+finetune-ucf101:
+	$(PY) -m exdrop train prototxt/$(ucf_net)/ucf101/solver_$(ucf_variant).prototxt --weights $(ucf_weights) \
+	  --out $(OUT) --device $(DEVICE) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
+	  $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP)) $(if $(filter caffe,$(BACKEND)),--backend caffe)
 
 # the analysis of a sweep (exdrop analyze: each run's results are kept in RUN/analysis/ and reused)
 RUNS ?= results/table2_cifar10_cpu

@@ -2,6 +2,8 @@
 
     exdrop data [--dataset] cifar10|cifar100|caltech256|images SOURCE [--out DIR] [--split 0..4]
                                                          convert once into Datum LMDBs
+    exdrop data imagenet TRAIN_DIR --val VAL_DIR [--val-labels FILE] [--out data/ilsvrc12]
+                                                         ILSVRC-2012: list files and LMDBs (Sec. 5)
     exdrop train SOLVER [--net NET] [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
                         [--device auto|cpu|cuda] [--snapshot X.solverstate [--inexact-resume]]
                         [--weights X.caffemodel] [--display N] [--keep-snapshots K]
@@ -10,7 +12,8 @@
     exdrop plot RUN [RUN ...] [--out PNG]                training curves from each run's log.csv
     exdrop test SOLVER_OR_NET --weights X.caffemodel [--data DATA] [--iterations N] [--out DIR]
                 [--device cpu|cuda] [--backend engine|caffe]   evaluate a snapshot (like `caffe test`)
-    exdrop sweep [--table 2|4] [--datasets cifar10,...] [--budget paper|cpu] [--seeds N] [--workers N]
+    exdrop sweep [--table 2|3|4] [--datasets cifar10,...] [--nets alexnet,...] [--weights NET=FILE]
+                 [--budget paper|cpu] [--seeds N] [--workers N]
                                                          the paper's comparisons, resumable
     exdrop analyze RUN_OR_SWEEP [--data DATA] [--blob B] [--methods ...] [--no-over-training]
                                                          utilization (Table 5, Figs. 4-5), compression
@@ -53,8 +56,11 @@ def _cmd_data(args) -> int:
     if args.dataset and args.dataset_opt and args.dataset != args.dataset_opt:
         raise ValueError(f"two datasets given: {args.dataset} and --dataset {args.dataset_opt}")
     dataset = args.dataset or args.dataset_opt or "cifar10"
+    short_side = None
+    if dataset == "imagenet" and args.resize and args.resize.isdigit():
+        short_side = int(args.resize)   # S: the short side S, then the centre S x S
     resize = None
-    if args.resize and dataset != "ucf101":
+    if args.resize and dataset != "ucf101" and short_side is None:
         try:
             resize = tuple(int(v) for v in args.resize.lower().split("x"))
         except ValueError:
@@ -65,7 +71,22 @@ def _cmd_data(args) -> int:
         raise ValueError(f"--split picks one of Caltech-256's five or UCF101's three splits; {dataset} has its own")
     if (args.splits or args.every) and dataset != "ucf101":
         raise ValueError("--splits and --every are for ucf101")
-    if dataset == "ucf101":
+    given = [o for o, v in (("--val", args.val), ("--val-labels", args.val_labels), ("--meta", args.meta),
+                            ("--lists-only", args.lists_only)) if v]
+    if given and dataset != "imagenet":
+        raise ValueError(f"{', '.join(given)}: for imagenet")
+    if dataset == "imagenet":
+        from .data.imagenet import prepare_imagenet
+        if args.val_size is not None:
+            raise ValueError("--val-size: not for imagenet, whose validation images are ILSVRC-2012's val "
+                             "folder (--val)")
+        if not args.val:
+            raise ValueError("imagenet: give --val, the ILSVRC-2012 val folder (flat with --val-labels, or sorted "
+                             "into wnid folders)")
+        info = prepare_imagenet(args.source, args.val, args.out or "data/ilsvrc12", val_labels=args.val_labels,
+                                meta=args.meta, resize=resize, short_side=short_side, lmdb=not args.lists_only,
+                                limit_per_class=args.limit_per_class, seed=args.seed or 0)
+    elif dataset == "ucf101":
         from .data.ucf101 import prepare_ucf101
         if not args.splits:
             raise ValueError("ucf101: give --splits, the folder of classInd.txt and trainlist0N.txt / testlist0N.txt")
@@ -145,8 +166,17 @@ def _cmd_train(args) -> int:
         args.snapshot = _auto_resume(args)
         if args.snapshot == "finished":
             return 0
+    from . import distributed as dist
+    world = dist.world_from_env()
     if args.data:
-        _prepare_train_data(args)
+        if world.active:   # rank 0 converts, the others wait for it
+            from .train import pick_device
+            dist.init(world, pick_device(args.device, 0, world))
+            if world.main:
+                _prepare_train_data(args)
+            dist.barrier(world)
+        else:
+            _prepare_train_data(args)
     extra = {}
     if args.keep_snapshots is not None:   # else TrainConfig's default
         extra["keep_snapshots"] = args.keep_snapshots
@@ -165,8 +195,13 @@ def _cmd_train(args) -> int:
     try:
         res = trainer.run()
     except TrainingDiverged as exc:
-        print(f"exdrop: error: {exc}", file=sys.stderr)
+        if world.main:
+            print(f"exdrop: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        dist.close(world)
+    if not world.main:
+        return 0
     acc = res.get("test_accuracy")
     print(f"final: {res['iterations']} iterations in {res['seconds']:.1f} s on {res['device']}; "
           f"test accuracy {acc:.4f}" if acc is not None else f"final: {res['iterations']} iterations")
@@ -226,10 +261,24 @@ def _cmd_sweep(args) -> int:
         budget = dataclasses.replace(budget, name=f"{budget.name}-{args.max_iter}it", max_iter=args.max_iter,
                                      reduced=True, description=f"{budget.description}; stopped at "
                                                                f"{args.max_iter} iterations")
-    datasets = [d for d in args.datasets.split(",") if d]
+    datasets = [d for d in (args.datasets or S.TABLE_DATASETS[args.table]).split(",") if d]
     for d in datasets:
         if d not in S.DATASETS:
             raise ValueError(f"--datasets: unknown dataset {d!r} (known: {', '.join(S.DATASETS)})")
+    if args.table == "3" and datasets != ["ucf101"]:
+        raise ValueError(f"--datasets {','.join(datasets)}: Table 3 is the nets fine-tuned on ucf101")
+    nets = [n for n in args.nets.split(",") if n] if args.nets else None
+    for n in nets or []:
+        if n not in S.NETS:
+            raise ValueError(f"--nets: unknown net {n!r} (known: {', '.join(S.NETS)})")
+    weights = {}
+    for item in ",".join(args.weights or []).split(","):
+        name, _, path = item.partition("=")
+        if item and (not path or S.NETS.get(name) is None):
+            raise ValueError(f"--weights {item}: write NET=FILE with NET one of "
+                             f"{', '.join(n for n, zoo in S.NETS.items() if zoo)}")
+        if item:
+            weights[name] = path
     methods = args.methods.split(",") if args.methods else list(S.TABLE_METHODS[args.table])
     for m in methods:
         if m not in S.METHODS:
@@ -243,7 +292,8 @@ def _cmd_sweep(args) -> int:
             raise ValueError(f"--data {item}: write DATASET=PATH with DATASET one of {', '.join(S.DATASETS)}")
         sources[name] = path
     out = Path(args.out or f"results/table{args.table}_{'_'.join(datasets)}_{budget.name}")
-    runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend)
+    runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend,
+                  nets=nets, weights=weights)
     print(f"sweep: {len(runs)} runs planned in {out} (plan.txt: one command per run)")
     if not args.plan_only:
         try:
@@ -359,27 +409,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("data", help="convert a dataset into Caffe Datum LMDBs")
-    datasets = ["cifar10", "cifar100", "caltech256", "ucf101", "images"]
+    datasets = ["cifar10", "cifar100", "caltech256", "ucf101", "imagenet", "images"]
     d.add_argument("dataset", nargs="?", choices=datasets,
                    help="cifar10 (default), cifar100: the official archive or an image tree of the 10 / 100 "
-                        "classes; caltech256: 256_ObjectCategories (folder or .tar); images: any class/*.jpg tree")
+                        "classes; caltech256: 256_ObjectCategories (folder or .tar); imagenet: ILSVRC-2012 "
+                        "(with --val); images: any class/*.jpg tree")
     d.add_argument("source", help="cifar-10-python.tar.gz, cifar-100-python.tar.gz (a missing one is downloaded), "
-                                  "256_ObjectCategories(.tar), an image folder tree, a .tgz of one, or a list file")
+                                  "256_ObjectCategories(.tar), ILSVRC-2012's train folder of wnid folders, an image "
+                                  "folder tree, a .tgz of one, or a list file")
     d.add_argument("--dataset", dest="dataset_opt", choices=datasets, help="the dataset, as the first argument does")
-    d.add_argument("--out", help="output folder (default data/cifar10, data/cifar100, data/caltech256: the "
-                                 "prototxts' paths)")
+    d.add_argument("--out", help="output folder (default data/cifar10, data/cifar100, data/caltech256, "
+                                 "data/ilsvrc12: the prototxts' paths)")
     d.add_argument("--split", type=int, help="caltech256: which of the paper's five random splits of 50 train + "
                                              "20 test images per class, 0..4 (default 0); ucf101: the official "
                                              "split 1..3 (default 1)")
     d.add_argument("--splits", help="ucf101: the folder of the official lists (classInd.txt, trainlist0N.txt, "
                                     "testlist0N.txt)")
     d.add_argument("--every", type=int, help="ucf101: keep every N-th frame of each video (default 5)")
+    d.add_argument("--val", help="imagenet: the ILSVRC-2012 val folder, flat (ILSVRC2012_val_00000001.JPEG ..., "
+                                 "labelled by --val-labels) or sorted into the train set's wnid folders")
+    d.add_argument("--val-labels", help="imagenet: the devkit's ILSVRC2012_validation_ground_truth.txt (its meta.mat "
+                                        "beside it), Caffe's val.txt (synsets.txt beside it) or LOC_val_solution.csv")
+    d.add_argument("--meta", help="imagenet: the devkit's meta.mat or Caffe's synsets.txt, when it is not beside "
+                                  "--val-labels")
+    d.add_argument("--lists-only", action="store_true",
+                   help="imagenet: write only the list files train.txt, val.txt (Caffe's ImageData format, paths "
+                        "relative to the train / val folder) and synsets.txt, no LMDBs")
     d.add_argument("--val-size", type=int, default=None, help="stratified validation images (default 5000 when no test split)")
     d.add_argument("--seed", type=int, default=None, help="seed of the validation split and of the train shuffle (default 0)")
     d.add_argument("--limit-per-class", type=int, default=None,
                    help="keep at most N images per class (quick experiments)")
     d.add_argument("--resize", help="HxW, e.g. 128x128 (images; caltech256: SxS, default 128x128; ucf101: the "
-                                    "frames' short side, default 256)")
+                                    "frames' short side, default 256; imagenet: HxW, default 256x256, or S: the "
+                                    "short side S, then the centre SxS)")
     d.set_defaults(fn=_cmd_data)
 
     t = sub.add_parser("train", help="train from a solver prototxt (like `caffe train`)")
@@ -451,15 +513,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table6: add an ED column that runs EB image by image (the authors' numpy loop)")
     b.set_defaults(fn=_cmd_bench)
 
-    sw = sub.add_parser("sweep", help="the paper's comparisons: method x dataset x rate x seed (Tables 2, 4, Fig. 3)")
-    sw.add_argument("--table", choices=["2", "4"], default="2",
-                    help="2: every method at rate 0.5 (Table 2, Fig. 3); 4: Standard first fc / both fcs and "
-                         "Excitation at rates 0.25, 0.5, 0.75 (Table 4)")
-    sw.add_argument("--datasets", default="cifar10", help="comma-separated: cifar10, cifar100, caltech256")
+    sw = sub.add_parser("sweep", help="the paper's comparisons: method x dataset x net x rate x seed (Tables 2-4, "
+                                      "Fig. 3)")
+    sw.add_argument("--table", choices=["2", "3", "4"], default="2",
+                    help="2: every method at rate 0.5 (Table 2, Fig. 3); 3: No, Standard first fc / both fcs, "
+                         "Curriculum and Excitation Dropout in AlexNet, VGG16, VGG19 fine-tuned on UCF101 (Table 3); "
+                         "4: Standard first fc / both fcs and Excitation at rates 0.25, 0.5, 0.75 (Table 4)")
+    sw.add_argument("--datasets", help="comma-separated: cifar10, cifar100, caltech256 (CNN-2), ucf101 (AlexNet, "
+                                       "VGG16, VGG19); default cifar10, for Table 3 ucf101")
+    sw.add_argument("--nets", help="comma-separated subset of the datasets' nets, e.g. alexnet,vgg16 (default: "
+                                   "all of them; ucf101: alexnet, vgg16, vgg19)")
+    sw.add_argument("--weights", action="append", metavar="NET=FILE",
+                    help="the ImageNet .caffemodel a fine-tuned net starts from (repeatable, or comma-separated: "
+                         "alexnet=A,vgg16=B); default: the Model Zoo file in data/weights/ "
+                         "(exdrop.pretrained.fetch); a missing file stops the sweep before it starts")
     sw.add_argument("--budget", choices=["paper", "cpu", "cpu-full"], default="paper",
-                    help="paper: the paper's protocol (100K iterations); cpu: the reduced protocol of the README "
-                         "(5,000-image subset, 1,500 iterations); cpu-full: the other design compared there "
-                         "(the full training set, 1,500 iterations)")
+                    help="paper: the paper's protocol, the prototxts' solvers (CNN-2 100K iterations; UCF101: "
+                         "AlexNet 5K, VGG16/19 30K); cpu: the reduced protocol of the README (5,000-image subset, 1,200 "
+                         "iterations; CNN-2 on CIFAR only); cpu-full: the other design compared there (the full "
+                         "training set, 1,500 iterations)")
     sw.add_argument("--seeds", default="5",
                     help="N: seeds 1..N per cell (init and data order; default 5); or a list 2,3 or a range 2-5")
     sw.add_argument("--methods", help="comma-separated subset of the table's methods (default: all of them)")
@@ -467,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--data", action="append", metavar="DATASET=PATH",
                     help="raw source of a dataset (repeatable), e.g. cifar10=../shared/data/cifar10-jpg/train.tgz "
                          "(default: data/cifar-10-python.tar.gz, data/cifar-100-python.tar.gz, "
-                         "data/256_ObjectCategories.tar)")
+                         "data/256_ObjectCategories.tar); ucf101: the folder `make data-ucf101` converted "
+                         "(default data/ucf101)")
     sw.add_argument("--out", help="sweep folder (default results/table<T>_<datasets>_<budget>)")
     sw.add_argument("--workers", type=int, default=1,
                     help="local runs at once (CPU: the cores are shared among them; GPUs: round-robin, "

@@ -694,10 +694,15 @@ class Trainer:
             if value is not None and value != default:
                 args += [flag, str(value)]
         args += ["--snapshot", str(state)]
+        launch = ""
+        if self.world.active:   # the same number of processes resumes exactly
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world.size))
+            nodes = f"--nnodes={self.world.size // per_node} " if per_node < self.world.size else ""
+            launch = f"torchrun {nodes}--nproc_per_node={per_node} -m "
         lines = [f"exdrop: interrupted at iteration {self.backend.iter}; snapshot {state}",
-                 f"  resume with: {shlex.join(args)}"]
+                 f"  resume with: {launch}{shlex.join(args)}"]
         solver = Path(cfg.solver)
-        if solver.parent.as_posix().endswith("cnn2/cifar10") and solver.name.startswith("solver_"):
+        if solver.parent.as_posix().endswith("cnn2/cifar10") and solver.name.startswith("solver_") and not launch:
             make = [f"RESUME={state}", f"OUT={self.out}", f"VARIANT={solver.stem.removeprefix('solver_')}"]
             make += [f"MAX_ITER={cfg.max_iter}"] if cfg.max_iter is not None else []
             make += [f"DEVICE={cfg.device}"] if cfg.device not in (None, "auto") else []

@@ -216,3 +216,32 @@ def test_slurm_array_runs_one_plan_line_unchanged(tmp_path):
     assert proc.returncode == 1 and "has no line 4" in proc.stderr
     for script in ("scripts/slurm_sweep.sbatch", "scripts/slurm_torchrun.sbatch"):
         assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
+
+
+def test_ctrl_c_stops_every_process_at_one_iteration(fixture, tmp_path):
+    """SIGINT to torchrun (which passes it to its processes): both agree on one iteration (a
+    multiple of STOP_CHECK_EVERY), rank 0 writes one snapshot there and says how to resume."""
+    import json
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "exdrop",
+           "train", str(fixture["plain"]), "--out", str(out), "--device", "cpu", "--quiet", "--max-iter", "1000000",
+           "--snapshot-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:   # wait until it trains
+        if (out / "log.csv").is_file() and len((out / "log.csv").read_text().splitlines()) > 30:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=120)[0]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "interrupted" and res["processes"] == 2, text[-2000:]
+    it = res["iterations"]
+    assert it % dist.STOP_CHECK_EVERY == 0 and it > 0
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == \
+        [f"tiny_iter_{it}.{ext}" for ext in ("caffemodel", "engine.pt", "solverstate")]
+    assert text.count(f"interrupted at iteration {it}") == 1
+    assert "resume with: torchrun --nproc_per_node=2 -m exdrop train" in text
