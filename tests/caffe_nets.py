@@ -202,5 +202,31 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(1e-8, float(np.abs(b).max()))) if b.size else 0.0
 
 
+def one_iteration(folder: Path, variant: str, data_prefix: str, data_dir: Path, tmp: Path, snapshot: bool = True):
+    """One training iteration at batch 2, then one test batch, of the shipped ``folder``'s
+    train_val/solver pair ``variant`` with its data paths (``"data_prefix...``) moved to
+    ``data_dir``; returns (net path, the solver as used, results). ``snapshot``: the final one."""
+    from exdrop.proto import caffe_pb2
+    from exdrop.train import Trainer, TrainConfig
+    folder = ROOT / folder
+    text = (folder / f"train_val_{variant}.prototxt").read_text()
+    assert text.count(f'"{data_prefix}') == 2, "a TRAIN and a TEST data layer"
+    net_path = Path(tmp) / f"train_val_{variant}.prototxt"
+    net_path.write_text(text.replace(f'"{data_prefix}', f'"{data_dir}/'))
+    sp = cio.read_solver_prototxt(folder / f"solver_{variant}.prototxt")
+    used = caffe_pb2.SolverParameter()
+    used.CopyFrom(sp)
+    used.net = str(net_path)
+    used.snapshot_after_train = snapshot
+    solver = Path(tmp) / "solver.prototxt"
+    solver.write_text(text_format.MessageToString(used))
+    cfg = TrainConfig(solver=str(solver), out=str(Path(tmp) / "run"), max_iter=1, batch_size=2, test_iter=1,
+                      device="cpu", progress=False, utilization=None)
+    res = Trainer(cfg).run()
+    assert res["status"] == "finished" and res["iterations"] == 1 and np.isfinite(res["train_loss"])
+    return net_path, sp, res
+
+
 __all__ = ["ROOT", "require_pycaffe", "CNN2", "CNN2_SOLVER", "TRAIN", "TEST", "cnn2_param", "write_param", "write_cnn2",
-           "write_misc", "MISC_SHAPES", "write_tiny", "fixed_input", "rel_err"]
+           "write_misc", "MISC_SHAPES", "write_tiny", "fixed_input", "rel_err",
+           "one_iteration"]

@@ -8,6 +8,7 @@ folder once; a resume with the same number of processes continues exactly.
 """
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,27 +23,25 @@ from exdrop.net import Net
 from exdrop.pylayer import TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import TINY_LOSS, TINY_NET  # noqa: E402
 
-NET = """name: "ddp_{kind}"
-layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
-  transform_param {{ scale: 0.00390625 crop_size: 8 mirror: true }}
-  data_param {{ source: "{data}/train_lmdb" batch_size: 8 backend: LMDB }} }}
-layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
-  transform_param {{ scale: 0.00390625 crop_size: 8 }} data_param {{ source: "{data}/val_lmdb" batch_size: 6 backend: LMDB }} }}
-layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  convolution_param {{ num_output: 4 kernel_size: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
-layer {{ name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }}
-layer {{ name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
-  inner_product_param {{ num_output: 16 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
-layer {{ name: "relu2" type: "ReLU" bottom: "ip1" top: "ip1" }}
-{drop}layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-  inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
-layer {{ name: "accuracy" type: "Accuracy" bottom: "ip2" bottom: "label" top: "accuracy" }}
-layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
-"""
-ED = """layer { name: "drop" type: "Python" bottom: "ip1" top: "ip1"
-  python_param { module: "excitation_dropout" layer: "ExcitationDropout" param_str: "{'dropout_ratio': 0.5}" } }
-"""
+
+def _net(data: Path, guided: bool) -> str:
+    """tests/caffe_nets.py's tiny net on the fixture: a random 8x8 crop and mirror in TRAIN (both
+    processes must draw the one-process crops), batches of 8 and 6 that split over 2 processes,
+    with its Excitation Dropout layer or without it."""
+    text = TINY_NET.format(train=f"{data}/train_lmdb", val=f"{data}/val_lmdb", loss=TINY_LOSS)
+    text = text.replace("transform_param { scale: 0.00390625 }",
+                        "transform_param { scale: 0.00390625 crop_size: 8 mirror: true }", 1)   # TRAIN's
+    text = text.replace("transform_param { scale: 0.00390625 }", "transform_param { scale: 0.00390625 crop_size: 8 }")
+    text = text.replace("batch_size: 4", "batch_size: 8").replace("batch_size: 3", "batch_size: 6")
+    if not guided:
+        text, n = re.subn(r'layer \{ name: "drop".*?\} \}\n', "", text, flags=re.S)
+        assert n == 1
+    return text
+
+
 SOLVER = """net: "{net}"
 test_iter: 2
 test_interval: 6
@@ -73,9 +72,9 @@ def fixture(tmp_path_factory):
         images[np.arange(n), labels] //= 3
         write_datum_lmdb(tmp / f"{name}_lmdb", images, labels)
     solvers = {}
-    for kind, drop in (("plain", ""), ("ed", ED)):
+    for kind in ("plain", "ed"):
         net = tmp / f"{kind}.prototxt"
-        net.write_text(NET.format(kind=kind, data=tmp, drop=drop))
+        net.write_text(_net(tmp, guided=kind == "ed"))
         solvers[kind] = tmp / f"solver_{kind}.prototxt"
         solvers[kind].write_text(SOLVER.format(net=net))
     return solvers

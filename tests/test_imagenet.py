@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from exdrop.data import DatumLMDB, prepare_imagenet
 from exdrop.data.imagenet import IMAGENET_URL, list_train, read_val_labels
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import one_iteration  # noqa: E402
 # devkit IDs in the devkit's own order, which is not the sorted one (ID 1 is the kit fox, as in meta.mat)
 IDS = {1: "n02119789", 2: "n01443537", 3: "n01484850"}
 WNIDS = sorted(IDS.values())                       # the class order: n01443537, n01484850, n02119789
@@ -260,26 +263,10 @@ def test_cli_and_make_targets(ilsvrc, tmp_path, capsys):
 def test_one_training_iteration_of_the_sec5_alexnet(converted, tmp_path, variant):
     """The shipped ImageNet prototxt and solver (Adam 1e-5) on the converted fixture: its data
     layers read the LMDBs (256x256, crop 227), one iteration at batch 2, one test batch."""
-    from google.protobuf import text_format
-
-    from exdrop import io as cio
-    from exdrop.train import Trainer, TrainConfig
     out, _ = converted
-    folder = ROOT / "prototxt/alexnet/imagenet"
-    net_path = tmp_path / f"train_val_{variant}.prototxt"
-    text = (folder / f"train_val_{variant}.prototxt").read_text()
-    assert text.count('"data/ilsvrc12/') == 2
-    net_path.write_text(text.replace('"data/ilsvrc12/', f'"{out}/'))
-    sp = cio.read_solver_prototxt(folder / f"solver_{variant}.prototxt")
+    # snapshot_after_train off: a 240 MB caffemodel and twice that of Adam state, seconds of disk
+    _, sp, _ = one_iteration("prototxt/alexnet/imagenet", variant, "data/ilsvrc12/", out, tmp_path, snapshot=False)
     assert sp.base_lr == pytest.approx(1e-5) and sp.type == "Adam"
-    sp.net = str(net_path)
-    sp.snapshot_after_train = False   # a 240 MB caffemodel and twice that of Adam state: seconds of disk
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text(text_format.MessageToString(sp))
-    cfg = TrainConfig(solver=str(solver), out=str(tmp_path / "run"), max_iter=1, batch_size=2, test_iter=1,
-                      device="cpu", progress=False, utilization=None)
-    res = Trainer(cfg).run()
-    assert res["status"] == "finished" and res["iterations"] == 1 and np.isfinite(res["train_loss"])
     import csv
     with open(tmp_path / "run/log.csv", newline="") as f:
         tests = [r for r in csv.DictReader(f) if r["phase"] == "test"]

@@ -20,6 +20,7 @@ from exdrop.pylayer import TEST
 from exdrop.snapshot import save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import one_iteration  # noqa: E402
 from ucf101_videos import CLASSES, ucf  # noqa: E402,F401  (ucf: the fixture)
 
 
@@ -103,24 +104,10 @@ def test_one_fine_tuning_iteration_then_frame_and_video_accuracy(ucf, tmp_path_f
     """The fixture's frames at the prototxts' size (short side 256: crops of 227 / 224), one
     training iteration of the UCF101 prototxt with Excitation Dropout at fc6 (batch 2: CPU time),
     a snapshot, then `exdrop test` on the converted folder: frame and video accuracy."""
-    from exdrop import io as cio
-    from exdrop.train import Trainer, TrainConfig
     videos, lists, root = ucf
     out = root / "ucf101_256"
     prepare_ucf101(videos, lists, out, split=1, every=5, short_side=256, progress=False)
-    tmp = tmp_path_factory.mktemp(arch)
-    net_text = (Path(__file__).resolve().parents[1] / f"prototxt/{arch}/ucf101/train_val_ed.prototxt").read_text()
-    net_path = tmp / "train_val_ed.prototxt"
-    net_path.write_text(net_text.replace('"data/ucf101/', f'"{out}/'))
-    sp = cio.read_solver_prototxt(Path(__file__).resolve().parents[1] / f"prototxt/{arch}/ucf101/solver_ed.prototxt")
-    sp.net = str(net_path)
-    solver = tmp / "solver.prototxt"
-    from google.protobuf import text_format
-    solver.write_text(text_format.MessageToString(sp))
-    cfg = TrainConfig(solver=str(solver), out=str(tmp / "run"), max_iter=1, batch_size=2, test_iter=1,
-                      device="cpu", progress=False, utilization=None)
-    res = Trainer(cfg).run()
-    assert res["status"] == "finished" and res["iterations"] == 1 and np.isfinite(res["train_loss"])
+    net_path, _, res = one_iteration(f"prototxt/{arch}/ucf101", "ed", "data/ucf101/", out, tmp_path_factory.mktemp(arch))
     snap = Path(res["snapshot"])
     result = evaluate(net_path, snap, data=out)
     assert result["images"] == 9 and result["each_image_once"] and result["videos"] == 3

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .lmdb_datum import CorruptRecordError, DatumLMDB
-from .sources import TRAIN, DataTransformer, _phase
+from .sources import TRAIN, BatchSource, DataTransformer, _phase
 
 # decoded images above this many bytes are read from disk batch by batch, below it held in memory
 RESIDENT_BYTES = 4 << 30
@@ -122,10 +122,10 @@ class ListRecords:
         pass
 
 
-class StreamSource:
-    """The :class:`BatchSource` interface over records read from disk: ``next_batch()``,
-    ``batch_size``, ``top_shapes()``, ``state_dict()`` / ``load_state_dict()`` (the batch
-    decoded ahead is part of the state, so a resume continues exactly), ``to(device)``."""
+class StreamSource(BatchSource):
+    """A :class:`BatchSource` over records read from disk: its reading order (kept on the host),
+    ``next_batch()``, ``state_dict()`` / ``load_state_dict()`` (the batch decoded ahead is part of
+    the state, so a resume continues exactly) and ``to(device)`` of its own."""
 
     def __init__(self, records, batch_size: int, transform_param=None, phase=TRAIN, device="cpu",
                  shuffle: bool = False, rand_skip: int = 0, seed: int | None = None, name: str = "",
@@ -144,9 +144,10 @@ class StreamSource:
         self.gen = torch.Generator(device=self.device)   # crops and mirrors, as BatchSource
         self.gen.manual_seed(self.seed)
         self.order_gen = torch.Generator().manual_seed(self.seed)   # the epoch permutations, on the host
+        self._ar_b = torch.arange(self.batch_size)   # BatchSource.next_indices on the host
         self.cursor, self.epoch, self.order = 0, 0, None
         if self.shuffle:
-            self.order = torch.randperm(self.n, generator=self.order_gen)
+            self._reshuffle()
         if rand_skip:
             self.cursor = int(torch.randint(0, int(rand_skip), (1,), generator=self.order_gen).item()) % self.n
         own = range(self.batch_size)[part] if part is not None else range(self.batch_size)
@@ -154,34 +155,11 @@ class StreamSource:
         self._local_idx = torch.arange(self.batch_size, device=self.device) - own.start
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=f"decode-{name}")
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix=f"prefetch-{name}")
-        self._pending_idx = self._next_indices()
+        self._pending_idx = self.next_indices().numpy()
         self._pending = self._ahead.submit(self._load, self._pending_idx)
 
-    def __len__(self) -> int:
-        return self.n
-
-    def top_shapes(self) -> list[tuple]:
-        b = len(range(self.batch_size)[self.part]) if self.part is not None else self.batch_size
-        return [(b,) + self.transformer.out_shape(), (b,)]
-
-    def _next_indices(self) -> np.ndarray:
-        """The next batch's record positions (BatchSource.next_indices, on the host)."""
-        b, n = self.batch_size, self.n
-        if not self.shuffle:
-            idx = (np.arange(b) + self.cursor) % n
-            self.epoch += (self.cursor + b) // n
-            self.cursor = (self.cursor + b) % n
-            return idx
-        parts, need = [], b
-        while need:
-            take = min(need, n - self.cursor)
-            parts.append(self.order[self.cursor:self.cursor + take].numpy())
-            self.cursor += take
-            need -= take
-            if self.cursor == n:
-                self.cursor, self.epoch = 0, self.epoch + 1
-                self.order = torch.randperm(n, generator=self.order_gen)
-        return np.concatenate(parts)
+    def _reshuffle(self):
+        self.order = torch.randperm(self.n, generator=self.order_gen)
 
     def _load(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode this process's images of a batch (threads: OpenCV and LMDB release the GIL)."""
@@ -205,7 +183,7 @@ class StreamSource:
 
     def next_batch(self) -> list[torch.Tensor]:
         data, labels = self._pending.result()
-        self._pending_idx = self._next_indices()
+        self._pending_idx = self.next_indices().numpy()
         self._pending = self._ahead.submit(self._load, self._pending_idx)
         data = data.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
