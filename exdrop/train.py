@@ -338,7 +338,7 @@ class EngineBackend(Backend):
             sync = self.ddp is None or k == passes - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast():
-                    blobs = (self.ddp or net)()
+                    blobs = (net if self.ddp is None else self.ddp)()
                     loss = net.loss(blobs)
                 loss.backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
