@@ -248,7 +248,9 @@ def test_a_plot_failure_is_a_warning(tiny, tmp_path, monkeypatch, capsys):
 
 def test_interrupt_message_for_the_makefile_solver(tmp_path, capsys):
     """The CIFAR-10 solvers get the make line too (without training: the message alone)."""
+    from exdrop import distributed
     trainer = Trainer.__new__(Trainer)
+    trainer.world = distributed.ONE
     trainer.cfg = TrainConfig(solver="prototxt/cnn2/cifar10/solver_ed.prototxt", out="models/quick", max_iter=300)
     trainer.out, trainer.last_snapshot = Path("models/quick"), Path("models/quick/snapshots/cnn2_ed_iter_7.caffemodel")
 

@@ -206,7 +206,8 @@ def test_ctrl_c_stops_the_sweep_and_loses_nothing(image_tree, tmp_path):
     import time
     driver = tmp_path / "driver.py"
     driver.write_text(
-        "import dataclasses, sys\n"
+        "import dataclasses, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite started in the background ignores it\n"
         "from exdrop import sweep as S\n"
         "sys.path.insert(0, %r)\n"
         "from test_sweep import TINY\n"
