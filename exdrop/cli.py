@@ -214,11 +214,15 @@ def _auto_resume(args) -> str | None:
     "finished" when the run folder's results.json says the run already reached its max_iter."""
     if not args.out:
         raise ValueError("--snapshot auto needs --out (the run folder to resume)")
+    from .io import read_solver_prototxt
     from .sweep import status
     out = Path(args.out)
     if status(out) == "finished":
-        print(f"{out}: finished already (results.json); nothing to do")
-        return "finished"
+        done = json.loads((out / "results.json").read_text()).get("iterations") or 0
+        want = args.max_iter or read_solver_prototxt(args.solver).max_iter
+        if done >= want:
+            print(f"{out}: finished already (results.json); nothing to do")
+            return "finished"   # else the run goes on from its last snapshot to the longer max_iter
     states = []
     for path in (out / "snapshots").glob("*_iter_*.solverstate"):
         it = path.name[:-len(".solverstate")].rsplit("_iter_", 1)[1]

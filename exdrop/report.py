@@ -30,6 +30,7 @@ TABLE5_METHODS = ("none", "standard_fc1", "curriculum", "ed")
 TABLE5_ROWS = (*METRICS, "conservative", "moved_median")   # the last: not in the paper, the scale of Delta
 
 # The paper's Table 5: (mean, std) per dataset, metric and method
+PAPER_TABLE5_NETS = {"ucf101-vgg16": "ucf101"}   # the paper measures UCF101 on VGG16 (Sec. 4.3)
 PAPER_TABLE5 = {
     "cifar10": {"neurons_on": {"standard_fc1": (1194, 153), "curriculum": (1169, 61), "ed": (1325, 61)},
                 "peak_peb": {"standard_fc1": (0.011, 0.004), "curriculum": (0.009, 0.001), "ed": (0.003, 0.0002)},
@@ -46,6 +47,11 @@ PAPER_TABLE5 = {
                    "entropy_act": {"standard_fc1": (1.63, 0.32), "curriculum": (1.84, 0.35), "ed": (2.63, 0.23)},
                    "entropy_peb": {"standard_fc1": (1.58, 0.29), "curriculum": (1.77, 0.31), "ed": (2.59, 0.22)},
                    "conservative": {"standard_fc1": (2048, 46), "curriculum": (2048, 49), "ed": (1671, 31)}},
+    "ucf101": {"neurons_on": {"standard_fc1": (1120, 25), "curriculum": (1143, 22), "ed": (1404, 37)},
+               "peak_peb": {"standard_fc1": (0.007, 0.0002), "curriculum": (0.007, 0.0002), "ed": (0.004, 0.0002)},
+               "entropy_act": {"standard_fc1": (2.04, 0.23), "curriculum": (2.08, 0.21), "ed": (2.51, 0.18)},
+               "entropy_peb": {"standard_fc1": (1.92, 0.22), "curriculum": (1.95, 0.20), "ed": (2.42, 0.18)},
+               "conservative": {"standard_fc1": (3599, 66), "curriculum": (3859, 53), "ed": (44, 36)}},
 }
 COLORS = {"none": "tab:gray", "standard_fc1": "tab:blue", "standard_both": "tab:cyan", "maskimg": "tab:olive",
           "curriculum": "tab:green", "adaptive": "tab:brown", "information": "tab:pink", "activation": "tab:orange",
@@ -76,7 +82,7 @@ def analyze_sweep(sweep, methods=TABLE5_METHODS, data=None, blob=None, over_trai
         a = analyze_run(folder, data=(data or {}).get(r["dataset"]) if isinstance(data, dict) else data, blob=blob,
                         over_training=over_training, training_images=training_images, device=device, force=force,
                         echo=echo)
-        cells.setdefault((r["dataset"], r["method"], r["rate"]), []).append(a)
+        cells.setdefault((cell_dataset(r), r["method"], r["rate"]), []).append(a)
     if skipped:
         echo(f"analyze: {len(skipped)} run(s) not finished, left out: {', '.join(skipped)}")
     summary = {"budget": doc["budget"], "reduced": doc["budget"].get("reduced", True), "sweep": str(sweep),
@@ -84,6 +90,13 @@ def analyze_sweep(sweep, methods=TABLE5_METHODS, data=None, blob=None, over_trai
                "cells": [summarize_cell(d, m, rate, runs) for (d, m, rate), runs in sorted(cells.items())]}
     (sweep / "analysis.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def cell_dataset(run: dict) -> str:
+    """A plan entry's data set as the analysis groups it: CNN-2's data set, or ``ucf101-vgg16`` for
+    a fine-tuned net (the nets of one data set are separate cells)."""
+    net = run.get("net", "cnn2")
+    return run["dataset"] if net == "cnn2" else f"{run['dataset']}-{net}"
 
 
 def _mean_std(values):
@@ -183,7 +196,8 @@ def table5_markdown(summary: dict) -> str:
             row = []
             for m in methods:
                 c = cells.get((d, m))
-                row.append(_cell_text(c[key], key, PAPER_TABLE5.get(d, {}).get(key, {}).get(m)) if c else "")
+                paper = PAPER_TABLE5.get(PAPER_TABLE5_NETS.get(d, d), {}).get(key, {}).get(m)
+                row.append(_cell_text(c[key], key, paper) if c else "")
             lines.append(f"| {d} | {title} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -268,6 +268,21 @@ def test_sweep_table5_figures_and_report(tiny_run, tmp_path):
         assert (mdfile.parent / link).is_file(), link
 
 
+def test_a_sweeps_nets_are_separate_cells(tiny_run, tmp_path):
+    """Table 3's sweep: one method on two nets of ucf101 gives two cells, named by the net."""
+    sweep = _fake_sweep(tiny_run, tmp_path)
+    plan = json.loads((sweep / "plan.json").read_text())
+    for r, net in zip(plan["runs"], ("vgg16", "alexnet")):
+        r.update(dataset="ucf101", net=net, method="ed")
+    (sweep / "plan.json").write_text(json.dumps(plan))
+    summary = R.analyze_sweep(sweep, methods=("ed",), over_training=False, echo=lambda *a: None)
+    assert sorted(c["dataset"] for c in summary["cells"]) == ["ucf101-alexnet", "ucf101-vgg16"]
+    assert all(c["seeds"] == 1 for c in summary["cells"])
+    md = R.table5_markdown(summary)
+    assert re.search(r"\| ucf101-vgg16 \| Peak p_EB \| .*\[", md)        # the paper's UCF101 (VGG16) figure
+    assert not re.search(r"\| ucf101-alexnet \| Peak p_EB \| .*\[", md)   # none for AlexNet
+
+
 def test_plot_of_the_logged_utilization(tiny_run, tmp_path):
     import shutil
     runs = []

@@ -155,3 +155,7 @@ def test_net_streams_when_the_data_would_not_fit(lmdb, monkeypatch, tmp_path):
     assert torch.isfinite(loss) and n.layer("ip").blobs[0].grad.abs().sum() > 0
     monkeypatch.setattr(S, "RESIDENT_BYTES", 1 << 40)
     assert isinstance(Net(net, 0, "cpu", "stream-net").sources["data"], BatchSource)
+    del n   # a dropped net's stream gives its LMDB back: the LMDB opens again from scratch
+    import gc
+    gc.collect()
+    assert str(path.resolve()) not in S._OPEN

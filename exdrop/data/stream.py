@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -157,6 +158,8 @@ class StreamSource(BatchSource):
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix=f"prefetch-{name}")
         self._pending_idx = self.next_indices().numpy()
         self._pending = self._ahead.submit(self._load, self._pending_idx)
+        # a source dropped without close() gives its threads and its LMDB back too
+        self._release = weakref.finalize(self, _release, self._ahead, self._pool, records)
 
     def _reshuffle(self):
         self.order = torch.randperm(self.n, generator=self.order_gen)
@@ -225,13 +228,17 @@ class StreamSource(BatchSource):
         return self
 
     def close(self) -> None:
-        self._ahead.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True)
-        self.records.close()
+        self._release()
 
     def __repr__(self):
         return (f"StreamSource({self.kind} '{self.name}', n={self.n}, batch={self.batch_size}, "
                 f"top={self.top_shapes()[0]}, device={self.device}, read from disk)")
+
+
+def _release(ahead: ThreadPoolExecutor, pool: ThreadPoolExecutor, records) -> None:
+    ahead.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(wait=True)
+    records.close()
 
 
 def resident_bytes(records, n: int) -> int:
