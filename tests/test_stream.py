@@ -155,7 +155,11 @@ def test_net_streams_when_the_data_would_not_fit(lmdb, monkeypatch, tmp_path):
     assert torch.isfinite(loss) and n.layer("ip").blobs[0].grad.abs().sum() > 0
     monkeypatch.setattr(S, "RESIDENT_BYTES", 1 << 40)
     assert isinstance(Net(net, 0, "cpu", "stream-net").sources["data"], BatchSource)
-    del n   # a dropped net's stream gives its LMDB back: the LMDB opens again from scratch
+    del n   # a dropped net's stream gives its LMDB back, once its prefetch thread lets go of it
     import gc
-    gc.collect()
+    import time
+    deadline = time.time() + 30
+    while str(path.resolve()) in S._OPEN and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.1)
     assert str(path.resolve()) not in S._OPEN
