@@ -163,3 +163,24 @@ def test_net_streams_when_the_data_would_not_fit(lmdb, monkeypatch, tmp_path):
         gc.collect()
         time.sleep(0.1)
     assert str(path.resolve()) not in S._OPEN
+
+
+def test_a_source_dropped_mid_prefetch_closes_quietly(tmp_path, monkeypatch):
+    """The last reference to a source can go in its own prefetch thread (the batch decoded ahead
+    finishing after the source was dropped): its LMDB still closes, and nothing raises there."""
+    import gc
+    import sys
+    import time
+    rng = np.random.default_rng(0)
+    write_datum_lmdb(tmp_path / "db", rng.integers(0, 256, (300, 3, 64, 64), dtype=np.uint8), np.zeros(300, int))
+    errors = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: errors.append(u.exc_value))
+    for _ in range(20):
+        src = make_source(_lp("Data", str(tmp_path / "db"), batch=100, crop=0, mirror=False), 1, stream=True)
+        src.next_batch()
+        del src   # the next batch is being decoded
+    deadline = time.time() + 30
+    while str((tmp_path / "db").resolve()) in S._OPEN and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert str((tmp_path / "db").resolve()) not in S._OPEN and not errors, errors

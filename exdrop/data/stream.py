@@ -158,8 +158,10 @@ class StreamSource(BatchSource):
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix=f"prefetch-{name}")
         self._pending_idx = self.next_indices().numpy()
         self._pending = self._ahead.submit(self._load, self._pending_idx)
-        # a source dropped without close() gives its threads and its LMDB back too
-        self._release = weakref.finalize(self, _release, self._ahead, self._pool, records)
+        # a source dropped without close() gives its threads and its LMDB back too; nothing of it
+        # runs then (a prefetch holds the source), so nothing is waited for (the last reference may
+        # go in its own prefetch thread, which cannot join itself)
+        self._finalizer = weakref.finalize(self, _release, self._ahead, self._pool, records, False)
 
     def _reshuffle(self):
         self.order = torch.randperm(self.n, generator=self.order_gen)
@@ -228,16 +230,18 @@ class StreamSource(BatchSource):
         return self
 
     def close(self) -> None:
-        self._release()
+        """Stop the prefetch (waiting for a batch in flight) and close the records."""
+        if self._finalizer.detach() is not None:
+            _release(self._ahead, self._pool, self.records, True)
 
     def __repr__(self):
         return (f"StreamSource({self.kind} '{self.name}', n={self.n}, batch={self.batch_size}, "
                 f"top={self.top_shapes()[0]}, device={self.device}, read from disk)")
 
 
-def _release(ahead: ThreadPoolExecutor, pool: ThreadPoolExecutor, records) -> None:
-    ahead.shutdown(wait=True, cancel_futures=True)
-    pool.shutdown(wait=True)
+def _release(ahead: ThreadPoolExecutor, pool: ThreadPoolExecutor, records, wait: bool) -> None:
+    ahead.shutdown(wait=wait, cancel_futures=True)
+    pool.shutdown(wait=wait)
     records.close()
 
 
