@@ -84,14 +84,15 @@ def shard_slice(world: World, batch: int, what: str) -> slice:
     return slice(world.rank * part, (world.rank + 1) * part)
 
 
-def mean_over(world: World, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor averaged over the processes (one all-reduce, on their device)."""
+def sum_over(world: World, tensors: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+    """Each tensor summed over the processes, times ``scale`` (one all-reduce, on their device)."""
     if not world.active or not tensors:
         return tensors
     import torch.distributed as dist
     flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    flat /= world.size
+    if scale != 1.0:
+        flat *= scale
     out, at = [], 0
     for t in tensors:
         out.append(flat[at:at + t.numel()].view(t.shape).to(t.dtype))
@@ -99,11 +100,9 @@ def mean_over(world: World, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def sum_over(world: World, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor summed over the processes (one all-reduce)."""
-    if not world.active or not tensors:
-        return tensors
-    return [t * world.size for t in mean_over(world, tensors)]
+def mean_over(world: World, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor averaged over the processes (one all-reduce)."""
+    return sum_over(world, tensors, 1.0 / world.size)
 
 
 def any_over(world: World, flag: bool) -> bool:

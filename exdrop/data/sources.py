@@ -336,9 +336,10 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
     return np.ascontiguousarray(arr), np.asarray([e[1] for e in entries], np.int64)
 
 
-def _streams(records, stream: bool | None) -> bool:
+def _streams(first_image: np.ndarray, n: int, stream: bool | None) -> bool:
+    """``stream`` as given, else whether ``n`` images like the first would take more than RESIDENT_BYTES."""
     from . import stream as st
-    return bool(stream) or st.resident_bytes(records, len(records)) > st.RESIDENT_BYTES
+    return stream if stream is not None else int(first_image.nbytes) * int(n) > st.RESIDENT_BYTES
 
 
 def _stream_source(records, batch_size, tp, phase, device, shuffle, rand_skip, seed, name, kind, part):
@@ -370,13 +371,17 @@ def make_source(layer_param, phase, device="cpu", seed: int | None = None, sourc
         if dp.backend != caffe_pb2.DataParameter.LMDB and (dp.HasField("backend") or not is_lmdb):
             raise ValueError(f"layer '{name}': only the LMDB backend is supported (source {dp.source}); "
                              "set `backend: LMDB` and convert the data to LMDB (exdrop.data.prepare_*)")
-        if stream is not False:
-            from .stream import LMDBRecords
-            records = LMDBRecords(path, bool(tp and tp.force_color), bool(tp and tp.force_gray))
-            if _streams(records, stream):
+        if stream is not False:   # decided from the record count and the first record: no key listing
+            from .stream import LMDBRecords, _close_db, _open_db
+            db = _open_db(path)
+            try:
+                streams = _streams(next(db.records())[1], len(db), stream)
+            finally:
+                _close_db(db)
+            if streams:
+                records = LMDBRecords(path, bool(tp and tp.force_color), bool(tp and tp.force_gray))
                 return _stream_source(records, batch_size or dp.batch_size, tp, phase, device, False, dp.rand_skip,
                                       seed, name, "Data", part)
-            records.close()
         images, labels = _load_lmdb(path, tp, name)
         return BatchSource(images, labels, batch_size or dp.batch_size, tp, phase, device, shuffle=False,
                            rand_skip=dp.rand_skip, seed=seed, name=name, kind="Data", part=part)
@@ -386,7 +391,7 @@ def make_source(layer_param, phase, device="cpu", seed: int | None = None, sourc
         if stream is not False:
             from .stream import ListRecords
             records = ListRecords(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
-            if _streams(records, stream):
+            if _streams(records.read(0)[0], len(records), stream):
                 return _stream_source(records, batch_size or ip.batch_size, tp, phase, device, ip.shuffle,
                                       ip.rand_skip, seed, name, "ImageData", part)
         images, labels = load_image_list_data(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)

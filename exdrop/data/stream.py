@@ -245,10 +245,4 @@ def _release(ahead: ThreadPoolExecutor, pool: ThreadPoolExecutor, records, wait:
     records.close()
 
 
-def resident_bytes(records, n: int) -> int:
-    """What holding ``n`` records like the first in memory would take."""
-    img, _ = records.read(0)
-    return int(img.nbytes) * int(n)
-
-
-__all__ = ["StreamSource", "LMDBRecords", "ListRecords", "RESIDENT_BYTES", "resident_bytes"]
+__all__ = ["StreamSource", "LMDBRecords", "ListRecords", "RESIDENT_BYTES"]
