@@ -8,11 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 # train-cifar10 knobs
 VARIANT  ?= ed
-SOLVER   ?= prototxt/cnn2/cifar10/solver_$(VARIANT).prototxt
+# RECIPE=paper (Adam, msra, pixels / 256) or authors (the *_authors variants: the authors' script, SGD)
+RECIPE   ?= paper
+recipe_suffix = $(if $(filter authors,$(RECIPE)),_authors,$(if $(filter paper,$(RECIPE)),,$(error RECIPE=$(RECIPE): paper or authors)))
+SOLVER   ?= prototxt/cnn2/cifar10/solver_$(VARIANT)$(recipe_suffix).prototxt
 DATA     ?= data/cifar-10-python.tar.gz
 DATA_DIR ?= data/cifar10
 MAX_ITER ?=
-OUT      ?= models/cnn2_cifar10_$(VARIANT)
+OUT      ?= models/cnn2_cifar10_$(VARIANT)$(recipe_suffix)
 DEVICE   ?= auto
 BACKEND  ?= engine
 RESUME   ?=
@@ -30,7 +33,7 @@ train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
 	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
 
-.PHONY: table2 table3 table4 table5 fig7 report report-screenshot finetune-ucf101
+.PHONY: answer table2 table3 table4 table5 fig7 report report-screenshot finetune-ucf101
 .PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 data-ucf101 data-imagenet train-cifar10 train-wrn-cifar10 train-imagenet bench bench-table6 prototxt mutation
 
 help:
@@ -40,6 +43,7 @@ help:
 	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 with the paper's solver"
 	@echo "     DATA=<cifar-10-python.tar.gz | image folder | .tgz | list>  MAX_ITER=<n>  OUT=<run folder>"
 	@echo "     VARIANT=ed|standard|standard_both|none|activation|maskimg|curriculum|adaptive|information|ed_authors"
+	@echo "     RECIPE=paper|authors (the authors' script: SGD, gaussian 0.01, raw pixels; CIFAR-10, every VARIANT)"
 	@echo "     DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
 	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
@@ -70,10 +74,14 @@ help:
 	@echo "make report                one HTML page + Markdown of RUNS: every table and figure (Figs. 2-7)"
 	@echo "make report-screenshot     a headless chromium screenshot of that page (results/report_screenshot.png)"
 	@echo "make table2                the paper's Table 2 and Fig. 3: every method, DATASETS=cifar10,cifar100,caltech256"
-	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu> BUDGET=paper|cpu WORKERS=<n> METHODS=<subset>"
+	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu, 3 at cpu-200ep> BUDGET=paper|cpu|cpu-200ep"
+	@echo "                           RECIPE=paper|authors WORKERS=<n> METHODS=<subset>"
 	@echo "                           DATA= CIFAR100= CALTECH256= (raw sources); results/table2.md + the sweep folder"
 	@echo "                           results/table2_<datasets>_<budget>/ (runs, plan.txt, JSON, fig3_<dataset>.png);"
 	@echo "                           stopped and started again, finished runs are kept and snapshots resumed"
+	@echo "make answer                does ED beat Standard? CIFAR-10 at BUDGET=cpu-200ep, PHASE=A (the regime: none and"
+	@echo "                           Standard, seed 1, both recipes) or B (none/Standard/ED/Activation x 3 seeds under"
+	@echo "                           ANSWER_RECIPE=paper|authors, Standard/ED x 3 under the other); DATA= WORKERS="
 	@echo "make table4                the paper's Table 4: Standard first fc / both fcs and Excitation at rates"
 	@echo "                           0.25 / 0.5 / 0.75, same knobs; results/table4.md"
 	@echo "make table3                the paper's Table 3: No, Standard first fc / both fcs, Curriculum and Excitation"
@@ -189,7 +197,8 @@ else
 endif
 
 bench:
-	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(DEVICE) --json models/bench/cnn2_cifar10.json
+	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(DEVICE) --recipe $(RECIPE) \
+	  --json models/bench/cnn2_cifar10$(recipe_suffix).json
 
 # Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU; T6_ITERS is the
 # old name)  BATCH=50  DEVICE. DEVICE=auto is resolved here, so the JSON is named _cpu or _cuda.
@@ -212,19 +221,19 @@ bench-table6:
 # SEEDS=<n> BUDGET=paper|cpu WORKERS=<n> METHODS=<subset> SWEEP_OUT=<folder> AMP=bf16|'' (override
 # the budget's). Raw sources: DATA (CIFAR-10), CIFAR100, CALTECH256, as for the data-* targets.
 DATASETS ?= cifar10
-SEEDS    ?= $(if $(filter cpu,$(BUDGET)),1,5)
+SEEDS    ?= $(if $(filter cpu,$(BUDGET)),1,$(if $(filter cpu-200ep,$(BUDGET)),3,5))
 BUDGET   ?= paper
 WORKERS  ?= 1
 METHODS  ?=
 SWEEP_OUT ?=
-sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --workers $(WORKERS) --device $(DEVICE) \
+sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --recipe $(RECIPE) --workers $(WORKERS) --device $(DEVICE) \
 	--data cifar10=$(DATA) \
 	--data cifar100=$(if $(filter command line environment,$(origin CIFAR100)),$(CIFAR100),data/cifar-100-python.tar.gz) \
 	--data caltech256=$(CALTECH256) \
 	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) \
 	$(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
 
-sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET))
+sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET)$(recipe_suffix))
 
 # the sweep's table, JSON and figures are copied to results/ (the latest sweep's)
 table2:
@@ -234,6 +243,31 @@ table2:
 table4:
 	$(PY) -m exdrop sweep --table 4 $(sweep_args)
 	cp $(call sweep_out,4)/table4.md $(call sweep_out,4)/table4.json results/
+
+# Does Excitation Dropout beat Standard Dropout? (README "Does it reproduce?") CIFAR-10 at the cpu-200ep
+# budget (200 epochs of 200 images per class, lr drop at 25%), in phases; runs already finished (their
+# committed results.json) are kept, so a phase can be run again on a new machine to finish it.
+#   PHASE=A  the regime: No Dropout and Standard first fc, seed 1, under both recipes
+#   PHASE=B  the answer: none, Standard first fc, ED, Activation x seeds 1-3 under ANSWER_RECIPE;
+#            Standard first fc and ED x seeds 1-3 under the other recipe
+# Both sweeps write results/table2_cifar10_cpu-200ep[_authors]/ (ANSWER_OUT=<folder> for elsewhere).
+PHASE ?= A
+ANSWER_RECIPE ?= paper
+ANSWER_OUT ?= results
+other_recipe = $(if $(filter paper,$(ANSWER_RECIPE)),authors,paper)
+answer_sweep = $(PY) -m exdrop sweep --budget cpu-200ep --datasets cifar10 --data cifar10=$(DATA) \
+	--workers $(or $(filter-out 1,$(WORKERS)),2) --threads 1 --device $(DEVICE) \
+	--recipe $(1) --methods $(2) --seeds $(3) --out $(ANSWER_OUT)/table2_cifar10_cpu-200ep$(if $(filter authors,$(1)),_authors)
+answer:
+ifeq ($(PHASE),A)
+	$(call answer_sweep,paper,none$(comma)standard_fc1,1)
+	$(call answer_sweep,authors,none$(comma)standard_fc1,1)
+else ifeq ($(PHASE),B)
+	$(call answer_sweep,$(ANSWER_RECIPE),none$(comma)standard_fc1$(comma)ed$(comma)activation,1-3)
+	$(call answer_sweep,$(other_recipe),standard_fc1$(comma)ed,1-3)
+else
+	$(error PHASE=$(PHASE): A or B)
+endif
 
 # Table 3: the nets fine-tuned on UCF101 (the folder of make data-ucf101) from the Model Zoo's ImageNet
 # weights, in data/weights/ where exdrop.pretrained.fetch puts them. NETS is bench-table6's knob too: its

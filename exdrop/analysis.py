@@ -57,6 +57,7 @@ import torch
 
 from . import io as cio
 from .functional import unit_saliency
+from .runlog import plan_run_folder
 
 __all__ = ["neurons_on", "peak", "entropy", "utilization", "UtilizationMeter", "moved_norms", "conservative_units", "relevance_keep_masks",
            "random_keep_masks", "calibration_bins", "expected_calibration_error", "METRICS", "DELTA",
@@ -458,7 +459,7 @@ def run_info(run) -> dict:
             except ValueError:
                 break
             for r in doc.get("runs", []):
-                if Path(r.get("folder", "")).resolve() == run:
+                if plan_run_folder(folder, r).resolve() == run:
                     return {**{k: r.get(k) for k in ("dataset", "method", "rate", "seed")},
                             "budget": doc.get("budget")}
             break
@@ -478,6 +479,16 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
         raise FileNotFoundError(f"{run}: not a run folder (no solver.prototxt; `exdrop train` writes one)")
     snaps = run_snapshots(run)
     trained = [(it, p) for it, p in snaps if p.parent.name == "snapshots"]
+    out_path = run / ANALYSIS / "analysis.json"
+    if not trained and out_path.is_file() and not force:
+        # a run committed without its snapshots (a sweep's small files): its analysis as it was made
+        try:
+            kept = json.loads(out_path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{out_path}: not JSON ({exc}); without snapshots it cannot be made again") from None
+        if isinstance(kept, dict) and "final" in kept:
+            echo(f"analyze: {run}: no snapshots here; the analysis kept in {out_path} is used as it is")
+            return kept
     if not trained:
         raise FileNotFoundError(f"{run}: no snapshot in {run / 'snapshots'} to analyse")
     info = run_info(run)
@@ -490,7 +501,6 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
                  "init": [str(init), init.stat().st_mtime_ns] if init else None}
     key_over = {**common, "snapshots": [[it, str(p), p.stat().st_mtime_ns] for it, p in snaps],
                 "images": training_images}
-    out_path = run / ANALYSIS / "analysis.json"
     old = {}
     if out_path.is_file() and not force:
         try:

@@ -46,6 +46,14 @@ CNN2_CIFAR10 = {
 }
 
 
+def cnn2_cifar10(recipe: str = "paper") -> tuple[dict[str, str], str]:
+    """The Standard / Excitation prototxts of CNN-2 on CIFAR-10 and their solver under ``recipe``
+    (``authors``: the *_authors variants, SGD)."""
+    suffix = {"paper": "", "authors": "_authors"}[recipe]
+    variants = {k: v.replace(".prototxt", f"{suffix}.prototxt") for k, v in CNN2_CIFAR10.items()}
+    return variants, f"prototxt/cnn2/cifar10/solver_ed{suffix}.prototxt"
+
+
 LOOP_SUFFIX = " (per-image loop)"
 
 
@@ -486,9 +494,10 @@ def main(args) -> int:
         _write_json(args.json, res)
         return 0
     if args.what == "cnn2-cifar10":
-        res = time_variants(CNN2_CIFAR10, solver="prototxt/cnn2/cifar10/solver_ed.prototxt", iters=args.iters,
+        variants, solver = cnn2_cifar10(getattr(args, "recipe", "paper"))
+        res = time_variants(variants, solver=solver, iters=args.iters,
                             warmup=2 if args.warmup is None else args.warmup, batch=args.batch or 100, device=device)
-        _print_table("CNN-2 on CIFAR-10 (32x32)", res, None)
+        _print_table(f"CNN-2 on CIFAR-10 (32x32), {getattr(args, 'recipe', 'paper')} recipe", res, None)
         ed, st = res["variants"]["Excitation"], res["variants"]["Standard"]
         print(f"ratio Excitation / Standard = {ed['mean_s'] / st['mean_s']:.3f} "
               f"(medians: {ed['median_s'] / st['median_s']:.3f})")

@@ -295,9 +295,10 @@ def _cmd_sweep(args) -> int:
         if not path or name not in S.DATASETS:
             raise ValueError(f"--data {item}: write DATASET=PATH with DATASET one of {', '.join(S.DATASETS)}")
         sources[name] = path
-    out = Path(args.out or f"results/table{args.table}_{'_'.join(datasets)}_{budget.name}")
+    recipe = "" if args.recipe == "paper" else f"_{args.recipe}"
+    out = Path(args.out or f"results/table{args.table}_{'_'.join(datasets)}_{budget.name}{recipe}")
     runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend,
-                  nets=nets, weights=weights)
+                  nets=nets, weights=weights, recipe=args.recipe)
     print(f"sweep: {len(runs)} runs planned in {out} (plan.txt: one command per run)")
     if not args.plan_only:
         try:
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=None, help="batch size (default 100; table6: 50; caffe: set by --sizes)")
     b.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     b.add_argument("--json", help="write the figures here too")
+    b.add_argument("--recipe", choices=["paper", "authors"], default="paper",
+                   help="cnn2-cifar10: the paper's recipe (Adam) or the authors' (*_authors variants, SGD)")
     b.add_argument("--no-compile", action="store_true", help="precision: leave torch.compile out")
     b.add_argument("--no-processes", action="store_true", help="precision: leave the processes-vs-threads run out")
     b.add_argument("--per-image-loop", action="store_true",
@@ -531,11 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the ImageNet .caffemodel a fine-tuned net starts from (repeatable, or comma-separated: "
                          "alexnet=A,vgg16=B); default: the Model Zoo file in data/weights/ "
                          "(exdrop.pretrained.fetch); a missing file stops the sweep before it starts")
-    sw.add_argument("--budget", choices=["paper", "cpu", "cpu-full"], default="paper",
+    sw.add_argument("--budget", choices=["paper", "cpu", "cpu-full", "cpu-200ep"], default="paper",
                     help="paper: the paper's protocol, the prototxts' solvers (CNN-2 100K iterations; UCF101: "
                          "AlexNet 5K, VGG16/19 30K); cpu: the reduced protocol of the README (5,000-image subset, 1,200 "
                          "iterations; CNN-2 on CIFAR only); cpu-full: the other design compared there (the full "
-                         "training set, 1,500 iterations)")
+                         "training set, 1,500 iterations); cpu-200ep: the paper's shape (200 epochs, lr drop at 25%%) "
+                         "on 200 images per class, 4,000 iterations")
+    sw.add_argument("--recipe", choices=["paper", "authors"], default="paper",
+                    help="paper: the prototxts' Adam / msra / pixels-256 recipe; authors: the *_authors variants "
+                         "(the authors' script: SGD momentum 0.9, gaussian 0.01, raw pixels; CIFAR-10 only); "
+                         "the default sweep folder gets the suffix _authors")
     sw.add_argument("--seeds", default="5",
                     help="N: seeds 1..N per cell (init and data order; default 5); or a list 2,3 or a range 2-5")
     sw.add_argument("--methods", help="comma-separated subset of the table's methods (default: all of them)")

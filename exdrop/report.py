@@ -23,6 +23,7 @@ import numpy as np
 
 from .analysis import DELTA, METRIC_TITLES, METRICS, analyze_run
 from .plot import _pyplot
+from .runlog import plan_run_folder
 from .sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
 
 # Table 5 and Fig. 7 compare these (the paper: Standard, Curriculum, Excitation; the issue adds none)
@@ -74,7 +75,7 @@ def analyze_sweep(sweep, methods=TABLE5_METHODS, data=None, blob=None, over_trai
     cells: dict = {}
     skipped = []
     for r in runs:
-        folder = Path(r["folder"])
+        folder = plan_run_folder(sweep, r)
         res = folder / "results.json"
         if not res.is_file() or json.loads(res.read_text()).get("status") != "finished":
             skipped.append(str(folder))

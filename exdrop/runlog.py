@@ -83,3 +83,10 @@ def format_row(row: dict) -> str:
 
 def _num(v):
     return None if v in (None, "") else float(v)
+
+
+def plan_run_folder(sweep, entry: dict) -> Path:
+    """A sweep's plan.json run entry's folder: inside the sweep folder wherever that now is (a
+    sweep committed on one machine and read on another), else the absolute path the plan recorded."""
+    inside = Path(sweep) / entry["in_sweep"] if entry.get("in_sweep") else None
+    return inside if inside is not None and inside.is_dir() else Path(entry.get("folder", ""))

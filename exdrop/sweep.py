@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io as cio
+from .runlog import plan_run_folder as run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "prototxt"
@@ -199,6 +200,16 @@ BUDGETS = {
                        "lr 1e-3 -> 1e-4 at 1,000, bf16 autocast of the training forward",
                        train_per_class=100000, val_per_class=500, max_iter=1500, stepvalue=1000,
                        test_interval=250, snapshot=500, display=100, amp="bf16"),
+    # the paper's shape on a small subset: 200 epochs and the lr drop at 25% of the iterations, as the
+    # paper's 100K iterations x 100 images on 50K images with the drop at 25K; chosen so that dropout
+    # has something to fix (the regime check, `regime`); none / Standard / ED x 3 seeds fit in about
+    # 4 hours of a 2-core machine
+    "cpu-200ep": Budget("cpu-200ep", "reduced budget shaped like the paper's protocol: a stratified subset of "
+                        "200 training images per class, evaluated on 500 per class held back from the training "
+                        "split; batch 100, 4,000 iterations (200 epochs, as the paper's 100K x 100 on 50K images), "
+                        "lr 1e-3 -> 1e-4 at 1,000 (25%, as the paper's 25K of 100K), bf16 autocast of the "
+                        "training forward", train_per_class=200, val_per_class=500, max_iter=4000, stepvalue=1000,
+                        test_interval=500, snapshot=500, display=100, amp="bf16"),
 }
 
 
@@ -214,6 +225,7 @@ class Run:
     net: str = "cnn2"
     weights: str | None = None    # the .caffemodel a fine-tuned net starts from
     evaluate: list = None         # a fine-tuned run's second command: its final snapshot on every test frame
+    recipe: str = "paper"         # a key of RECIPES
 
     @property
     def key(self) -> str:
@@ -343,13 +355,25 @@ def _seeded_list(src: Path, dst: Path, seed: int) -> str:
 
 # ------------------------------------------------------------------ runs
 
-def variant_paths(dataset: str, method: str, net: str = "cnn2") -> tuple[Path, Path]:
+# The recipes (Issue: which init / solver / input scale a method is trained with): "paper" is the
+# prototxts' own (Adam, msra, pixels / 256), "authors" the authors' training script's (SGD momentum
+# 0.9, gaussian 0.01, raw pixels, biases decayed, last layer x10 / x20; the *_authors variants).
+RECIPES = {"paper": "", "authors": "_authors"}
+RECIPE_LABELS = {"paper": "the paper's recipe (Adam, msra init, pixels / 256)",
+                 "authors": "the authors' recipe (SGD momentum 0.9, gaussian 0.01 init, raw pixels, biases decayed, "
+                            "last layer x10 / x20, no 1/scale in the guided dropouts' gradient)"}
+
+
+def variant_paths(dataset: str, method: str, net: str = "cnn2", recipe: str = "paper") -> tuple[Path, Path]:
     folder = DATASETS[dataset][0].format(net=net)
-    name = VARIANT_ALIASES.get((folder, method), method)
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)}")
+    name = VARIANT_ALIASES.get((folder, method), method) + RECIPES[recipe]
     net_path, solver = PROTO / folder / f"train_val_{name}.prototxt", PROTO / folder / f"solver_{name}.prototxt"
     if not net_path.is_file():
         on = dataset if net == "cnn2" else f"{dataset} ({net})"
-        raise FileNotFoundError(f"no prototxt for method {method!r} on {on}: {net_path}")
+        recipe_note = f" under the {recipe} recipe (defined for cifar10 only)" if recipe != "paper" else ""
+        raise FileNotFoundError(f"no prototxt for method {method!r} on {on}{recipe_note}: {net_path}")
     return net_path, solver
 
 
@@ -385,7 +409,7 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     """Write the run folder's net.prototxt and sweep_solver.prototxt; set the run's command (and, for
     data with a converted folder to evaluate on, its final-test command)."""
     from google.protobuf import text_format
-    net_path, solver_path = variant_paths(run.dataset, run.method, run.net)
+    net_path, solver_path = variant_paths(run.dataset, run.method, run.net, run.recipe)
     net = cio.read_net_prototxt(net_path)
     if run.method in RATED:
         if not set_rate(net, run.rate, str(net_path)):
@@ -464,12 +488,18 @@ def _plan_line(r: Run) -> str:
 
 
 def plan(out: Path, datasets, methods, rates, seeds, budget: Budget, sources: dict, device="auto",
-         backend="engine", progress=True, nets=None, weights: dict | None = None) -> list[Run]:
+         backend="engine", progress=True, nets=None, weights: dict | None = None, recipe: str = "paper") -> list[Run]:
     """Prepare the data, write every run folder and ``plan.txt`` / ``plan.json``; returns the runs.
     ``nets``: the nets to run where a dataset has several (default: all of the dataset's);
     ``weights``: {net: .caffemodel} for the fine-tuned nets (default: the Model Zoo file in
-    :data:`WEIGHTS_DIR`), checked before anything is written."""
+    :data:`WEIGHTS_DIR`), checked before anything is written; ``recipe``: a key of :data:`RECIPES`
+    (every variant is checked to exist before anything is written)."""
     out = Path(out)
+    for dataset in datasets:
+        for net in nets_of(dataset):
+            if nets is None or net in nets:
+                for method in methods:
+                    variant_paths(dataset, method, net, recipe)
     chosen = {}
     for dataset in datasets:
         own = nets_of(dataset)
@@ -489,16 +519,34 @@ def plan(out: Path, datasets, methods, rates, seeds, budget: Budget, sources: di
                     for seed in seeds:
                         name = method if len(rates) == 1 else f"{method}_r{rate:g}"
                         run = Run(dataset, method, float(rate), int(seed), base / name / f"seed{seed}", net=net,
-                                  weights=paths[net])
+                                  weights=paths[net], recipe=recipe)
                         runs.append(write_run(run, budget, data, device=device, backend=backend))
     (out / "plan.txt").write_text("".join(_plan_line(r) for r in runs))
     info = dict(dataclasses.asdict(budget), description=describe(budget, {r.net for r in runs}))
+    entries = [{"key": r.key, "dataset": r.dataset, "net": r.net, "method": r.method, "rate": r.rate,
+                "seed": r.seed, "folder": str(r.folder), "in_sweep": r.folder.relative_to(out).as_posix(),
+                "command": r.command, "weights": r.weights, "evaluate": r.evaluate} for r in runs]
     (out / "plan.json").write_text(json.dumps({
-        "budget": info, "root": str(ROOT),
-        "runs": [{"key": r.key, "dataset": r.dataset, "net": r.net, "method": r.method, "rate": r.rate,
-                  "seed": r.seed, "folder": str(r.folder), "command": r.command, "weights": r.weights,
-                  "evaluate": r.evaluate} for r in runs]}, indent=1))
+        "budget": info, "root": str(ROOT), "recipe": recipe, "recipe_description": RECIPE_LABELS[recipe],
+        "runs": entries + _kept_runs(out, info, recipe, {e["key"] for e in entries})}, indent=1))
     return runs
+
+
+def _kept_runs(out: Path, budget: dict, recipe: str, planned: set) -> list[dict]:
+    """The finished runs of the sweep's previous plan.json that this plan leaves out (a later call
+    with fewer methods or seeds), when that plan had the same budget and recipe: a sweep folder
+    keeps every run it finished."""
+    try:
+        old = json.loads((out / "plan.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("recipe", "paper") != recipe or \
+            {k: v for k, v in (old.get("budget") or {}).items() if k != "description"} != \
+            {k: v for k, v in budget.items() if k != "description"}:
+        return []
+    return [e for e in old.get("runs", []) if isinstance(e, dict) and e.get("key") not in planned
+            and status(run_folder(out, e)) == "finished"]
+
 
 
 def status(run_folder: Path) -> str:
@@ -627,7 +675,7 @@ def collect(out: Path) -> dict:
     budget = p["budget"]
     cells: dict = {}
     for r in p["runs"]:
-        folder = Path(r["folder"])
+        folder = run_folder(out, r)
         acc, loss, curve = _final_test(folder)
         st = status(folder)
         res = {}
@@ -655,7 +703,133 @@ def collect(out: Path) -> dict:
             cell["video_mean"], cell["video_std"] = _mean_std(videos)
             cell["video_seeds"] = len(videos)
         summary.append(cell)
-    return {"budget": budget, "reduced": budget.get("reduced", True), "cells": summary}
+    return {"budget": budget, "reduced": budget.get("reduced", True), "recipe": p.get("recipe", "paper"),
+            "cells": summary}
+
+
+def paired_interval(a: dict, b: dict, level: float = 0.95) -> dict:
+    """The paired difference a - b over the seeds both have ({seed: value}, values in %): its mean,
+    the sample std of the differences and Student's t interval at ``level`` (None below 2 seeds)."""
+    from scipy import stats
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in seeds], dtype=float)
+    out = {"seeds": seeds, "n": len(seeds), "mean": float(d.mean()) if len(d) else None, "sd": None,
+           "low": None, "high": None, "level": level}
+    if len(d) > 1:
+        sd = float(d.std(ddof=1))
+        half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * sd / math.sqrt(len(d))
+        out.update(sd=sd, low=out["mean"] - half, high=out["mean"] + half)
+    return out
+
+
+def format_interval(p: dict) -> str:
+    """``-6.0 +- 1.2 [95% CI -9.0, -3.0], seeds 1,2,3`` (points)."""
+    if p["mean"] is None:
+        return "not yet"
+    seeds = ",".join(str(s) for s in p["seeds"])
+    if p["low"] is None:
+        return f"{p['mean']:+.2f} (one seed: {seeds}; no interval)"
+    return (f"{p['mean']:+.2f} +- {p['sd']:.2f} [{p['level'] * 100:.0f}% CI {p['low']:+.2f}, {p['high']:+.2f}], "
+            f"seeds {seeds}")
+
+
+# The comparisons the README's "Does it reproduce?" table reports, as (a, b): a - b paired by seed
+PAIRED = (("ed", "standard_fc1"), ("standard_fc1", "none"), ("activation", "standard_fc1"), ("ed", "none"))
+# The regime check's thresholds: No Dropout fits its training subset (train accuracy over the last
+# display rows), its held-out loss rises after its minimum, and Standard beats it by more than the
+# seed noise (one seed: the 1.9-point gap of two runs from one mask distribution in the `cpu`
+# sweep, Standard vs Standard + Mask/Img; several seeds: the paired interval excludes 0)
+REGIME_TRAIN_ACCURACY = 0.95
+REGIME_LOSS_RISE = 0.05     # the last held-out loss at least 5% above its minimum
+SINGLE_SEED_NOISE = 1.9
+
+
+def _by_seed(cell: dict | None, key: str = "accuracy") -> dict:
+    return {r["seed"]: r[key] * 100 for r in (cell or {}).get("runs", []) if r.get(key) is not None}
+
+
+def paired(summary: dict, dataset: str = "cifar10", rate: float = 0.5) -> list[dict]:
+    """The :data:`PAIRED` differences of a sweep's summary (``collect``) that it has both cells of."""
+    cells = {(c["dataset"], c["method"]): c for c in summary["cells"] if c["rate"] == rate}
+    out = []
+    for a, b in PAIRED:
+        if (dataset, a) in cells and (dataset, b) in cells:
+            out.append({"a": a, "b": b, **paired_interval(_by_seed(cells[(dataset, a)]),
+                                                          _by_seed(cells[(dataset, b)]))})
+    return out
+
+
+def _train_rows(folder: Path) -> list[dict]:
+    import csv
+    try:
+        with open(Path(folder) / "log.csv", newline="") as f:
+            return [r for r in csv.DictReader(f)]
+    except OSError:
+        return []
+
+
+def regime(summary: dict, dataset: str = "cifar10") -> dict:
+    """Is this a regime where dropout helps? No Dropout near 100% training accuracy with its held-out
+    loss rising, and Standard (first fc) ahead of No Dropout by more than the seed noise. Per seed of
+    No Dropout: its final train accuracy (the mean of the last 3 display rows) and its held-out loss
+    curve; then the Standard - none difference. ``ok`` is None while a part is missing."""
+    cells = {c["method"]: c for c in summary["cells"] if c["dataset"] == dataset and c["rate"] == 0.5}
+    none = cells.get("none")
+    seeds = []
+    for r in (none or {}).get("runs", []):
+        if r.get("status") != "finished":
+            continue
+        rows = _train_rows(r["folder"])
+        train = [float(x["accuracy"]) for x in rows if x["phase"] == "train" and x.get("accuracy")][-3:]
+        tests = [(int(x["iter"]), float(x["loss"])) for x in rows if x["phase"] == "test" and x.get("loss")]
+        min_iter, min_loss = min(tests, key=lambda t: t[1]) if tests else (None, None)
+        last = tests[-1][1] if tests else None
+        seeds.append({"seed": r["seed"], "train_accuracy": float(np.mean(train)) if train else None,
+                      "held_out_loss_min": min_loss, "held_out_loss_min_iter": min_iter, "held_out_loss_last": last,
+                      "held_out_accuracy": r["accuracy"]})
+    fits = [s["train_accuracy"] is not None and s["train_accuracy"] >= REGIME_TRAIN_ACCURACY for s in seeds]
+    rises = [s["held_out_loss_last"] is not None and s["held_out_loss_last"] >= (1 + REGIME_LOSS_RISE)
+             * s["held_out_loss_min"] for s in seeds]
+    gap = paired_interval(_by_seed(cells.get("standard_fc1")), _by_seed(none)) if "standard_fc1" in cells else None
+    if gap is None or gap["mean"] is None:
+        helps = None
+    elif gap["low"] is not None:
+        helps = gap["low"] > 0
+    else:
+        helps = gap["mean"] > SINGLE_SEED_NOISE
+    parts = [all(fits) if seeds else None, all(rises) if seeds else None, helps]
+    ok = None if any(p is None for p in parts) else all(parts)
+    return {"dataset": dataset, "recipe": summary.get("recipe", "paper"), "budget": summary["budget"]["name"],
+            "none": seeds, "overfits": parts[0], "held_out_loss_rises": parts[1], "standard_minus_none": gap,
+            "dropout_helps": helps, "ok": ok,
+            "thresholds": {"train_accuracy": REGIME_TRAIN_ACCURACY, "loss_rise": REGIME_LOSS_RISE,
+                           "single_seed_noise": SINGLE_SEED_NOISE}}
+
+
+def regime_markdown(check: dict) -> str:
+    def yes(v):
+        return "not yet" if v is None else ("yes" if v else "**no**")
+    lines = [f"Regime check ({check['dataset']}, budget `{check['budget']}`, {check['recipe']} recipe): "
+             f"**{'passes' if check['ok'] else 'not yet decided' if check['ok'] is None else 'fails'}**", "",
+             "| No Dropout seed | train accuracy | held-out loss min (iter) | held-out loss last | held-out accuracy |",
+             "|---|---|---|---|---|"]
+    for s in check["none"]:
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+        lines.append(f"| {s['seed']} | {f(s['train_accuracy'], '.3f')} | {f(s['held_out_loss_min'], '.3f')} "
+                     f"({s['held_out_loss_min_iter']}) | {f(s['held_out_loss_last'], '.3f')} | "
+                     f"{f(s['held_out_accuracy'], '.4f')} |")
+    gap = check["standard_minus_none"]
+    t = check["thresholds"]
+    lines += ["",
+              f"- No Dropout fits its training subset (train accuracy >= {t['train_accuracy']:g}): "
+              f"{yes(check['overfits'])}",
+              f"- its held-out loss rises (last >= {1 + t['loss_rise']:g} x its minimum): "
+              f"{yes(check['held_out_loss_rises'])}",
+              f"- Standard first fc - No Dropout (points): {format_interval(gap) if gap else 'not yet'}; beyond "
+              f"the seed noise (interval above 0, or > {t['single_seed_noise']:g} with one seed): "
+              f"{yes(check['dropout_helps'])}"]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(c: dict, video: bool = False) -> str:
@@ -688,6 +862,8 @@ def table_markdown(summary: dict, table: str) -> str:
                   key=lambda dn: (list(DATASETS).index(dn[0]), list(NETS).index(dn[1])))
     scratch = all(n == "cnn2" for _, n in rows)
     lines = [_budget_line(summary), ""]
+    if summary.get("recipe", "paper") != "paper":
+        lines += [f"Recipe: {RECIPE_LABELS[summary['recipe']]}.", ""]
     if scratch:
         lines += ["Test accuracy (%), mean +- std over seeds (n = seeds finished), the paper's figure in "
                   "[brackets]. ", ""]
@@ -782,8 +958,21 @@ def write_outputs(out: Path, table: str) -> list[Path]:
                   f"{', '.join(sorted({c['dataset'] for c in summary['cells']}))}\n\n"
                   + table_markdown(summary, table))
     js = out / f"table{table}.json"
-    js.write_text(json.dumps(summary, indent=1))
     written = [md, js]
+    if table == "2" and all(c.get("net", "cnn2") == "cnn2" for c in summary["cells"]):
+        extra = []
+        for d in sorted({c["dataset"] for c in summary["cells"]}):
+            summary.setdefault("paired", {})[d] = pairs = paired(summary, d)
+            if pairs:
+                extra += ["", f"Paired differences on {d} (points, a - b over the seeds both have; mean +- std of "
+                              "the differences, Student's t interval):", ""]
+                extra += [f"- {METHOD_LABELS[p['a']]} - {METHOD_LABELS[p['b']]}: {format_interval(p)}" for p in pairs]
+            if any(c["dataset"] == d and c["method"] == "none" for c in summary["cells"]):
+                summary.setdefault("regime", {})[d] = check = regime(summary, d)
+                extra += ["", regime_markdown(check)]
+        with open(md, "a") as f:
+            f.write("\n".join(extra) + ("\n" if extra else ""))
+    js.write_text(json.dumps(summary, indent=1))
     if table == "2":
         for d in sorted({c["dataset"] for c in summary["cells"]}):
             written.append(plot_fig3(summary, d, out / f"fig3_{d}.png"))

@@ -4,7 +4,7 @@
 are generated, and stay committed so that Caffe users can run them as they are. Do not edit
 them: edit the folder's base instead (``base.prototxt`` for the net, ``base_solver.prototxt``
 for the solver; CIFAR-10 also has ``base_authors.prototxt`` and ``base_solver_authors.prototxt``
-for the authors' recipe), then run ``make prototxt`` (``python -m exdrop.variants``).
+for the authors' recipe, written for every method as ``<variant>_authors``), then run ``make prototxt`` (``python -m exdrop.variants``).
 ``python -m exdrop.variants --check`` writes nothing and lists the files that are out of date.
 
 Each variant (``TABLE``) is its base with its own header comment, its ``name:`` (solvers: its
@@ -49,6 +49,15 @@ class Drop:
     kind: str    # "standard" (Caffe's Dropout layer) or a key of PYTHON_DROPOUTS
     after: str   # name of the ReLU layer it follows
     name: str    # the dropout layer's name
+    authors: bool = False   # the authors' recipe: guided dropout without the 1/scale gradient
+
+
+# The authors' recipe (base_authors.prototxt / base_solver_authors.prototxt, CIFAR-10): every
+# method's variant is also written under this suffix (ed -> ed_authors, standard -> standard_authors).
+AUTHORS_SUFFIX = "_authors"
+# the guided layers whose mask the authors' script wrote outside the graph (its gradient has no
+# 1/scale): under their recipe these get grad_rescale False
+NO_GRAD_RESCALE = ("excitation", "activation")
 
 
 @dataclass(frozen=True)
@@ -60,16 +69,20 @@ class Variant:
     solver_base: str = "base_solver.prototxt"
 
 
-def dropout_block(kind: str, name: str, blob: str, source: str | None = None, train_images: int = 50000) -> str:
+def dropout_block(kind: str, name: str, blob: str, source: str | None = None, train_images: int = 50000,
+                  authors: bool = False) -> str:
     """The prototxt text of a dropout layer acting in place on ``blob``. ``source``: the input
     blob of the layer that produced ``blob`` (Information Dropout computes its alpha(x) from it;
-    its KL weight is beta / ``train_images``)."""
+    its KL weight is beta / ``train_images``). ``authors``: Excitation / Activation Dropout with
+    ``grad_rescale: False``, as the authors' script (reference-facts, step 5)."""
     if kind == "standard":
         return (f'layer {{ name: "{name}" type: "Dropout" bottom: "{blob}" top: "{blob}" '
                 f'dropout_param {{ dropout_ratio: 0.5 }} }}\n')
     if kind not in PYTHON_DROPOUTS:
         raise ValueError(f"unknown dropout kind {kind!r}: 'standard' or one of {sorted(PYTHON_DROPOUTS)}")
     module, layer, param_str = PYTHON_DROPOUTS[kind]
+    if authors and kind in NO_GRAD_RESCALE:
+        param_str = param_str[:-1] + ", 'grad_rescale': False}"
     if kind == "information":
         if source is None:
             raise ValueError(f"Information Dropout '{name}' needs the input blob of the layer that produced '{blob}'")
@@ -122,24 +135,33 @@ def _cifar(classes: int) -> dict[str, Variant]:
                 *_dropout_lines(what, "relu4 and relu5"),
                 "# Init and input scale: msra weights, pixels (BGR - mean) / 256. The paper gives no init;",
                 "# the authors' Caltech script (gaussian 0.01, raw 0..255) learns far slower under the",
-                "# paper's Adam solver (see README), and stays in cnn2/cifar10/train_val_ed_authors.prototxt.",
+                "# paper's Adam solver (see README)" + (". Every method also has a *_authors twin (their recipe)."
+                                                         if classes == 10 else "."),
                 *move)
 
     def solver(what):
         return (f"# The paper's solver (Sec. 4.1): CNN-2 on {data}, {what}; Adam, batch 100, 100K iterations.",)
 
-    out = {}
+    def authors_header(what):
+        return (f"# CNN-2 on {data} under the authors' recipe (their training script), {what}.",
+                *_dropout_lines(what, "relu4 and relu5"),
+                "# Recipe: gaussian std 0.01 weights, raw 0..255 pixels minus the mean, weight decay on",
+                "# biases too (decay_mult 1), the last layer's rates x10 / x20. Guided dropout layers set",
+                "# grad_rescale: False (their mask is written outside the graph: no 1/scale in the gradient).",
+                *move)
+
+    out, authors = {}, {}
     for method, (what, words, drops) in _cnn2_methods().items():
         name = "standard" if classes == 10 and method == "standard_fc1" else method
         out[name] = Variant(header(what), solver(words), drops)
-    if classes == 10:
-        out["ed_authors"] = Variant(
-            ("# CNN-2 with Excitation Dropout after ip1, as the authors' training script really ran it:",
-             "# weight decay on biases too (decay_mult 1) and the last layer's rates x10 / x20.", *move),
-            ("# The authors' real recipe (their training script): SGD with momentum, biases decayed, last layer x10.",),
-            (Drop("excitation", "relu4", "drop"),), base="base_authors.prototxt",
-            solver_base="base_solver_authors.prototxt")
-    return out
+        if classes == 10:
+            authors[f"{name}{AUTHORS_SUFFIX}"] = Variant(
+                authors_header(what),
+                (f"# The authors' real recipe (their training script) for CNN-2 on {data}, {words}: SGD with "
+                 "momentum 0.9,", "# biases decayed, last layer x10 / x20."),
+                tuple(Drop(d.kind, d.after, d.name, authors=True) for d in drops),
+                base="base_authors.prototxt", solver_base="base_solver_authors.prototxt")
+    return {**out, **authors}
 
 
 def _dropout_lines(what: str, relus: str) -> tuple[str, ...]:
@@ -312,7 +334,7 @@ def _net_text(folder: str, variant: str, v: Variant, proto: Path) -> str:
         blob = relu.top[0]
         producer = next((lp for lp in layers.values() if blob in lp.top and lp.type != "ReLU"), None)
         source = producer.bottom[0] if producer is not None and producer.bottom else None
-        block = dropout_block(d.kind, d.name, blob, source, TRAIN_IMAGES.get(folder, 50000))
+        block = dropout_block(d.kind, d.name, blob, source, TRAIN_IMAGES.get(folder, 50000), d.authors)
         text = _insert_after_layer(text, d.after, block, where)
     return text
 

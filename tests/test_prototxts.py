@@ -51,7 +51,6 @@ VARIANTS = {
     "standard_both": [("Dropout", "first"), ("Dropout", "second")],
     "activation": [("ActivationDropout", "first")],
     "ed": [("ExcitationDropout", "first")],
-    "ed_authors": [("ExcitationDropout", "first")],
     "maskimg": [("StandardDropout", "first")],
     "curriculum": [("CurriculumDropout", "first")],
     "adaptive": [("AdaptiveDropout", "first")],
@@ -73,6 +72,11 @@ UCF101 = {  # net -> (crop, train batch, mean, max_iter)
 
 def rel(p: Path) -> str:
     return p.relative_to(PROTO).as_posix()
+
+
+def method_of(variant: str) -> str:
+    """The variant's method: ``ed_authors`` (the authors' recipe of ``ed``) -> ``ed``."""
+    return variant.removesuffix("_authors")
 
 
 def parts(path: Path) -> tuple[str, str, str]:
@@ -181,7 +185,8 @@ def test_train_val_builds_at_full_size(path, phase):
     assert net.blob_shapes[info["first"]] == (1, 4096 if net_name != "cnn2" else 2048)
     assert net.blob_shapes[LOGITS.get(dataset, info["logits"])] == (1, CLASSES[dataset])
     _, _, variant = parts(path)
-    kl = {"drop_kl": pytest.approx(3.0 / TRAIN_IMAGES[dataset], rel=1e-5)} if variant == "information" else {}
+    kl = {"drop_kl": pytest.approx(3.0 / TRAIN_IMAGES[dataset], rel=1e-5)} \
+        if method_of(variant) == "information" else {}
     assert net.loss_weights == {"loss": 1.0, **kl}
     assert net.layer(info["first"]).blobs[0].shape[1] == math.prod(pool_shape)
 
@@ -194,11 +199,13 @@ TABLED = [p for p in TRAIN_VALS if parts(p)[0] in NETS]
 @pytest.mark.parametrize("path", TABLED, ids=rel)
 def test_dropout_layers_match_the_variant(path):
     net_name, _, variant = parts(path)
-    if variant not in VARIANTS:
+    if method_of(variant) not in VARIANTS:
         pytest.skip(f"no expectation for variant '{variant}' of '{net_name}'")
     param = io.read_net_prototxt(path)
     got = dropout_layers(param)
-    want = VARIANTS[variant]
+    want = VARIANTS[method_of(variant)]
+    # the authors' recipe: their mask is written outside the graph, so no 1/scale in the gradient
+    no_rescale = {"grad_rescale": False} if variant.endswith("_authors") else {}
     assert [k for k, _ in got] == [k for k, _ in want]
     names = [lp.name for lp in param.layer]
     for (kind, lp), (_, which) in zip(got, want):
@@ -212,7 +219,8 @@ def test_dropout_layers_match_the_variant(path):
         if lp.type == "Dropout":
             assert lp.dropout_param.dropout_ratio == pytest.approx(0.5)
         else:
-            assert ast.literal_eval(lp.python_param.param_str) == PARAM_STRS[kind]
+            extra = no_rescale if kind in ("ExcitationDropout", "ActivationDropout") else {}
+            assert ast.literal_eval(lp.python_param.param_str) == {**PARAM_STRS[kind], **extra}
 
 
 ED_FILES = [p for p in TABLED if parts(p)[2].split("_")[0] == "ed"]
@@ -237,16 +245,42 @@ FOLDERS = sorted({p.parent for p in TRAIN_VALS})
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=rel)
 def test_variants_differ_only_in_dropout(folder):
-    """Every variant of a net equals its no-dropout variant once the dropout layers are cut
-    (the `_authors` files change other settings on purpose)."""
+    """Every variant of a net equals its no-dropout variant once the dropout layers are cut; the
+    `_authors` variants (the authors' recipe) equal `train_val_none_authors.prototxt` so."""
     base = folder / "train_val_none.prototxt"
     if not base.exists():
         pytest.skip(f"{rel(folder)} has no train_val_none.prototxt")
-    want = _without_dropout(io.read_net_prototxt(base))
     for p in sorted(folder.glob("train_val_*.prototxt")):
-        if p.stem.endswith("_authors"):
-            continue
-        assert _without_dropout(io.read_net_prototxt(p)) == want, f"{rel(p)} differs from {rel(base)} beyond dropout"
+        ref = folder / ("train_val_none_authors.prototxt" if p.stem.endswith("_authors") else base.name)
+        assert _without_dropout(io.read_net_prototxt(p)) == _without_dropout(io.read_net_prototxt(ref)), \
+            f"{rel(p)} differs from {rel(ref)} beyond dropout"
+
+
+METHODS_OF_TABLE2 = ("none", "standard", "standard_both", "maskimg", "curriculum", "adaptive", "information",
+                     "activation", "ed")
+
+
+def test_the_authors_recipe_exists_for_every_method():
+    """CIFAR-10: every Table 2 method also under the authors' recipe (SGD, gaussian 0.01, raw pixels,
+    biases decayed, last layer x10 / x20), its solver the same apart from net and snapshot prefix."""
+    folder = PROTO / "cnn2/cifar10"
+    solvers = {}
+    for m in METHODS_OF_TABLE2:
+        net = io.read_net_prototxt(folder / f"train_val_{m}_authors.prototxt")
+        sp = io.read_solver_prototxt(folder / f"solver_{m}_authors.prototxt")
+        assert sp.type == "SGD" and sp.momentum == pytest.approx(0.9) and sp.weight_decay == pytest.approx(0.005)
+        learned = [lp for lp in net.layer if lp.type in ("Convolution", "InnerProduct")]
+        fillers = [(lp.convolution_param if lp.type == "Convolution" else lp.inner_product_param).weight_filler
+                   for lp in learned]
+        assert [(f.type, round(f.std, 6)) for f in fillers] == [("gaussian", 0.01)] * len(learned)
+        assert all(p.decay_mult == 1 for lp in learned for p in lp.param)
+        assert [p.lr_mult for p in learned[-1].param] == [10, 20]
+        assert all(not lp.transform_param.scale or lp.transform_param.scale == 1 for lp in net.layer
+                   if lp.type == "Data")
+        sp.ClearField("net")
+        sp.ClearField("snapshot_prefix")
+        solvers[m] = str(sp)
+    assert len(set(solvers.values())) == 1
 
 
 # ------------------------------------------------------------------ fine-tuning conventions

@@ -80,11 +80,15 @@ def test_dropout_follows_its_relu_in_place(fv):
             module, layer, _ = variants.PYTHON_DROPOUTS[d.kind]
             assert (lp.type, lp.python_param.module, lp.python_param.layer) == ("Python", module, layer)
             params = ast.literal_eval(lp.python_param.param_str)
-            assert params == ast.literal_eval(variants.PYTHON_DROPOUTS[d.kind][2])
-            assert params == {"maskimg": {"dropout_ratio": 0.5, "per_image": True},
-                              "curriculum": {"dropout_ratio": 0.5, "gamma": 0.0005},
-                              "adaptive": {"alpha": 1.0, "beta": 0.0},
-                              "information": {"max_alpha": 0.7}}.get(d.kind, {"dropout_ratio": 0.5})
+            # the authors' recipe: ED / Activation without the 1/scale gradient (their mask is
+            # written outside the graph)
+            authors = {"grad_rescale": False} if d.authors and d.kind in ("excitation", "activation") else {}
+            assert name.endswith("_authors") == d.authors
+            assert params == {**ast.literal_eval(variants.PYTHON_DROPOUTS[d.kind][2]), **authors}
+            assert params == {**{"maskimg": {"dropout_ratio": 0.5, "per_image": True},
+                                 "curriculum": {"dropout_ratio": 0.5, "gamma": 0.0005},
+                                 "adaptive": {"alpha": 1.0, "beta": 0.0},
+                                 "information": {"max_alpha": 0.7}}.get(d.kind, {"dropout_ratio": 0.5}), **authors}
     # and nothing else moved: without its dropout layers the variant is its base
     base = io.read_net_prototxt(PROTO / folder / v.base)
     assert _without(net, {d.name for d in v.drops}) == _without(base, set())
