@@ -81,7 +81,8 @@ help:
 	@echo "                           stopped and started again, finished runs are kept and snapshots resumed"
 	@echo "make answer                does ED beat Standard? CIFAR-10 at BUDGET=cpu-200ep, PHASE=A (the regime: none and"
 	@echo "                           Standard, seed 1, both recipes) or B (none/Standard/ED/Activation x 3 seeds under"
-	@echo "                           ANSWER_RECIPE=paper|authors, Standard/ED x 3 under the other); DATA= WORKERS="
+	@echo "                           ANSWER_RECIPE=paper|authors, Standard/ED x 3 under the other) or C (ED's"
+	@echo "                           ablations x 3 seeds under ANSWER_RECIPE); DATA= WORKERS="
 	@echo "make table4                the paper's Table 4: Standard first fc / both fcs and Excitation at rates"
 	@echo "                           0.25 / 0.5 / 0.75, same knobs; results/table4.md"
 	@echo "make table3                the paper's Table 3: No, Standard first fc / both fcs, Curriculum and Excitation"
@@ -250,6 +251,8 @@ table4:
 #   PHASE=A  the regime: No Dropout and Standard first fc, seed 1, under both recipes
 #   PHASE=B  the answer: none, Standard first fc, ED, Activation x seeds 1-3 under ANSWER_RECIPE;
 #            Standard first fc and ED x seeds 1-3 under the other recipe
+#   PHASE=C  if ED trails: its ablations under ANSWER_RECIPE x seeds 1-3 (no rescale, the other
+#            gradient, ratio 0.25, N = the alive units: exdrop.sweep.ABLATIONS)
 # Both sweeps write results/table2_cifar10_cpu-200ep[_authors]/ (ANSWER_OUT=<folder> for elsewhere).
 PHASE ?= A
 ANSWER_RECIPE ?= paper
@@ -265,8 +268,10 @@ ifeq ($(PHASE),A)
 else ifeq ($(PHASE),B)
 	$(call answer_sweep,$(ANSWER_RECIPE),none$(comma)standard_fc1$(comma)ed$(comma)activation,1-3)
 	$(call answer_sweep,$(other_recipe),standard_fc1$(comma)ed,1-3)
+else ifeq ($(PHASE),C)
+	$(call answer_sweep,$(ANSWER_RECIPE),ed_norescale$(comma)$(if $(filter authors,$(ANSWER_RECIPE)),ed_gradscale,ed_gradmask)$(comma)ed_ratio025$(comma)ed_alive,1-3)
 else
-	$(error PHASE=$(PHASE): A or B)
+	$(error PHASE=$(PHASE): A, B or C)
 endif
 
 # Table 3: the nets fine-tuned on UCF101 (the folder of make data-ucf101) from the Model Zoo's ImageNet

@@ -25,7 +25,7 @@ def unit_saliency(saliency: torch.Tensor) -> torch.Tensor:
     return saliency.flatten(1)
 
 
-def retain_probability(p: torch.Tensor, base_retain: float) -> torch.Tensor:
+def retain_probability(p: torch.Tensor, base_retain: float, units: torch.Tensor | None = None) -> torch.Tensor:
     """Eqn 3 (and Eqn 4): retain probability of each unit from its share ``p``.
 
     ``p`` is ``(B, N)``: p_EB (Eqn 3) or p_Act (Eqn 4), a distribution over the
@@ -34,6 +34,8 @@ def retain_probability(p: torch.Tensor, base_retain: float) -> torch.Tensor:
         p_retain = 1 - (1-P)(N-1) p / (((1-P)N - 1) p + P)
 
     which gives 1 at p = 0, 0 at p = 1 and P at p = 1/N, and decreases in p.
+    ``units``: a ``(B, 1)`` count used as N per image instead of the layer's
+    width (:func:`alive_units`; an ablation, not the paper's formula).
 
     The result is always a valid Bernoulli probability in [0, 1]: a share outside
     [0, 1] is clamped into it first, and a NaN share gives 1 (the unit is kept, so a
@@ -42,7 +44,7 @@ def retain_probability(p: torch.Tensor, base_retain: float) -> torch.Tensor:
     """
     if not 0.0 < base_retain <= 1.0:
         raise ValueError(f"base retain probability must be in (0, 1], got {base_retain}")
-    n = p.shape[1]
+    n = p.shape[1] if units is None else units.to(p.dtype).clamp_min(1.0)
     drop_rate = 1.0 - base_retain
     p = torch.where(torch.isnan(p), torch.zeros_like(p), p)   # NaN share: keep the unit
     p = p.clamp(0.0, 1.0)
@@ -50,6 +52,16 @@ def retain_probability(p: torch.Tensor, base_retain: float) -> torch.Tensor:
     # denom >= min(P, (1-P)(N-1)) > 0 on [0, 1] when N > 1; guard N == 1 anyway.
     drop = drop_rate * (n - 1) * p / denom.clamp_min(torch.finfo(p.dtype).tiny)
     return (1.0 - drop).clamp(0.0, 1.0)
+
+
+COUNTS = ("all", "alive")   # what N of Eqn 3 counts: every unit of the layer (the paper), or the alive ones
+
+
+def alive_units(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)``: the units of each image with a positive activation (a feature map counts when
+    any of its positions is positive): the N of Eqn 3 under ``count='alive'``, an ablation that
+    is not the paper's formula (the paper's N is the layer's width, dead units included)."""
+    return (unit_saliency(x) > 0).sum(dim=1, keepdim=True)
 
 
 def activation_share(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +140,7 @@ def guided_dropout(
     rescale: bool = True,
     grad_rescale: bool = True,
     generator: torch.Generator | None = None,
+    count: str = "all",
 ) -> torch.Tensor:
     """Excitation/Activation Dropout on one blob (training mode).
 
@@ -136,10 +149,15 @@ def guided_dropout(
     dropout probability as in ``torch.nn.functional.dropout``: the paper's base
     retain probability is P = 1 - p (the retain probability of a unit whose
     share is 1/N). A NaN share keeps its unit (:func:`retain_probability`).
+    ``count``: N of Eqn 3, ``"all"`` units of the layer (the paper) or the
+    ``"alive"`` ones of each image (:func:`alive_units`, an ablation).
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability has to be in [0, 1), got {p} (base retain probability P = 1 - p)")
-    retain = retain_probability(unit_saliency(share).float(), 1.0 - p)
+    if count not in COUNTS:
+        raise ValueError(f"count must be one of {COUNTS} (what N of Eqn 3 counts), got {count!r}")
+    units = alive_units(x) if count == "alive" else None
+    retain = retain_probability(unit_saliency(share).float(), 1.0 - p, units)
     mask = sample_unit_mask(retain, generator)
     return apply_unit_mask(x, mask, rescale=rescale, grad_rescale=grad_rescale)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import eb
-from .functional import (activation_share, adaptive_dropout, curriculum_dropout, curriculum_retain,
+from .functional import (COUNTS, activation_share, adaptive_dropout, curriculum_dropout, curriculum_retain,
                          guided_dropout, information_blobs, information_dropout, standard_dropout)
 
 
@@ -33,13 +33,16 @@ class _GuidedDropout(nn.Module):
     saliency: str | None = None
     is_dropout = True
 
-    def __init__(self, p: float = 0.5, rescale: bool = True, grad_rescale: bool = True):
+    def __init__(self, p: float = 0.5, rescale: bool = True, grad_rescale: bool = True, count: str = "all"):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability has to be in [0, 1), got {p} "
                              "(p is the probability of dropping, as in torch.nn.Dropout; "
                              "the paper's base retain probability is P = 1 - p)")
+        if count not in COUNTS:
+            raise ValueError(f"count must be one of {COUNTS} (what N of Eqn 3 counts), got {count!r}")
         self.p, self.rescale, self.grad_rescale = float(p), bool(rescale), bool(grad_rescale)
+        self.count = count
 
     @property
     def base_retain(self) -> float:
@@ -47,10 +50,12 @@ class _GuidedDropout(nn.Module):
         return 1.0 - self.p
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, rescale={self.rescale}, grad_rescale={self.grad_rescale}"
+        count = "" if self.count == "all" else f", count={self.count!r}"
+        return f"p={self.p}, rescale={self.rescale}, grad_rescale={self.grad_rescale}{count}"
 
     def _drop(self, x: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-        return guided_dropout(x, share, self.p, rescale=self.rescale, grad_rescale=self.grad_rescale)
+        return guided_dropout(x, share, self.p, rescale=self.rescale, grad_rescale=self.grad_rescale,
+                              count=self.count)
 
 
 class ExcitationDropout(_GuidedDropout):
@@ -75,6 +80,9 @@ class ExcitationDropout(_GuidedDropout):
             the graph.
         signal: ``"gt"`` (ground-truth class, the paper's training signal),
             ``"pred"`` (predicted class) or an int class index.
+        count: what N of Eqn 3 counts: ``"all"`` units of the layer (the
+            paper, dead units included) or the ``"alive"`` ones of each image
+            (an ablation, not the paper's formula).
 
     Shape:
         - Input: ``(N, C)`` (fully connected units) or ``(N, C, H, W)`` (whole
@@ -95,8 +103,8 @@ class ExcitationDropout(_GuidedDropout):
     saliency = "excitation"
 
     def __init__(self, head: nn.Module | None = None, p: float = 0.5, rescale: bool = True,
-                 grad_rescale: bool = True, signal: str | int = "gt"):
-        super().__init__(p, rescale, grad_rescale)
+                 grad_rescale: bool = True, signal: str | int = "gt", count: str = "all"):
+        super().__init__(p, rescale, grad_rescale, count)
         self.head = head
         self.signal = signal
 

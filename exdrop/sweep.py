@@ -67,12 +67,23 @@ PROTO = ROOT / "prototxt"
 
 # ------------------------------------------------------------------ what a sweep can run
 
+# Ablations of Excitation Dropout (README "Does it reproduce?", phase C): the `ed` variant with
+# these param_str values over its own; each is a method of its own in a sweep
+ABLATIONS = {
+    "ed_norescale": {"rescale": False},        # the authors' 2019 code: no per-image rescale
+    "ed_gradmask": {"grad_rescale": False},    # the authors' gradient: the bare mask, no 1/scale
+    "ed_gradscale": {"grad_rescale": True},    # the autograd gradient (the ablation under their recipe)
+    "ed_ratio025": {"dropout_ratio": 0.25},    # base retain probability 0.75
+    "ed_alive": {"count": "alive"},            # N of Eqn 3 over each image's alive units: not the paper's
+}
 METHODS = ("none", "standard_fc1", "standard_both", "maskimg", "curriculum", "adaptive", "information",
-           "activation", "ed")
+           "activation", "ed", *ABLATIONS)
 METHOD_LABELS = {
     "none": "No Dropout", "standard_fc1": "Standard first fc", "standard_both": "Standard both fcs",
     "maskimg": "Standard + Mask/Img", "curriculum": "Curriculum", "adaptive": "Adaptive",
     "information": "Information", "activation": "Activation", "ed": "Excitation",
+    "ed_norescale": "ED, no rescale", "ed_gradmask": "ED, mask gradient", "ed_gradscale": "ED, 1/scale gradient",
+    "ed_ratio025": "ED, ratio 0.25", "ed_alive": "ED, N = alive units (not the paper's)",
 }
 # methods whose dropout rate a sweep can set (Table 4); the others run at their own parameters
 RATED = ("standard_fc1", "standard_both", "maskimg", "curriculum", "activation", "ed")
@@ -368,7 +379,8 @@ def variant_paths(dataset: str, method: str, net: str = "cnn2", recipe: str = "p
     folder = DATASETS[dataset][0].format(net=net)
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)}")
-    name = VARIANT_ALIASES.get((folder, method), method) + RECIPES[recipe]
+    base = "ed" if method in ABLATIONS else method
+    name = VARIANT_ALIASES.get((folder, base), base) + RECIPES[recipe]
     net_path, solver = PROTO / folder / f"train_val_{name}.prototxt", PROTO / folder / f"solver_{name}.prototxt"
     if not net_path.is_file():
         on = dataset if net == "cnn2" else f"{dataset} ({net})"
@@ -416,6 +428,14 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
             raise ValueError(f"{net_path}: method {run.method} has no dropout layer whose rate can be set")
     elif run.rate != 0.5:
         raise ValueError(f"method {run.method} has no dropout rate to sweep (rated methods: {', '.join(RATED)})")
+    if run.method in ABLATIONS:
+        from .pylayer import parse_param_str
+        eds = [lp for lp in net.layer if lp.type == "Python" and lp.python_param.layer == "ExcitationDropout"]
+        if not eds:
+            raise ValueError(f"{net_path}: ablation {run.method} needs an ExcitationDropout layer")
+        for lp in eds:
+            params = parse_param_str(lp.python_param.param_str, f"{net_path}: layer '{lp.name}'")
+            lp.python_param.param_str = repr({**params, **ABLATIONS[run.method]})
     n_train = (data.get("counts") or {}).get("train")
     test_batch = None
     for lp in net.layer:

@@ -78,6 +78,8 @@ def _type_problem(key, value, default):
         if value in ("gt", "pred") or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return None
         return "'gt', 'pred' or a class index (an int >= 0)"
+    if key == "count":
+        return None if value in ("all", "alive") else "'all' (N of Eqn 3 is the layer's width) or 'alive'"
     if key == "gamma":
         return None if number and 0.0 <= value < float("inf") else "a number >= 0"
     if isinstance(default, bool):

@@ -10,7 +10,8 @@ name; the paper's base retain probability is P = 1 - dropout_ratio; default
 Backprop sits); logits / label (blob names; default: the bottoms of the net's
 SoftmaxWithLoss); rescale (divide each image by its kept fraction, default
 True); grad_rescale (gradient carries 1/scale, default True; False = the
-authors' code).
+authors' code); count ('all': N of Eqn 3 is the layer's width, the paper;
+'alive': the units with a positive activation in each image, an ablation).
 
 Training: p_EB of the bottom blob, from a one-hot top signal at the logits,
 gives each unit's retain probability (Eqn 3); a new mask per image; on a
@@ -28,7 +29,7 @@ from exdrop.nn import ExcitationDropout as _Module
 from exdrop.pylayer import request_saliency
 
 DEFAULTS = {"dropout_ratio": 0.5, "signal": "gt", "logits": None, "label": None, "rescale": True,
-            "grad_rescale": True}
+            "grad_rescale": True, "count": "all"}
 
 
 class ExcitationDropout(DropoutLayerBase):
@@ -44,11 +45,12 @@ class ExcitationDropout(DropoutLayerBase):
     @staticmethod
     def torch_module(params, phase):
         return _Module(p=params["dropout_ratio"], rescale=params["rescale"],
-                       grad_rescale=params["grad_rescale"], signal=params["signal"])
+                       grad_rescale=params["grad_rescale"], signal=params["signal"], count=params["count"])
 
     def multiplier(self, x):
         share = Fx.unit_saliency(torch.from_numpy(np.asarray(self.p_eb, dtype=np.float32)))
-        return _masks(x, Fx.retain_probability(share, 1.0 - float(self.params["dropout_ratio"])), self.params)
+        units = Fx.alive_units(x) if self.params["count"] == "alive" else None
+        return _masks(x, Fx.retain_probability(share, 1.0 - float(self.params["dropout_ratio"]), units), self.params)
 
 
 def _masks(x, retain, params):

@@ -299,3 +299,18 @@ def test_caffe_hook_gives_fresh_p_eb_every_forward(tmp_path):
         seen.append(p)
     assert np.abs(seen[0] - seen[1]).max() > 0.05
     np.testing.assert_allclose(seen[2], seen[0], atol=1e-6)
+
+
+def test_excitation_dropout_count_alive_on_the_caffe_path(layers_mod):
+    """count 'alive' (an ablation): N of Eqn 3 is each image's number of positive units. One alive
+    unit holding all of p_EB is dropped under the paper's N (retain 0 at p = 1) and kept with
+    N = 1 (no other unit to share the evidence with: retain 1)."""
+    x = np.zeros((2, 5), np.float32)
+    x[0, 3], x[1, 0] = 2.0, 7.0
+    p = one_hot(2, 5, [3, 0])
+    for count, want in (("all", np.zeros_like(x)), ("alive", x)):
+        layer = make_layer(layers_mod["ExcitationDropout"], f"{{'dropout_ratio': 0.5, 'count': '{count}'}}",
+                           shape=(2, 5))
+        set_saliency_hook(layer, lambda lay: p)
+        y, _ = run(layer, x)
+        np.testing.assert_array_equal(y, want)

@@ -239,10 +239,10 @@ def test_retain_probability_message():
 def test_a_new_key_is_checked_against_its_default_type(layers_mod):
     base = layers_mod["StandardDropout"]
 
-    class WithCount(base):
-        defaults = {**base.defaults, "count": 3}
+    class WithCount(base):   # a hypothetical new key ('count' is Excitation Dropout's own now)
+        defaults = {**base.defaults, "width": 3}
 
-    assert WithCount.parse("{'count': 5}")["count"] == 5
+    assert WithCount.parse("{'width': 5}")["width"] == 5
     with pytest.raises(ValueError) as ei:
-        WithCount.parse("{'count': 'five'}")
-    assert str(ei.value) == "WithCount param_str: count must be of type int, got 'five'"
+        WithCount.parse("{'width': 'five'}")
+    assert str(ei.value) == "WithCount param_str: width must be of type int, got 'five'"

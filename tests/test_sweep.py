@@ -240,3 +240,117 @@ def test_ctrl_c_stops_the_sweep_and_loses_nothing(image_tree, tmp_path):
     assert sum("(resuming)" in line for line in said) == 2
     for f in folders:
         assert S.status(f) == "finished" and "resuming from" in (f / "stdout.log").read_text()
+
+
+# ------------------------------------------------------------------ the answer's statistics
+
+def test_paired_interval_on_hand_made_numbers():
+    """Differences 2, 3, 0 (seeds 1-3): mean 5/3, sd sqrt(7/3), t(0.975, 2) = 4.302653 (tables)."""
+    p = S.paired_interval({1: 60.0, 2: 62.0, 3: 61.0, 4: 70.0}, {1: 58.0, 2: 59.0, 3: 61.0})
+    assert p["seeds"] == [1, 2, 3] and p["n"] == 3   # seed 4 has no partner
+    assert p["mean"] == pytest.approx(5 / 3) and p["sd"] == pytest.approx((7 / 3) ** 0.5)
+    half = 4.302653 * (7 / 3) ** 0.5 / 3 ** 0.5
+    assert (p["low"], p["high"]) == (pytest.approx(5 / 3 - half, abs=1e-5), pytest.approx(5 / 3 + half, abs=1e-5))
+    assert S.format_interval(p) == "+1.67 +- 1.53 [95% CI -2.13, +5.46], seeds 1,2,3"
+    one = S.paired_interval({1: 60.0}, {1: 58.5})
+    assert one["mean"] == pytest.approx(1.5) and one["low"] is None
+    assert S.format_interval(one) == "+1.50 (one seed: 1; no interval)"
+    assert S.format_interval(S.paired_interval({}, {1: 1.0})) == "not yet"
+
+
+def _log_run(folder: Path, train_accs, tests, max_iter=4):
+    """A finished run folder: train rows with ``train_accs``, test rows (iter, accuracy, loss)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iter", "phase", "lr", "elapsed_s", "accuracy", "loss"])
+        for i, a in enumerate(train_accs):
+            w.writerow([i, "train", 0.001, 1.0, a, 0.1])
+        for it, a, loss in tests:
+            w.writerow([it, "test", 0.001, 1.0, a, loss])
+    (folder / "results.json").write_text(json.dumps({"status": "finished", "iterations": max_iter,
+                                                     "max_iter": max_iter}))
+
+
+def _plan_of(tmp_path, cells: dict) -> None:
+    """plan.json for {(method, seed): (train_accs, tests)}; each run in <method>/seed<k>."""
+    import dataclasses
+    runs = []
+    for (method, seed), (train, tests) in cells.items():
+        folder = tmp_path / "cifar10" / method / f"seed{seed}"
+        _log_run(folder, train, tests)
+        runs.append({"key": f"cifar10/{method}_r0.5/seed{seed}", "dataset": "cifar10", "method": method,
+                     "rate": 0.5, "seed": seed, "folder": "/elsewhere/gone",
+                     "in_sweep": f"cifar10/{method}/seed{seed}", "command": []})
+    (tmp_path / "plan.json").write_text(json.dumps({"budget": dataclasses.asdict(TINY), "runs": runs,
+                                                    "recipe": "authors"}))
+
+
+def test_regime_check_and_paired_table_on_hand_made_runs(tmp_path):
+    overfit = ([0.90, 0.97, 0.99, 1.0], [(2, 0.55, 1.20), (4, 0.50, 1.40)])   # loss min 1.20, last 1.40
+    _plan_of(tmp_path, {("none", 1): overfit, ("none", 2): overfit,
+                        ("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)]), ("standard_fc1", 2): ([0.8], [(4, 0.59, 1.1)]),
+                        ("ed", 1): ([0.7], [(4, 0.58, 1.2)]), ("ed", 2): ([0.7], [(4, 0.60, 1.2)])})
+    S.write_outputs(tmp_path, "2")
+    summary = json.loads((tmp_path / "table2.json").read_text())
+    check = summary["regime"]["cifar10"]
+    # the folders recorded in plan.json are gone: each run is found inside the sweep folder
+    assert [s["train_accuracy"] for s in check["none"]] == [pytest.approx((0.97 + 0.99 + 1.0) / 3)] * 2
+    assert check["none"][0]["held_out_loss_min"] == 1.20 and check["none"][0]["held_out_loss_last"] == 1.40
+    assert check["overfits"] and check["held_out_loss_rises"]
+    gap = check["standard_minus_none"]   # 60 - 50 and 59 - 50: mean 9.5, sd 0.71, t(0.975, 1) 12.71
+    assert gap["mean"] == pytest.approx(9.5) and gap["low"] == pytest.approx(9.5 - 12.7062 * 0.5, abs=1e-3)
+    assert check["dropout_helps"] and check["ok"]
+    pairs = {(p["a"], p["b"]): p for p in summary["paired"]["cifar10"]}
+    assert pairs[("ed", "standard_fc1")]["mean"] == pytest.approx(-0.5)
+    md = (tmp_path / "table2.md").read_text()
+    assert "Recipe: the authors' recipe" in md and "**passes**" in md
+    assert "- Excitation - Standard first fc: -0.50 +- 2.12 [95% CI -19.56, +18.56], seeds 1,2" in md
+    # a No Dropout run that does not fit its training data fails the check, whatever Standard does
+    _plan_of(tmp_path, {("none", 1): ([0.6, 0.7, 0.7], [(2, 0.5, 1.2), (4, 0.5, 1.1)]),
+                        ("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)])})
+    check = S.regime(S.collect(tmp_path))
+    assert check["overfits"] is False and check["held_out_loss_rises"] is False
+    assert check["dropout_helps"] is True and check["ok"] is False   # one seed: 10 points > the 1.9 noise
+
+
+def test_committed_sweep_is_not_retrained(image_tree, tmp_path, monkeypatch):
+    """A sweep folder holding only its finished runs' small files (results.json, log.csv; no
+    snapshots, as committed) plans again on another machine and runs nothing; a later plan with
+    fewer methods keeps the finished runs in plan.json."""
+    first = tmp_path / "a" / "sweep"
+    runs = S.plan(first, ["cifar10"], ["none", "ed"], [0.5], [1], TINY, {"cifar10": str(image_tree)}, progress=False)
+    for r in runs:
+        _log_run(r.folder, [0.9], [(2, 0.4, 1.0), (4, 0.5, 1.0)])
+    moved = tmp_path / "clone" / "sweep"   # the same files in another checkout, without the data
+    moved.parent.mkdir()
+    import shutil
+    shutil.copytree(first, moved, ignore=shutil.ignore_patterns("data"))
+    shutil.rmtree(tmp_path / "a")
+    started = []
+    monkeypatch.setattr(S.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("retrained"))
+    again = S.plan(moved, ["cifar10"], ["none", "ed"], [0.5], [1], TINY, {"cifar10": str(image_tree)}, progress=False)
+    assert S.execute(again, echo=lambda *_: None) == {"runs": 2, "ran": 0, "failed": []} and not started
+    fewer = S.plan(moved, ["cifar10"], ["ed"], [0.5], [1], TINY, {"cifar10": str(image_tree)}, progress=False)
+    assert len(fewer) == 1
+    kept = json.loads((moved / "plan.json").read_text())["runs"]
+    assert sorted(r["method"] for r in kept) == ["ed", "none"]
+    summary = S.collect(moved)
+    assert {c["method"]: c["mean"] for c in summary["cells"]} == {"none": pytest.approx(50.0),
+                                                                  "ed": pytest.approx(50.0)}
+    # another recipe in the same folder does not inherit the paper recipe's runs
+    with pytest.raises(FileNotFoundError, match="under the authors recipe"):
+        S.plan(moved, ["cifar100"], ["ed"], [0.5], [1], TINY, {}, progress=False, recipe="authors")
+
+
+def test_recipe_picks_the_authors_variants(image_tree, tmp_path):
+    runs = S.plan(tmp_path, ["cifar10"], ["standard_fc1", "ed"], [0.5], [1], TINY, {"cifar10": str(image_tree)},
+                  progress=False, recipe="authors")
+    by = {r.method: r for r in runs}
+    sp = cio.read_solver_prototxt(by["ed"].solver)
+    assert sp.type == "SGD" and "solver_ed_authors.prototxt" in by["ed"].solver.read_text()
+    net = cio.read_net_prototxt(by["ed"].folder / "net.prototxt")
+    drop = next(lp for lp in net.layer if lp.name == "drop")
+    assert "'grad_rescale': False" in drop.python_param.param_str
+    assert "solver_standard_authors.prototxt" in by["standard_fc1"].solver.read_text()
+    assert json.loads((tmp_path / "plan.json").read_text())["recipe"] == "authors"
