@@ -45,7 +45,6 @@ figures of :mod:`exdrop.report`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -58,12 +57,14 @@ import torch
 from . import io as cio
 from .functional import unit_saliency
 from .runlog import plan_run_folder
+# the per-image metrics and the meter of the training runs' test passes; re-exported here
+from .utilization import (METRICS, UtilizationMeter, default_blob, entropy, neurons_on, peak,  # noqa: F401
+                          utilization)
 
 __all__ = ["neurons_on", "peak", "entropy", "utilization", "UtilizationMeter", "moved_norms", "conservative_units", "relevance_keep_masks",
            "random_keep_masks", "calibration_bins", "expected_calibration_error", "METRICS", "DELTA",
            "P_C", "analyze", "analyze_run", "default_blob", "run_snapshots"]
 
-METRICS = ("neurons_on", "peak_peb", "entropy_act", "entropy_peb")
 METRIC_TITLES = {"neurons_on": "# Neurons ON", "peak_peb": "Peak p_EB", "entropy_act": "Entropy of activations",
                  "entropy_peb": "Entropy of p_EB", "conservative": "Conservative filters",
                  "moved_median": "Median L2 distance of a unit's weights from their init"}
@@ -74,62 +75,6 @@ RANDOM_STEP = 128                                       # k = 0, 128, ..., N (Fi
 ECE_BINS = 15
 ANALYSIS = "analysis"                                   # RUN/analysis/
 FORMAT = 1                                              # of analysis.json; a new one recomputes
-
-
-# ---------------------------------------------------------------------- the metrics
-def neurons_on(a: torch.Tensor) -> torch.Tensor:
-    """# Neurons ON: per image, the units with a non-zero activation, ``(B,)`` float."""
-    return (unit_saliency(a) != 0).sum(1).float()
-
-
-def peak(p: torch.Tensor) -> torch.Tensor:
-    """Peak p_EB: per image, the largest unit value, ``(B,)``."""
-    return unit_saliency(p).max(1).values.float()
-
-
-def entropy(x: torch.Tensor) -> torch.Tensor:
-    """Per image, the entropy (nats) of the non-negative values normalised to sum to 1, ``(B,)``.
-
-    0 ln 0 = 0; an image whose values are all 0 has entropy 0 (nothing is spread)."""
-    u = unit_saliency(x).float().clamp_min(0)
-    total = u.sum(1, keepdim=True)
-    q = u / torch.where(total > 0, total, torch.ones_like(total))
-    return -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum(1)
-
-
-def utilization(a: torch.Tensor, p: torch.Tensor) -> dict:
-    """The four per-image metrics of activations ``a`` and p_EB ``p``, each summed over the batch
-    (device tensors: no host sync)."""
-    return {"neurons_on": neurons_on(a).sum(), "peak_peb": peak(p).sum(), "entropy_act": entropy(a).sum(),
-            "entropy_peb": entropy(p).sum()}
-
-
-class UtilizationMeter:
-    """The utilization columns of one test pass (both backends): the first ``images`` images of
-    the pass, batch by batch; sums stay where the tensors are (no host sync until ``means``)."""
-
-    def __init__(self, images: int, batch: int):
-        self.batches = math.ceil(images / max(1, batch))
-        self.sums: dict = {}
-        self.images = 0
-
-    def add(self, a: torch.Tensor, p: torch.Tensor) -> None:
-        for name, v in utilization(a, p).items():
-            self.sums[name] = self.sums[name] + v if name in self.sums else v
-        self.images += a.shape[0]
-
-    def reduce(self, sum_over) -> None:
-        """Add up the meters of many processes; ``sum_over``: a list of tensors -> their sums over the processes."""
-        names = list(self.sums)
-        if not names:
-            return
-        device = torch.as_tensor(self.sums[names[0]]).device
-        *sums, images = sum_over([torch.as_tensor(self.sums[k], device=device).double() for k in names]
-                                 + [torch.tensor(float(self.images), dtype=torch.float64, device=device)])
-        self.sums, self.images = dict(zip(names, sums)), int(round(float(images)))
-
-    def means(self) -> dict:
-        return {name: float(v) / self.images for name, v in self.sums.items()}
 
 
 def moved_norms(w0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -190,45 +135,6 @@ def expected_calibration_error(count, conf_sum, correct_sum) -> float:
 
 
 # ---------------------------------------------------------------------- over a net
-def _test_layers(param) -> list:
-    """A NetParameter's TEST-phase layers (a list of LayerParameters is taken as it is)."""
-    from .net import filter_layers
-    from .pylayer import TEST
-    return filter_layers(param, TEST) if hasattr(param, "layer") else list(param)
-
-
-def default_blob(param) -> str:
-    """The first fully connected layer's top (Table 5 measures fc1 / fc6), of a NetParameter (TEST
-    phase) or a list of LayerParameters."""
-    for lp in _test_layers(param):
-        if lp.type == "InnerProduct":
-            return lp.top[0]
-    raise ValueError(f"net '{getattr(param, 'name', '')}': no InnerProduct layer; name the blob to analyse (--blob)")
-
-
-def utilization_target(param, wanted: str | None, blob_shapes: dict) -> tuple[str, str, str] | None:
-    """(blob, scores, label) whose utilization a training run's test passes log, from the TEST net
-    ``param`` (a NetParameter, or its TEST layers): ``wanted`` "auto" the first fc (None when the net has no SoftmaxWithLoss with a
-    label or no InnerProduct), a blob name (errors name what is missing), or None / "" (off)."""
-    if not wanted:
-        return None
-    loss = next((lp for lp in _test_layers(param) if lp.type == "SoftmaxWithLoss"), None)
-    if loss is None or len(loss.bottom) < 2:
-        if wanted == "auto":
-            return None
-        raise ValueError(f"--utilization {wanted}: the test net has no SoftmaxWithLoss with a label, which p_EB of "
-                         "the ground-truth class needs")
-    if wanted == "auto":
-        try:
-            wanted = default_blob(param)
-        except ValueError:
-            return None
-    if wanted not in blob_shapes or len(blob_shapes[wanted]) < 2:
-        raise ValueError(f"--utilization {wanted}: no blob of units by that name in the test net "
-                         f"(blobs: {', '.join(blob_shapes)})")
-    return wanted, loss.bottom[0], loss.bottom[1]
-
-
 def _producer(net, blob: str):
     """The learnable layer that writes ``blob`` first (InnerProduct / Convolution)."""
     for layer in net.layer_list:
@@ -308,7 +214,7 @@ def analyze(net_or_solver, weights, data=None, blob: str | None = None, init_wei
     from .net import Net
     from .pylayer import TEST
     from .snapshot import load_weights
-    from .train import pick_device
+    from .backend import pick_device
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such .caffemodel")
@@ -438,7 +344,7 @@ _ITER = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 def run_snapshots(run) -> list[tuple[int, Path]]:
     """(iteration, .caffemodel) of a run: ``init.caffemodel`` as 0, then every snapshot kept."""
-    from .train import INIT_WEIGHTS
+    from .backend import INIT_WEIGHTS
     run = Path(run)
     found = [(0, run / INIT_WEIGHTS)] if (run / INIT_WEIGHTS).is_file() else []
     for path in (run / "snapshots").glob("*.caffemodel"):

@@ -23,7 +23,7 @@ import torch
 from google.protobuf import text_format
 
 from . import io as cio
-from .analysis import METRICS, UtilizationMeter, utilization_target
+from .utilization import METRICS, UtilizationMeter, utilization_target
 from .caffe_eb import CaffeExcitation
 from .caffe_env import import_caffe
 from .eb import signal_blobs, signal_classes
@@ -32,7 +32,7 @@ from .proto import caffe_pb2
 from .pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
 from .solver import caffe_rate
 from .snapshot import snapshot_model_path
-from .train import Backend, net_params, prepare_solver
+from .backend import Backend, net_params, prepare_solver
 
 CPU = caffe_pb2.SolverParameter.CPU
 

@@ -32,19 +32,6 @@ from pathlib import Path
 DEFAULT_CIFAR10_ARCHIVE = "data/cifar-10-python.tar.gz"
 
 
-def official_source(source: str, dataset: str = "cifar10") -> str:
-    """``source``, or the official archive of ``dataset`` (cifar10, cifar100) fetched with its
-    checksum when ``source`` is that archive's default path and missing."""
-    from . import data
-    archive, fetch, title = {"cifar10": ("cifar-10-python.tar.gz", data.download_cifar10, "CIFAR-10"),
-                             "cifar100": ("cifar-100-python.tar.gz", data.download_cifar100, "CIFAR-100")}[dataset]
-    path = Path(source)
-    if not path.exists() and path.name == archive:
-        print(f"{path} not found: downloading the official {title} archive (needs a network) ...")
-        return str(fetch(path.parent))
-    return source
-
-
 def _converted(data_dir) -> bool:
     """The LMDBs the CIFAR-10 prototxts read are already in ``data_dir``."""
     d = Path(data_dir)
@@ -52,7 +39,7 @@ def _converted(data_dir) -> bool:
 
 
 def _cmd_data(args) -> int:
-    from .data import prepare_caltech256, prepare_cifar10, prepare_cifar100, prepare_image_dataset
+    from .data import official_source, prepare_caltech256, prepare_cifar10, prepare_cifar100, prepare_image_dataset
     if args.dataset and args.dataset_opt and args.dataset != args.dataset_opt:
         raise ValueError(f"two datasets given: {args.dataset} and --dataset {args.dataset_opt}")
     dataset = args.dataset or args.dataset_opt or "cifar10"
@@ -129,7 +116,7 @@ def _data_summary(info: dict) -> str:
 def _prepare_train_data(args) -> None:
     """``--data``: convert into ``--data-dir`` once (one summary line). The default archive path,
     missing, with the LMDBs already converted in ``--data-dir``: use those, offline."""
-    from .data import prepare_cifar10
+    from .data import official_source, prepare_cifar10
     path = Path(args.data)
     if (not path.exists() and path.name == "cifar-10-python.tar.gz" and _converted(args.data_dir)):
         print(f"data: {path} not found; using the converted LMDBs in {args.data_dir} (train_lmdb, val_lmdb)")

@@ -97,7 +97,7 @@ def load_test_net(path) -> EvalNet:
     except ValueError as exc:
         solver_err = exc
     if solver_err is None and sp.ListFields():
-        from .train import net_params
+        from .backend import net_params
         (train, train_src), tests = net_params(sp, str(path))
         test_iter = int(sp.test_iter[0]) if len(sp.test_iter) else None
         param, src = tests[0] if tests else (train, train_src)
@@ -352,7 +352,7 @@ def _means(sums: dict, sizes: list[int]) -> dict:
 
 
 def _run_engine(tn, lp, score, weights, sizes, device, progress):
-    from .train import pick_device
+    from .backend import pick_device
     dev = pick_device(device, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tn.seed)   # the data source's generator (mirrors) is drawn from it

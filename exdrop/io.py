@@ -105,12 +105,32 @@ def parse_solver(text: str, filename: str = "<string>") -> caffe_pb2.SolverParam
     sp = _parse_text(text, caffe_pb2.SolverParameter(), filename)
     for net in [sp.net_param, sp.train_net_param, *sp.test_net_param]:
         _check_not_v1(net, filename)
-    from exdrop.solver import solver_class  # lazy: exdrop.solver imports this module
     try:
-        solver_class(sp)   # Caffe upgrades solver_type on reading; an unknown type fails at creation
+        solver_type(sp)   # Caffe upgrades solver_type on reading; an unknown type fails at creation
     except ValueError as e:
         raise ValueError(f"{filename}: {e}") from None
     return sp
+
+
+# Caffe's solver types (exdrop.solver implements each under this name) and the legacy enum's names
+SOLVER_TYPE_NAMES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+_LEGACY_SOLVER_TYPES = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+                        caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+                        caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam"}
+
+
+def solver_type(param: caffe_pb2.SolverParameter) -> str:
+    """The solver's type name from ``type`` or the legacy ``solver_type`` enum (Caffe's
+    UpgradeSolverType in src/caffe/util/upgrade_proto.cpp); an unknown name raises ValueError."""
+    name = param.type
+    if param.HasField("solver_type"):
+        if param.HasField("type"):
+            raise ValueError("Failed to upgrade solver: old solver_type field (enum) and new "
+                             "type field (string) cannot be both specified.")
+        name = _LEGACY_SOLVER_TYPES[param.solver_type]
+    if name not in SOLVER_TYPE_NAMES:
+        raise ValueError(f"Unknown solver type: {name!r} (known types: {', '.join(SOLVER_TYPE_NAMES)})")
+    return name
 
 
 def read_net_prototxt(path) -> caffe_pb2.NetParameter:

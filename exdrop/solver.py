@@ -93,7 +93,7 @@ class Solver:
 
     def __new__(cls, param=None, params=None):
         if cls is Solver:
-            cls = _solver_class(param)
+            cls = solver_class(param)
         return super().__new__(cls)
 
     def __init__(self, param: caffe_pb2.SolverParameter, params: list[ParamEntry]) -> None:
@@ -342,26 +342,12 @@ class AdamSolver(Solver):
 
 SOLVER_TYPES = {c.type_name: c for c in (SGDSolver, NesterovSolver, AdaGradSolver,
                                          RMSPropSolver, AdaDeltaSolver, AdamSolver)}
-_LEGACY = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
-           caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
-           caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam"}
+assert tuple(SOLVER_TYPES) == caffe_io.SOLVER_TYPE_NAMES
 
 
 def solver_class(param: caffe_pb2.SolverParameter) -> type:
-    """The class for ``type`` or the legacy ``solver_type`` enum
-    (Caffe's UpgradeSolverType in src/caffe/util/upgrade_proto.cpp)."""
-    name = param.type
-    if param.HasField("solver_type"):
-        if param.HasField("type"):
-            raise ValueError("Failed to upgrade solver: old solver_type field (enum) and new "
-                             "type field (string) cannot be both specified.")
-        name = _LEGACY[param.solver_type]
-    if name not in SOLVER_TYPES:
-        raise ValueError(f"Unknown solver type: {name!r} (known types: {', '.join(SOLVER_TYPES)})")
-    return SOLVER_TYPES[name]
-
-
-_solver_class = solver_class
+    """The class for ``type`` or the legacy ``solver_type`` enum (:func:`exdrop.io.solver_type`)."""
+    return SOLVER_TYPES[caffe_io.solver_type(param)]
 
 
 def make_solver(param: caffe_pb2.SolverParameter, params: list[ParamEntry], source: str | None = None) -> Solver:

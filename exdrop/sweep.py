@@ -298,11 +298,9 @@ def prepare_data(dataset: str, source: str, budget: Budget, out: Path, seeds, pr
             vals[int(s)], counts = info.get("test") or info["val"], info.get("counts")
         return {"val": vals, "train": trains, "counts": counts}
     if dataset == "cifar10":
-        from .cli import official_source
-        info = D.prepare_cifar10(official_source(source, "cifar10"), folder / "split", **kw)
+        info = D.prepare_cifar10(D.official_source(source, "cifar10"), folder / "split", **kw)
     elif dataset == "cifar100":
-        from .cli import official_source
-        info = D.prepare_cifar100(official_source(source, "cifar100"), folder / "split", **kw)
+        info = D.prepare_cifar100(D.official_source(source, "cifar100"), folder / "split", **kw)
     else:
         raise ValueError(f"unknown dataset {dataset!r}: one of {sorted(DATASETS)}")
     val = info.get("val") or info.get("test")

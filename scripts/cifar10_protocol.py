@@ -34,8 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from exdrop.cli import official_source
-    from exdrop.data import prepare_cifar10
+    from exdrop.data import official_source, prepare_cifar10
     prepare_cifar10(official_source(args.data, "cifar10"), args.data_dir)
 
     runs, t0 = {}, time.perf_counter()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from exdrop.data import make_source, write_datum_lmdb
+from exdrop.data import lmdb_datum as L
 from exdrop.data import stream as S
 from exdrop.data.sources import BatchSource
 from exdrop.proto import caffe_pb2
@@ -159,10 +160,10 @@ def test_net_streams_when_the_data_would_not_fit(lmdb, monkeypatch, tmp_path):
     import gc
     import time
     deadline = time.time() + 30
-    while str(path.resolve()) in S._OPEN and time.time() < deadline:
+    while str(path.resolve()) in L._OPEN and time.time() < deadline:
         gc.collect()
         time.sleep(0.1)
-    assert str(path.resolve()) not in S._OPEN
+    assert str(path.resolve()) not in L._OPEN
 
 
 def test_a_source_dropped_mid_prefetch_closes_quietly(tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_a_source_dropped_mid_prefetch_closes_quietly(tmp_path, monkeypatch):
         src.next_batch()
         del src   # the next batch is being decoded
     deadline = time.time() + 30
-    while str((tmp_path / "db").resolve()) in S._OPEN and time.time() < deadline:
+    while str((tmp_path / "db").resolve()) in L._OPEN and time.time() < deadline:
         gc.collect()
         time.sleep(0.05)
-    assert str((tmp_path / "db").resolve()) not in S._OPEN and not errors, errors
+    assert str((tmp_path / "db").resolve()) not in L._OPEN and not errors, errors

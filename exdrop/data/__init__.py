@@ -11,22 +11,23 @@ Public API::
     prepare_imagenet(train_dir, val_dir, out_dir, val_labels=None, meta=None, resize=None, short_side=None,
                      lmdb=True, limit_per_class=None, seed=0) -> dict
     download_cifar10(dest) -> Path, download_cifar100(dest) -> Path
+    official_source(source, dataset) -> str: source, or its official archive downloaded when missing
     make_source(layer_param, phase, device, seed=None, part=None, stream=None) -> BatchSource | StreamSource
         (StreamSource: read from disk batch by batch, for data sets larger than memory)
 """
 from .caltech import CALTECH256_MD5, CALTECH256_SPLITS, CALTECH256_URL, caltech256_split, prepare_caltech256
 from .cifar import (CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, CIFAR100_MD5, CIFAR100_URL, download_cifar10,
-                    download_cifar100, md5sum, prepare_cifar10, prepare_cifar100, read_cifar10_python,
+                    download_cifar100, md5sum, official_source, prepare_cifar10, prepare_cifar100, read_cifar10_python,
                     read_cifar100_python)
 from .imagenet import IMAGENET_URL, prepare_imagenet
 from .images import open_image_source, prepare_image_dataset, read_image_list
 from .lmdb_datum import CorruptRecordError, DatumLMDB, array_to_datum, datum_to_array, write_datum_lmdb
-from .sources import BatchSource, DataTransformer, load_image_list_data, make_source, resolve_source
-from .stream import StreamSource
+from .sources import BatchSource, DataTransformer, load_image_list_data, resolve_source
+from .stream import StreamSource, make_source
 
 __all__ = [
     "write_datum_lmdb", "DatumLMDB", "CorruptRecordError", "array_to_datum", "datum_to_array",
-    "prepare_cifar10", "download_cifar10", "read_cifar10_python", "md5sum",
+    "prepare_cifar10", "download_cifar10", "official_source", "read_cifar10_python", "md5sum",
     "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5",
     "prepare_cifar100", "download_cifar100", "read_cifar100_python", "CIFAR100_URL", "CIFAR100_MD5",
     "prepare_caltech256", "caltech256_split", "CALTECH256_URL", "CALTECH256_MD5", "CALTECH256_SPLITS",

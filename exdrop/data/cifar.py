@@ -294,3 +294,15 @@ def prepare_cifar100(source, out_dir, val_size: int | None = None, seed: int = 0
     return _prepare(source, out_dir, lambda s: _read_any100(s, progress), val_size=val_size, seed=seed,
                     limit_per_class=limit_per_class, resize=None, kind="CIFAR-100", force=force,
                     progress=progress, check=_check100, missing_hint=CIFAR100_HINT)
+
+
+def official_source(source: str, dataset: str = "cifar10") -> str:
+    """``source``, or the official archive of ``dataset`` (cifar10, cifar100) fetched with its
+    checksum when ``source`` is that archive's default path and missing."""
+    archive, fetch, title = {"cifar10": ("cifar-10-python.tar.gz", download_cifar10, "CIFAR-10"),
+                             "cifar100": ("cifar-100-python.tar.gz", download_cifar100, "CIFAR-100")}[dataset]
+    path = Path(source)
+    if not path.exists() and path.name == archive:
+        print(f"{path} not found: downloading the official {title} archive (needs a network) ...")
+        return str(fetch(path.parent))
+    return source

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -333,3 +334,33 @@ class DatumLMDB:
         if i + 1 != n:
             out, labels = out[: i + 1], labels[: i + 1]
         return out, labels
+
+
+# LMDB opens an environment once per process: the sources reading one LMDB share it
+_OPEN: dict[str, list] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_shared(path) -> DatumLMDB:
+    """The process's one DatumLMDB of ``path`` (py-lmdb opens an environment once per process);
+    give it back with :func:`close_shared`."""
+    key = os.path.realpath(path)
+    with _OPEN_LOCK:
+        entry = _OPEN.get(key)
+        if entry is None:
+            entry = _OPEN[key] = [DatumLMDB(path), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def close_shared(db: DatumLMDB) -> None:
+    """Give back a DatumLMDB of :func:`open_shared`; the last user closes it."""
+    key = os.path.realpath(db.path)
+    with _OPEN_LOCK:
+        entry = _OPEN.get(key)
+        if entry is None or entry[0] is not db:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _OPEN[key]
+            db.close()

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["BatchSource", "DataTransformer", "make_source", "resolve_source", "load_image_list_data"]
+from .lmdb_datum import close_shared, open_shared
+
+__all__ = ["BatchSource", "DataTransformer", "resolve_source", "load_image_list_data", "read_list_entries"]
 
 TRAIN, TEST = 0, 1
 _MAKE_HINT = ("Create the data first (e.g. `make data-cifar10`, or exdrop.data.prepare_cifar10 / "
@@ -271,14 +273,13 @@ class BatchSource:
 # layer types
 # ----------------------------------------------------------------------------------------------
 def _load_lmdb(path: Path, tp, layer_name: str):
-    from .stream import _close_db, _open_db   # one LMDB environment per process, shared with the streams
-    db = _open_db(path)
+    db = open_shared(path)   # one LMDB environment per process, shared with the streams
     try:
         fc = bool(tp.force_color) if tp is not None else False
         fg = bool(tp.force_gray) if tp is not None else False
         return db.read_all(force_color=fc, force_gray=fg)
     finally:
-        _close_db(db)
+        close_shared(db)
 
 
 def read_list_entries(list_path, root_folder: str = "", layer_name: str = "", new_height: int = 0,
@@ -334,79 +335,3 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
     arr = np.stack(imgs)
     arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(arr), np.asarray([e[1] for e in entries], np.int64)
-
-
-def _streams(first_image: np.ndarray, n: int, stream: bool | None) -> bool:
-    """``stream`` as given, else whether ``n`` images like the first would take more than RESIDENT_BYTES."""
-    from . import stream as st
-    return stream if stream is not None else int(first_image.nbytes) * int(n) > st.RESIDENT_BYTES
-
-
-def _stream_source(records, batch_size, tp, phase, device, shuffle, rand_skip, seed, name, kind, part):
-    from .stream import StreamSource
-    try:
-        return StreamSource(records, batch_size, tp, phase, device, shuffle=shuffle, rand_skip=rand_skip, seed=seed,
-                            name=name, kind=kind, part=part)
-    except BaseException:
-        records.close()
-        raise
-
-
-def make_source(layer_param, phase, device="cpu", seed: int | None = None, source: str | None = None,
-                batch_size: int | None = None, part: slice | None = None,
-                stream: bool | None = None) -> BatchSource:
-    """Build the batch source of a ``Data`` / ``ImageData`` layer (or, with ``source`` = an LMDB
-    path, of an ``Input`` layer).  ``seed``: the source's RNG seed (crops, mirrors, shuffles);
-    None draws one from torch's global generator. ``stream``: read the records from disk batch by
-    batch (:class:`exdrop.data.stream.StreamSource`); None: when the decoded images would take
-    more than ``stream.RESIDENT_BYTES``, else hold them in memory."""
-    lp = layer_param
-    name, typ = lp.name, lp.type
-    tp = lp.transform_param if lp.HasField("transform_param") else None
-    if typ == "Data":
-        dp = lp.data_param
-        path = resolve_source(dp.source, name)
-        from exdrop.proto import caffe_pb2
-        is_lmdb = (path / "data.mdb").is_file() if path.is_dir() else path.is_file()
-        if dp.backend != caffe_pb2.DataParameter.LMDB and (dp.HasField("backend") or not is_lmdb):
-            raise ValueError(f"layer '{name}': only the LMDB backend is supported (source {dp.source}); "
-                             "set `backend: LMDB` and convert the data to LMDB (exdrop.data.prepare_*)")
-        if stream is not False:   # decided from the record count and the first record: no key listing
-            from .stream import LMDBRecords, _close_db, _open_db
-            db = _open_db(path)
-            try:
-                streams = _streams(next(db.records())[1], len(db), stream)
-            finally:
-                _close_db(db)
-            if streams:
-                records = LMDBRecords(path, bool(tp and tp.force_color), bool(tp and tp.force_gray))
-                return _stream_source(records, batch_size or dp.batch_size, tp, phase, device, False, dp.rand_skip,
-                                      seed, name, "Data", part)
-        images, labels = _load_lmdb(path, tp, name)
-        return BatchSource(images, labels, batch_size or dp.batch_size, tp, phase, device, shuffle=False,
-                           rand_skip=dp.rand_skip, seed=seed, name=name, kind="Data", part=part)
-    if typ == "ImageData":
-        ip = lp.image_data_param
-        path = resolve_source(ip.source, name)
-        if stream is not False:
-            from .stream import ListRecords
-            records = ListRecords(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
-            if _streams(records.read(0)[0], len(records), stream):
-                return _stream_source(records, batch_size or ip.batch_size, tp, phase, device, ip.shuffle,
-                                      ip.rand_skip, seed, name, "ImageData", part)
-        images, labels = load_image_list_data(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
-        return BatchSource(images, labels, batch_size or ip.batch_size, tp, phase, device, shuffle=ip.shuffle,
-                           rand_skip=ip.rand_skip, seed=seed, name=name, kind="ImageData", part=part)
-    if typ == "Input":
-        if source is None:
-            raise ValueError(f"layer '{name}': an Input layer has no data source; pass source=<LMDB path>")
-        path = resolve_source(source, name)
-        if batch_size is None:
-            try:
-                batch_size = int(lp.input_param.shape[0].dim[0])
-            except (AttributeError, IndexError):
-                raise ValueError(f"layer '{name}': give batch_size for the Input layer") from None
-        images, labels = _load_lmdb(path, tp, name)
-        return BatchSource(images, labels, batch_size, tp, phase, device, seed=seed, name=name, kind="Input",
-                           part=part)
-    raise ValueError(f"layer '{name}': no batch source for layer type {typ!r}")

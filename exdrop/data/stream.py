@@ -22,39 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .lmdb_datum import CorruptRecordError, DatumLMDB
-from .sources import TRAIN, BatchSource, DataTransformer, _phase
+from exdrop.proto import caffe_pb2
+
+from .lmdb_datum import CorruptRecordError, DatumLMDB, close_shared, open_shared
+from .sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
+                      read_list_entries, resolve_source)
 
 # decoded images above this many bytes are read from disk batch by batch, below it held in memory
 RESIDENT_BYTES = 4 << 30
 DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
-
-
-# LMDB opens an environment once per process: the sources reading one LMDB share it
-_OPEN: dict[str, list] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def _open_db(path) -> DatumLMDB:
-    key = os.path.realpath(path)
-    with _OPEN_LOCK:
-        entry = _OPEN.get(key)
-        if entry is None:
-            entry = _OPEN[key] = [DatumLMDB(path), 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def _close_db(db: DatumLMDB) -> None:
-    key = os.path.realpath(db.path)
-    with _OPEN_LOCK:
-        entry = _OPEN.get(key)
-        if entry is None or entry[0] is not db:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _OPEN[key]
-            db.close()
 
 
 class LMDBRecords:
@@ -62,7 +38,7 @@ class LMDBRecords:
 
     def __init__(self, path, force_color: bool = False, force_gray: bool = False):
         self.where = f"LMDB {path}"
-        self.db = _open_db(path)
+        self.db = open_shared(path)
         self.force = (force_color, force_gray)
         with self.db._env.begin() as txn:
             self.keys = list(txn.cursor().iternext(keys=True, values=False))
@@ -88,7 +64,7 @@ class LMDBRecords:
 
     def close(self) -> None:
         if self.db is not None:
-            _close_db(self.db)
+            close_shared(self.db)
             self.db = None
 
 
@@ -97,7 +73,6 @@ class ListRecords:
 
     def __init__(self, list_path, root_folder: str = "", new_height: int = 0, new_width: int = 0,
                  is_color: bool = True, layer_name: str = ""):
-        from .sources import read_list_entries
         self.where = f"list {list_path}"
         self.entries = read_list_entries(list_path, root_folder, layer_name, new_height, new_width)
         self.size = (new_height, new_width)
@@ -246,3 +221,77 @@ def _release(ahead: ThreadPoolExecutor, pool: ThreadPoolExecutor, records, wait:
 
 
 __all__ = ["StreamSource", "LMDBRecords", "ListRecords", "RESIDENT_BYTES"]
+
+
+# ----------------------------------------------------------------------------------------------
+# which source a data layer gets: resident or read from disk
+# ----------------------------------------------------------------------------------------------
+def _streams(first_image: np.ndarray, n: int, stream: bool | None) -> bool:
+    """``stream`` as given, else whether ``n`` images like the first would take more than RESIDENT_BYTES."""
+    return stream if stream is not None else int(first_image.nbytes) * int(n) > RESIDENT_BYTES
+
+
+def _stream_source(records, batch_size, tp, phase, device, shuffle, rand_skip, seed, name, kind, part):
+    try:
+        return StreamSource(records, batch_size, tp, phase, device, shuffle=shuffle, rand_skip=rand_skip, seed=seed,
+                            name=name, kind=kind, part=part)
+    except BaseException:
+        records.close()
+        raise
+
+
+def make_source(layer_param, phase, device="cpu", seed: int | None = None, source: str | None = None,
+                batch_size: int | None = None, part: slice | None = None,
+                stream: bool | None = None) -> BatchSource:
+    """Build the batch source of a ``Data`` / ``ImageData`` layer (or, with ``source`` = an LMDB
+    path, of an ``Input`` layer).  ``seed``: the source's RNG seed (crops, mirrors, shuffles);
+    None draws one from torch's global generator. ``stream``: read the records from disk batch by
+    batch (:class:`StreamSource`); None: when the decoded images would take more than
+    :data:`RESIDENT_BYTES`, else hold them in memory."""
+    lp = layer_param
+    name, typ = lp.name, lp.type
+    tp = lp.transform_param if lp.HasField("transform_param") else None
+    if typ == "Data":
+        dp = lp.data_param
+        path = resolve_source(dp.source, name)
+        is_lmdb = (path / "data.mdb").is_file() if path.is_dir() else path.is_file()
+        if dp.backend != caffe_pb2.DataParameter.LMDB and (dp.HasField("backend") or not is_lmdb):
+            raise ValueError(f"layer '{name}': only the LMDB backend is supported (source {dp.source}); "
+                             "set `backend: LMDB` and convert the data to LMDB (exdrop.data.prepare_*)")
+        if stream is not False:   # decided from the record count and the first record: no key listing
+            db = open_shared(path)
+            try:
+                streams = _streams(next(db.records())[1], len(db), stream)
+            finally:
+                close_shared(db)
+            if streams:
+                records = LMDBRecords(path, bool(tp and tp.force_color), bool(tp and tp.force_gray))
+                return _stream_source(records, batch_size or dp.batch_size, tp, phase, device, False, dp.rand_skip,
+                                      seed, name, "Data", part)
+        images, labels = _load_lmdb(path, tp, name)
+        return BatchSource(images, labels, batch_size or dp.batch_size, tp, phase, device, shuffle=False,
+                           rand_skip=dp.rand_skip, seed=seed, name=name, kind="Data", part=part)
+    if typ == "ImageData":
+        ip = lp.image_data_param
+        path = resolve_source(ip.source, name)
+        if stream is not False:
+            records = ListRecords(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
+            if _streams(records.read(0)[0], len(records), stream):
+                return _stream_source(records, batch_size or ip.batch_size, tp, phase, device, ip.shuffle,
+                                      ip.rand_skip, seed, name, "ImageData", part)
+        images, labels = load_image_list_data(path, ip.root_folder, ip.new_height, ip.new_width, ip.is_color, name)
+        return BatchSource(images, labels, batch_size or ip.batch_size, tp, phase, device, shuffle=ip.shuffle,
+                           rand_skip=ip.rand_skip, seed=seed, name=name, kind="ImageData", part=part)
+    if typ == "Input":
+        if source is None:
+            raise ValueError(f"layer '{name}': an Input layer has no data source; pass source=<LMDB path>")
+        path = resolve_source(source, name)
+        if batch_size is None:
+            try:
+                batch_size = int(lp.input_param.shape[0].dim[0])
+            except (AttributeError, IndexError):
+                raise ValueError(f"layer '{name}': give batch_size for the Input layer") from None
+        images, labels = _load_lmdb(path, tp, name)
+        return BatchSource(images, labels, batch_size, tp, phase, device, seed=seed, name=name, kind="Input",
+                           part=part)
+    raise ValueError(f"layer '{name}': no batch source for layer type {typ!r}")
