@@ -116,15 +116,16 @@ ifneq ($(SKIP_CAFFE),1)
 endif
 
 test:
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -rfEs
 
 prototxt:
-	$(PY) -m exdrop.variants
-	$(PY) -m exdrop.wrn
+	$(PY) -m exdrop.experiments.variants
+	$(PY) -m exdrop.experiments.wrn
 
 # Mutation testing: mutmut (pinned here, installed on demand, not by setup) mutates the files of
 # [tool.mutmut] in pyproject.toml in a copy under mutants/ and runs, for each mutant, only the
-# tests of its selection that call the mutated function. MUTANTS='exdrop.solver*' for a subset.
+# tests of its selection that call the mutated function. MUTANTS='exdrop.engine.solver*' for a subset.
 MUTMUT_SPEC ?= mutmut==3.8.1
 MUTANTS ?=
 mutation:
@@ -252,7 +253,7 @@ table4:
 #   PHASE=B  the answer: none, Standard first fc, ED, Activation x seeds 1-3 under ANSWER_RECIPE;
 #            Standard first fc and ED x seeds 1-3 under the other recipe
 #   PHASE=C  if ED trails: its ablations under ANSWER_RECIPE x seeds 1-3 (no rescale, the other
-#            gradient, ratio 0.25, N = the alive units: exdrop.sweep.ABLATIONS)
+#            gradient, ratio 0.25, N = the alive units: exdrop.experiments.sweep.ABLATIONS)
 # Both sweeps write results/table2_cifar10_cpu-200ep[_authors]/ (ANSWER_OUT=<folder> for elsewhere).
 PHASE ?= A
 ANSWER_RECIPE ?= paper
@@ -275,7 +276,7 @@ else
 endif
 
 # Table 3: the nets fine-tuned on UCF101 (the folder of make data-ucf101) from the Model Zoo's ImageNet
-# weights, in data/weights/ where exdrop.pretrained.fetch puts them. NETS is bench-table6's knob too: its
+# weights, in data/weights/ where exdrop.engine.pretrained.fetch puts them. NETS is bench-table6's knob too: its
 # cnn2,vgg16 default is not Table 3's, so only a NETS given on the command line (or environment) counts here.
 UCF101_DIR      ?= data/ucf101
 ALEXNET_WEIGHTS ?= data/weights/bvlc_alexnet.caffemodel

@@ -39,7 +39,7 @@ def _converted(data_dir) -> bool:
 
 
 def _cmd_data(args) -> int:
-    from .data import official_source, prepare_caltech256, prepare_cifar10, prepare_cifar100, prepare_image_dataset
+    from exdrop.data import official_source, prepare_caltech256, prepare_cifar10, prepare_cifar100, prepare_image_dataset
     if args.dataset and args.dataset_opt and args.dataset != args.dataset_opt:
         raise ValueError(f"two datasets given: {args.dataset} and --dataset {args.dataset_opt}")
     dataset = args.dataset or args.dataset_opt or "cifar10"
@@ -63,7 +63,7 @@ def _cmd_data(args) -> int:
     if given and dataset != "imagenet":
         raise ValueError(f"{', '.join(given)}: for imagenet")
     if dataset == "imagenet":
-        from .data.imagenet import prepare_imagenet
+        from exdrop.data.imagenet import prepare_imagenet
         if args.val_size is not None:
             raise ValueError("--val-size: not for imagenet, whose validation images are ILSVRC-2012's val "
                              "folder (--val)")
@@ -74,7 +74,7 @@ def _cmd_data(args) -> int:
                                 meta=args.meta, resize=resize, short_side=short_side, lmdb=not args.lists_only,
                                 limit_per_class=args.limit_per_class, seed=args.seed or 0)
     elif dataset == "ucf101":
-        from .data.ucf101 import prepare_ucf101
+        from exdrop.data.ucf101 import prepare_ucf101
         if not args.splits:
             raise ValueError("ucf101: give --splits, the folder of classInd.txt and trainlist0N.txt / testlist0N.txt")
         info = prepare_ucf101(args.source, args.splits, args.out or "data/ucf101", split=args.split or 1,
@@ -116,7 +116,7 @@ def _data_summary(info: dict) -> str:
 def _prepare_train_data(args) -> None:
     """``--data``: convert into ``--data-dir`` once (one summary line). The default archive path,
     missing, with the LMDBs already converted in ``--data-dir``: use those, offline."""
-    from .data import official_source, prepare_cifar10
+    from exdrop.data import official_source, prepare_cifar10
     path = Path(args.data)
     if (not path.exists() and path.name == "cifar-10-python.tar.gz" and _converted(args.data_dir)):
         print(f"data: {path} not found; using the converted LMDBs in {args.data_dir} (train_lmdb, val_lmdb)")
@@ -129,7 +129,7 @@ def _prepare_train_data(args) -> None:
 def _check_solver_arg(solver: str) -> None:
     """A net prototxt given where the solver goes: say so, instead of protobuf's
     'SolverParameter has no field named ...'."""
-    from .io import read_net_prototxt, read_solver_prototxt
+    from exdrop.proto.io import read_net_prototxt, read_solver_prototxt
     try:
         read_solver_prototxt(solver)
         return
@@ -145,7 +145,7 @@ def _check_solver_arg(solver: str) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import Trainer, TrainConfig, TrainingDiverged
+    from exdrop.run.train import Trainer, TrainConfig, TrainingDiverged
     _check_solver_arg(args.solver)
     if args.net is not None and not Path(args.net).is_file():
         raise FileNotFoundError(f"--net {args.net}: no such net prototxt")
@@ -153,11 +153,11 @@ def _cmd_train(args) -> int:
         args.snapshot = _auto_resume(args)
         if args.snapshot == "finished":
             return 0
-    from . import distributed as dist
+    from exdrop.engine import distributed as dist
     world = dist.world_from_env()
     if args.data:
         if world.active:   # rank 0 converts, the others wait for it
-            from .train import pick_device
+            from exdrop.run.train import pick_device
             dist.init(world, pick_device(args.device, 0, world))
             if world.main:
                 _prepare_train_data(args)
@@ -201,8 +201,8 @@ def _auto_resume(args) -> str | None:
     "finished" when the run folder's results.json says the run already reached its max_iter."""
     if not args.out:
         raise ValueError("--snapshot auto needs --out (the run folder to resume)")
-    from .io import read_solver_prototxt
-    from .sweep import status
+    from exdrop.proto.io import read_solver_prototxt
+    from exdrop.experiments.sweep import status
     out = Path(args.out)
     if status(out) == "finished":
         done = json.loads((out / "results.json").read_text()).get("iterations") or 0
@@ -240,7 +240,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _cmd_sweep(args) -> int:
-    from . import sweep as S
+    from exdrop.experiments import sweep as S
     budget = S.BUDGETS[args.budget]
     import dataclasses
     if args.amp is not None:
@@ -304,7 +304,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_test(args) -> int:
     """``exdrop test``: a raw CIFAR-10 ``--data`` source is converted into ``--data-dir`` first, as
     ``exdrop train --data`` does; a converted folder or LMDB is read as it is."""
-    from .evaluate import default_out, evaluate, format_table, is_converted, write_report
+    from exdrop.analysis.evaluate import default_out, evaluate, format_table, is_converted, write_report
     data = args.data
     if data and not is_converted(data) and (Path(data).exists() or Path(data).name == "cifar-10-python.tar.gz"):
         try:
@@ -322,8 +322,8 @@ def _cmd_test(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from . import analysis as A
-    from . import report as R
+    from exdrop.analysis import analyze as A
+    from exdrop.analysis import report as R
     path = Path(args.path)
     common = dict(data=args.data, blob=args.blob, over_training=not args.no_over_training,
                   training_images=args.training_images, device=args.device, force=args.force)
@@ -346,7 +346,7 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import write_report
+    from exdrop.analysis.report import write_report
     images = [int(i) for i in args.saliency_images.split(",") if i.strip()]
     page, md = write_report(args.sweep, args.out, saliency=args.saliency, saliency_images=images,
                             device=args.device)
@@ -355,7 +355,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_saliency(args) -> int:
-    from .saliency import figure
+    from exdrop.analysis.saliency import figure
     ks = [int(k) for k in args.k.split(",")]
     images = [int(i) for i in args.images.split(",")]
     out = figure(args.runs, images, ks, blob=args.blob, data=args.data, contrastive=args.contrastive,
@@ -365,16 +365,16 @@ def _cmd_saliency(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from .plot import plot_run, plot_runs
+    from exdrop.run.plot import plot_run, plot_runs
     if args.fig2:
-        from .report import plot_fig2
+        from exdrop.analysis.report import plot_fig2
         print(f"wrote {plot_fig2(args.fig2, args.n, args.base_retain)}")
         if not args.runs:
             return 0
     if not args.runs:
         raise ValueError("give run folder(s), or --fig2 PNG")
     if args.utilization:
-        from .report import plot_logged_utilization
+        from exdrop.analysis.report import plot_logged_utilization
         print(f"wrote {plot_logged_utilization(args.runs, args.out or 'utilization.png')}")
         return 0
     if len(args.runs) == 1:
@@ -390,7 +390,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import main as bench_main
+    from exdrop.experiments.bench import main as bench_main
     if args.what == "cnn2-cifar10" and args.iters is None:
         args.iters = 20
     return bench_main(args)
@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--weights", action="append", metavar="NET=FILE",
                     help="the ImageNet .caffemodel a fine-tuned net starts from (repeatable, or comma-separated: "
                          "alexnet=A,vgg16=B); default: the Model Zoo file in data/weights/ "
-                         "(exdrop.pretrained.fetch); a missing file stops the sweep before it starts")
+                         "(exdrop.engine.pretrained.fetch); a missing file stops the sweep before it starts")
     sw.add_argument("--budget", choices=["paper", "cpu", "cpu-full", "cpu-200ep"], default="paper",
                     help="paper: the paper's protocol, the prototxts' solvers (CNN-2 100K iterations; UCF101: "
                          "AlexNet 5K, VGG16/19 30K); cpu: the reduced protocol of the README (5,000-image subset, 1,200 "

@@ -9,7 +9,7 @@ retain probability is P = 1 - dropout_ratio.
 import numpy as np
 import torch
 
-from exdrop.pylayer import TRAIN, caffe_module, parse_param_str  # noqa: F401 (TRAIN re-exported)
+from exdrop.engine.pylayer import TRAIN, caffe_module, parse_param_str  # noqa: F401 (TRAIN re-exported)
 
 caffe = caffe_module()
 

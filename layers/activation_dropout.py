@@ -7,7 +7,7 @@ probability is P = 1 - dropout_ratio; default 0.5), rescale, grad_rescale.
 """
 from _guided import DropoutLayerBase
 from excitation_dropout import _masks
-from exdrop import functional as Fx
+from exdrop.engine import functional as Fx
 from exdrop.nn import ActivationDropout as _Module
 
 

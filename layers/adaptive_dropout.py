@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from _guided import TRAIN, DropoutLayerBase
-from exdrop import functional as Fx
+from exdrop.engine import functional as Fx
 from exdrop.nn import AdaptiveDropout as _Module
 
 

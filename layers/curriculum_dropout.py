@@ -15,13 +15,13 @@ gradient is the same multiplier times the top diff. Test: identity.
 
 The layer needs t (class attribute ``needs_iteration``): whoever drives the
 solver sets ``layer.iteration`` before each step. The engine does it through
-``exdrop.net.Net.set_iteration`` from its solver's iteration; the Caffe backend
-(exdrop.caffe_backend) sets ``layer.iteration = solver.iter`` on this object
+``exdrop.engine.net.Net.set_iteration`` from its solver's iteration; the Caffe backend
+(exdrop.caffe.backend) sets ``layer.iteration = solver.iter`` on this object
 before every ``solver.step(1)``. A TRAIN forward inside Caffe with no iteration
 set is an error rather than a silent theta = 1 (no dropout at all).
 """
 from _guided import DropoutLayerBase
-from exdrop import functional as Fx
+from exdrop.engine import functional as Fx
 from exdrop.nn import CurriculumDropout as _Module
 
 
@@ -38,7 +38,7 @@ class CurriculumDropout(DropoutLayerBase):
         if self.iteration is None:
             raise RuntimeError(
                 "CurriculumDropout in TRAIN needs the solver's iteration t for its retain probability theta(t): "
-                "train with `exdrop train --backend caffe` (exdrop.caffe_backend sets layer.iteration = "
+                "train with `exdrop train --backend caffe` (exdrop.caffe.backend sets layer.iteration = "
                 "solver.iter before each step), or set the layer's `iteration` attribute yourself")
         m = Fx.curriculum_dropout(x.new_ones(x.shape), int(self.iteration), float(self.params["dropout_ratio"]),
                                   float(self.params["gamma"])).numpy()

@@ -17,16 +17,16 @@ Training: p_EB of the bottom blob, from a one-hot top signal at the logits,
 gives each unit's retain probability (Eqn 3); a new mask per image; on a
 convolution blob whole feature maps are dropped. Test: identity.
 In the engine the net computes p_EB before calling the layer; inside real
-Caffe the Caffe backend (exdrop.caffe_backend) installs a saliency hook on the
+Caffe the Caffe backend (exdrop.caffe.backend) installs a saliency hook on the
 layer, which runs the layers above it and Excitation Backprop on Caffe's blobs.
 """
 import numpy as np
 import torch
 
 from _guided import TRAIN, DropoutLayerBase
-from exdrop import functional as Fx
+from exdrop.engine import functional as Fx
 from exdrop.nn import ExcitationDropout as _Module
-from exdrop.pylayer import request_saliency
+from exdrop.engine.pylayer import request_saliency
 
 DEFAULTS = {"dropout_ratio": 0.5, "signal": "gt", "logits": None, "label": None, "rescale": True,
             "grad_rescale": True, "count": "all"}

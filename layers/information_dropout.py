@@ -44,9 +44,9 @@ import math
 import numpy as np
 import torch
 
-from exdrop import functional as Fx
+from exdrop.engine import functional as Fx
 from exdrop.nn import InformationDropout as _Module
-from exdrop.pylayer import TRAIN, caffe_module, parse_param_str
+from exdrop.engine.pylayer import TRAIN, caffe_module, parse_param_str
 
 caffe = caffe_module()
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from exdrop import io as cio
-from exdrop.bench import with_input_layer
-from exdrop.caffe_env import caffe_unavailable_reason
-from exdrop.pylayer import TEST, TRAIN
+from exdrop.proto import io as cio
+from exdrop.experiments.bench import with_input_layer
+from exdrop.caffe.env import caffe_unavailable_reason
+from exdrop.engine.pylayer import TEST, TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +207,7 @@ def one_iteration(folder: Path, variant: str, data_prefix: str, data_dir: Path, 
     train_val/solver pair ``variant`` with its data paths (``"data_prefix...``) moved to
     ``data_dir``; returns (net path, the solver as used, results). ``snapshot``: the final one."""
     from exdrop.proto import caffe_pb2
-    from exdrop.train import Trainer, TrainConfig
+    from exdrop.run.train import Trainer, TrainConfig
     folder = ROOT / folder
     text = (folder / f"train_val_{variant}.prototxt").read_text()
     assert text.count(f'"{data_prefix}') == 2, "a TRAIN and a TEST data layer"

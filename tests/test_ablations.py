@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from exdrop import functional as Fx
-from exdrop import io as cio
-from exdrop import sweep as S
-from exdrop.nn import ExcitationDropout
+from exdrop.engine import functional as Fx
+from exdrop.proto import io as cio
+from exdrop.experiments import sweep as S
+from exdrop.engine.nn import ExcitationDropout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import analysis as A
-from exdrop import io as cio
-from exdrop import report as R
+from exdrop.analysis import analyze as A
+from exdrop.proto import io as cio
+from exdrop.analysis import report as R
 from exdrop.cli import main as exdrop_main
-from exdrop.net import Net
-from exdrop.pylayer import TEST
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import write_tiny  # noqa: E402
@@ -101,8 +101,8 @@ def tiny_run(tmp_path_factory):
 
 def _by_hand(run):
     """Activations of ip1, the classifier's weights, labels: from the engine's forward; the rest numpy."""
-    from exdrop.evaluate import _test_data_layer, load_test_net
-    from exdrop.snapshot import load_weights
+    from exdrop.analysis.evaluate import _test_data_layer, load_test_net
+    from exdrop.engine.snapshot import load_weights
     tn = load_test_net(run / "solver.prototxt")
     _test_data_layer(tn).data_param.rand_skip = 0
     net = Net(tn.param, TEST, torch.device("cpu"), tn.source)
@@ -187,8 +187,8 @@ def test_run_analysis_matches_sums_by_hand(tiny_run):
 
 
 def test_contrastive_eb_and_switched_off_units_by_hand(tiny_run):
-    from exdrop.evaluate import load_test_net
-    from exdrop.snapshot import load_weights
+    from exdrop.analysis.evaluate import load_test_net
+    from exdrop.engine.snapshot import load_weights
     tn = load_test_net(tiny_run / "solver.prototxt")
     net = Net(tn.param, TEST, torch.device("cpu"), tn.source)
     load_weights(net, tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel")

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import io as cio
-from exdrop.net import Net, filter_layers
-from exdrop.pylayer import TRAIN
-from exdrop.caffe_env import caffe_unavailable_reason
+from exdrop.proto import io as cio
+from exdrop.engine.net import Net, filter_layers
+from exdrop.engine.pylayer import TRAIN
+from exdrop.caffe.env import caffe_unavailable_reason
 from exdrop.cli import main as exdrop_main
-from exdrop.train import Trainer, TrainConfig, TrainingDiverged, net_params, prepare_solver
+from exdrop.run.train import Trainer, TrainConfig, TrainingDiverged, net_params, prepare_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import ROOT, TINY_LOSS, TINY_NET, write_tiny  # noqa: E402
@@ -208,7 +208,7 @@ class _FakeCaffeNet:
 
 
 def test_hooks_on_a_net_without_a_loss_layer_name_the_layer(tmp_path):
-    from exdrop.caffe_backend import install_saliency_hooks
+    from exdrop.caffe.backend import install_saliency_hooks
     net_path = tmp_path / "no_loss.prototxt"
     net_path.write_text(TINY_NET.format(train="t", val="v", loss=""))
     net_param = cio.read_net_prototxt(net_path)

@@ -10,12 +10,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from exdrop import io as cio
-from exdrop.layer_types import LayerError
-from exdrop.net import Net
+from exdrop.proto import io as cio
+from exdrop.engine.layer_types import LayerError
+from exdrop.engine.net import Net
 from exdrop.proto import caffe_pb2
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.solver import ParamEntry, caffe_rate, make_solver
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.solver import ParamEntry, caffe_rate, make_solver
 
 cv2 = pytest.importorskip("cv2")
 lmdb = pytest.importorskip("lmdb")

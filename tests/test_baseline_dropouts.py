@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import functional as Fx
-from exdrop import io as cio
-from exdrop import pylayer
-from exdrop.layer_types import LayerError
-from exdrop.net import Net
-from exdrop.nn import AdaptiveDropout, CurriculumDropout
-from exdrop.pylayer import TEST, TRAIN
+from exdrop.engine import functional as Fx
+from exdrop.proto import io as cio
+from exdrop.engine import pylayer
+from exdrop.paths import LAYERS
+from exdrop.engine.layer_types import LayerError
+from exdrop.engine.net import Net
+from exdrop.engine.nn import AdaptiveDropout, CurriculumDropout
+from exdrop.engine.pylayer import TEST, TRAIN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import require_pycaffe, write_tiny  # noqa: E402
@@ -54,7 +55,7 @@ def within_binomial(kept: np.ndarray, p, sigmas: float = 5.0) -> None:
 def layers_mod():
     """The two layer classes against the stand-in caffe.Layer (as test_layers_numpy.py does),
     the process left as it was afterwards."""
-    folder = Path(pylayer.__file__).resolve().parents[1] / "layers"
+    folder = LAYERS
     names = ("caffe",) + LAYER_MODULES + tuple(f"layers.{n}" for n in LAYER_MODULES)
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.modules["caffe"] = pylayer._STAND_IN
@@ -462,7 +463,7 @@ def test_engine_param_errors_name_the_layer(tmp_path, kind, params, message):
 def test_engine_backend_hands_the_solver_iteration(tmp_path):
     """EngineBackend.step sets the solver's iteration before the forward: 0, 1, 2 on a tiny
     LMDB run, and after a resume from the iteration-3 snapshot, 3 (from the .solverstate)."""
-    from exdrop.train import EngineBackend, TrainConfig, Trainer
+    from exdrop.run.train import EngineBackend, TrainConfig, Trainer
     solver = write_tiny(tmp_path)
     net = tmp_path / "tiny_ed.prototxt"
     net.write_text(net.read_text().replace(
@@ -496,13 +497,13 @@ def test_engine_backend_hands_the_solver_iteration(tmp_path):
 @pytest.fixture
 def caffe():
     require_pycaffe("the Curriculum / Adaptive Dropout checks inside Caffe")
-    from exdrop.caffe_backend import load_caffe
+    from exdrop.caffe.backend import load_caffe
     return load_caffe()
 
 
 def _caffe_and_engine(caffe, path: Path, phase, tmp_path: Path):
     """The same net in pycaffe and in the engine, with Caffe's initial weights."""
-    from exdrop.snapshot import load_weights
+    from exdrop.engine.snapshot import load_weights
     caffe.set_random_seed(1)
     cnet = caffe.Net(str(path), caffe.TRAIN if phase == TRAIN else caffe.TEST)
     weights = tmp_path / f"{path.stem}_{phase}.caffemodel"
@@ -542,7 +543,7 @@ def test_caffe_train_phase_statistics_match_engine(caffe, tmp_path):
     """TRAIN phase, the iteration set as the Caffe backend sets it: Curriculum keeps theta(t)
     of the units, scaled by 1/theta(t), in Caffe as in the engine (t = 1000 and a large t,
     where theta = theta_bar); Adaptive keeps sigmoid(2 z - 1) of them, unscaled."""
-    from exdrop.caffe_backend import iteration_layers
+    from exdrop.caffe.backend import iteration_layers
     batch = 512
     x, y = tiny_input(batch, seed=3)
     feed = {"data": torch.from_numpy(x), "label": torch.from_numpy(y)}
@@ -576,8 +577,8 @@ def test_caffe_train_phase_statistics_match_engine(caffe, tmp_path):
 def test_caffe_backend_hands_the_iteration(caffe, tmp_path):
     """The Caffe backend sets layer.iteration = solver.iter before each solver.step(1): the
     layer's multiplier in step k holds exactly 1/theta(k) (gamma 0.2: 1, 1.22, 1.49, 1.72)."""
-    from exdrop.caffe_backend import CaffeBackend
-    from exdrop.train import TrainConfig
+    from exdrop.caffe.backend import CaffeBackend
+    from exdrop.run.train import TrainConfig
     solver = write_tiny(tmp_path)
     net = tmp_path / "tiny_ed.prototxt"
     net.write_text(net.read_text().replace(
@@ -600,7 +601,7 @@ def test_caffe_backend_hands_the_iteration(caffe, tmp_path):
 @pytest.mark.caffe
 def test_caffe_excitation_dropout_below_adaptive_is_refused(caffe, tmp_path):
     """The same refusal inside real Caffe: the p_EB hook's walk stops at the Adaptive layer."""
-    from exdrop.caffe_backend import install_saliency_hooks
+    from exdrop.caffe.backend import install_saliency_hooks
     path = write_ed_under_adaptive(tmp_path / "ed_under_adaptive.prototxt")
     cnet = caffe.Net(str(path), caffe.TRAIN)
     assert install_saliency_hooks(cnet, cio.read_net_prototxt(path), str(path)) == ["drop"]

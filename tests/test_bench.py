@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exdrop import io as cio
-from exdrop.bench import CNN2_CIFAR10, Variant, share_variants, time_steps, time_variants
+from exdrop.proto import io as cio
+from exdrop.experiments.bench import CNN2_CIFAR10, Variant, share_variants, time_steps, time_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVER = str(ROOT / "prototxt/cnn2/cifar10/solver_ed.prototxt")
@@ -113,7 +113,7 @@ def test_time_steps_interleaves_any_steppers():
 def test_utilization_cost_reports_the_share_of_a_run(capsys):
     """`exdrop bench utilization`: a test batch with Table 5's metrics against a plain one and a
     training step, interleaved; the extra per test point and the share of the two schedules."""
-    from exdrop.bench import utilization_cost
+    from exdrop.experiments.bench import utilization_cost
     res = utilization_cost(batch=4, iters=1, device=torch.device("cpu"), images=8)
     rows = res["variants"]
     assert list(rows) == ["train step (ED)", "test batch", "test batch + utilization"]

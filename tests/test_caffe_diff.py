@@ -2,7 +2,7 @@
 
 Every net here starts with Input layers (data + label), so both sides get the very same
 arrays. Weights travel between the two as .caffemodel files (Caffe's ``net.save`` ->
-``exdrop.snapshot.load_weights``, and ``exdrop.snapshot.save_weights`` -> ``caffe.Net``).
+``exdrop.engine.snapshot.load_weights``, and ``exdrop.engine.snapshot.save_weights`` -> ``caffe.Net``).
 Errors are relative to the reference: max|a - b| / max(1e-8, max|b|).
 
 What is compared:
@@ -17,7 +17,7 @@ What is compared:
   * solvers: 5 iterations of SGD (momentum) and of Adam with lr_mult / decay_mult, weight
     decay and a `step` lr policy;
   * Excitation Backprop maps (CaffeExcitation on the Caffe net vs the engine's walk);
-  * Excitation Dropout running inside real Caffe (the p_EB hook of exdrop.caffe_backend);
+  * Excitation Dropout running inside real Caffe (the p_EB hook of exdrop.caffe.backend);
   * engine-trained weights read by Caffe;
   * the Caffe backend through the shared run loop (`exdrop train --backend caffe`): its log,
     results, solver.prototxt and Caffe snapshots on an Input-layer net, the same run folder
@@ -40,16 +40,16 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import io as cio
-from exdrop import train as train_module
-from exdrop.train import TrainConfig
-from exdrop.caffe_env import caffe_unavailable_reason
+from exdrop.proto import io as cio
+from exdrop.run import train as train_module
+from exdrop.run.train import TrainConfig
+from exdrop.caffe.env import caffe_unavailable_reason
 from exdrop.cli import main as exdrop_main
-from exdrop.net import Net
+from exdrop.engine.net import Net
 from exdrop.proto import caffe_pb2
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.snapshot import load_weights, save_weights
-from exdrop.solver import make_solver
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.snapshot import load_weights, save_weights
+from exdrop.engine.solver import make_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import (CNN2_SOLVER, MISC_SHAPES, ROOT, cnn2_param, fixed_input, rel_err,  # noqa: E402
@@ -82,7 +82,7 @@ NETS = {
 # --------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def caffe():
-    from exdrop.caffe_backend import load_caffe
+    from exdrop.caffe.backend import load_caffe
     return load_caffe()  # CPU mode, layers/ importable, stand-in layer modules forgotten
 
 
@@ -146,7 +146,7 @@ def max_pool_flips(cnet, blobs: dict, net_param) -> dict:
     gradients hardly notice, but bottom diffs further down do.
     """
     import torch.nn.functional as F
-    from exdrop.layer_types import Pooling
+    from exdrop.engine.layer_types import Pooling
     flips = {}
     for lp in net_param.layer:
         if lp.type != "Pooling" or lp.pooling_param.pool != caffe_pb2.PoolingParameter.MAX:
@@ -429,7 +429,7 @@ def test_solver_steps_match(caffe, tmp_path, kind):
 
 # --------------------------------------------------------------------------- Excitation Backprop
 def _eb_pair(caffe, tmp_path, path, phase, x, y, pairs):
-    from exdrop.caffe_eb import CaffeExcitation
+    from exdrop.caffe.eb import CaffeExcitation
     caffe.set_random_seed(5)
     cnet = caffe.Net(str(path), phase)
     weights = tmp_path / "w.caffemodel"
@@ -491,7 +491,7 @@ def test_excitation_dropout_inside_caffe(caffe, tmp_path):
     cnet = caffe.Net(str(path), caffe.TRAIN)
     weights = tmp_path / "w.caffemodel"
     cnet.save(str(weights))
-    from exdrop.caffe_backend import install_saliency_hooks
+    from exdrop.caffe.backend import install_saliency_hooks
     assert install_saliency_hooks(cnet, net_param, str(path)) == ["drop"]
     x, y = fixed_input(batch, shape, classes, seed=9, scale=PIXEL)
     set_input(cnet, x, y)
@@ -582,7 +582,7 @@ def test_engine_trained_weights_load_in_caffe(caffe, tmp_path):
 # --------------------------------------------------------------------------- the Caffe backend
 PROBE = """
 import sys
-from exdrop.caffe_env import import_caffe
+from exdrop.caffe.env import import_caffe
 caffe = import_caffe()
 caffe.set_mode_cpu()
 net = caffe.Net(sys.argv[1], caffe.TEST)
@@ -748,7 +748,7 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
     assert (runs["caffe"] / "init.caffemodel").stat().st_mtime_ns == init_written   # a resume keeps it
 
     # the analysis reads a Caffe run as an engine run: its snapshots and init.caffemodel are pycaffe's
-    from exdrop.analysis import analyze_run
+    from exdrop.analysis.analyze import analyze_run
     res = analyze_run(runs["caffe"], delta=0.05, training_images=3, echo=lambda *a: None)
     f = res["final"]
     assert res["iteration"] == 6 and f["images"] == 6 and 0 < f["peb_mass"] <= 1 + 1e-5   # lost where Z = 0
@@ -764,7 +764,7 @@ def test_caffe_backend_net_without_loss_names_the_layer(caffe, tmp_path):
     del param.layer[:]
     param.layer.extend(keep)
     net_path = write_param(param, tmp_path / "no_loss.prototxt")
-    from exdrop.train import TrainConfig, train
+    from exdrop.run.train import TrainConfig, train
     cfg = TrainConfig(solver=str(_solver_for(net_path, tmp_path)), out=str(tmp_path / "run"), backend="caffe",
                       max_iter=1, progress=False)
     with pytest.raises(ValueError) as info:
@@ -901,7 +901,7 @@ def test_wrn_10_1_matches_caffe(caffe, tmp_path):
     BatchNorm running sums after one training forward match real Caffe."""
     from google.protobuf import text_format
 
-    from exdrop.wrn import wrn_net
+    from exdrop.experiments.wrn import wrn_net
     path = tmp_path / "wrn10_1.prototxt"
     param = wrn_net(10, 1, "none", input_shape=(4, 3, 32, 32))
     keep = [lp for lp in param.layer if lp.type != "Accuracy"]   # Caffe's Accuracy has no backward (force_backward)

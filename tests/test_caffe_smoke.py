@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 
-from exdrop.caffe_env import caffe_unavailable_reason, import_caffe
+from exdrop.caffe.env import caffe_unavailable_reason, import_caffe
 
 pytestmark = pytest.mark.caffe
 

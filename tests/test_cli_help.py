@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import exdrop.data
-import exdrop.train
+import exdrop.run.train
 from exdrop.cli import build_parser, main
 from exdrop.data.cifar import CIFAR10_MD5, CIFAR10_URL, download_cifar10
 
@@ -123,7 +123,7 @@ def test_train_reuses_converted_lmdbs_offline(tmp_path, monkeypatch, capsys):
     def no_conversion(*a, **k):
         raise AssertionError("converted again")
     monkeypatch.setattr(exdrop.data, "prepare_cifar10", no_conversion)
-    monkeypatch.setattr(exdrop.train, "Trainer", _FakeTrainer)
+    monkeypatch.setattr(exdrop.run.train, "Trainer", _FakeTrainer)
     _FakeTrainer.seen.clear()
     rc = main(["train", SOLVER, "--data", str(tmp_path / "cifar-10-python.tar.gz"), "--data-dir", str(data_dir),
                "--net", NET, "--keep-snapshots", "3", "--display", "7", "--out", str(tmp_path / "run")])
@@ -136,11 +136,11 @@ def test_train_reuses_converted_lmdbs_offline(tmp_path, monkeypatch, capsys):
 
 
 def test_keep_snapshots_default_is_the_trainers(tmp_path, monkeypatch):
-    monkeypatch.setattr(exdrop.train, "Trainer", _FakeTrainer)
+    monkeypatch.setattr(exdrop.run.train, "Trainer", _FakeTrainer)
     _FakeTrainer.seen.clear()
     assert main(["train", SOLVER, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     cfg = _FakeTrainer.seen[-1]
-    assert cfg.keep_snapshots == exdrop.train.TrainConfig(solver="x").keep_snapshots and cfg.net is None
+    assert cfg.keep_snapshots == exdrop.run.train.TrainConfig(solver="x").keep_snapshots and cfg.net is None
 
 
 def test_missing_net_is_named(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_conversion_prints_one_summary_line(tmp_path, monkeypatch, capsys):
                                                                "val": 5000, "val_per_class": [500] * 10},
             "shape": [3, 32, 32], "meta": str(tmp_path / "d/meta.json"), "out_dir": str(tmp_path / "d")}
     monkeypatch.setattr(exdrop.data, "prepare_cifar10", lambda *a, **k: info)
-    monkeypatch.setattr(exdrop.train, "Trainer", _FakeTrainer)
+    monkeypatch.setattr(exdrop.run.train, "Trainer", _FakeTrainer)
     assert main(["train", SOLVER, "--data", str(src), "--data-dir", str(tmp_path / "d"), "--quiet"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data:")]
     assert lines == [f"data: {tmp_path / 'd'}: train 45000, val 5000 images, 10 classes, 3x32x32 "

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import distributed as dist
-from exdrop.io import read_caffemodel
-from exdrop.net import Net
-from exdrop.pylayer import TRAIN
+from exdrop.engine import distributed as dist
+from exdrop.proto.io import read_caffemodel
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -163,7 +163,7 @@ def test_guided_dropout_gets_each_images_one_process_p_eb(fixture, monkeypatch):
     """In process, the nets of rank 0 and rank 1 of 2 against the one-process net (same seed): each
     reads its half of the same batch (the same crops and mirrors), and Excitation Dropout gets the
     one-process p_EB for each of its images; only the mask draws are the process's own."""
-    from exdrop.io import read_net_prototxt
+    from exdrop.proto.io import read_net_prototxt
     param = read_net_prototxt(str(fixture["ed"]).replace("solver_ed", "ed"))
     seen = {}
     saliency = Net._saliency
@@ -186,8 +186,8 @@ def test_guided_dropout_gets_each_images_one_process_p_eb(fixture, monkeypatch):
 
 
 def test_global_batch_must_split(fixture):
-    from exdrop.io import read_net_prototxt
-    from exdrop.net import LayerError
+    from exdrop.proto.io import read_net_prototxt
+    from exdrop.engine.net import LayerError
     param = read_net_prototxt(str(fixture["plain"]).replace("solver_plain", "plain"))
     with pytest.raises((ValueError, LayerError), match="batch_size 8 does not split over 3 processes"):
         Net(param, TRAIN, "cpu", "plain", world=dist.World(0, 3))

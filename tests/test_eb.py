@@ -1,4 +1,4 @@
-"""Excitation Backprop (exdrop.eb and the layers' ``excite``): a hand-computed fc example
+"""Excitation Backprop (exdrop.engine.eb and the layers' ``excite``): a hand-computed fc example
 (Eqn 2), conv/pooling rules against naive numpy loops, zero inputs, and conservation of
 probability mass through CNN-2."""
 from pathlib import Path
@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from exdrop import eb, io
-from exdrop.bench import with_input_layer
-from exdrop.net import Net
-from exdrop.nn import excitation_through
-from exdrop.pylayer import TEST
+from exdrop.engine import eb
+from exdrop.proto import io
+from exdrop.experiments.bench import with_input_layer
+from exdrop.engine.net import Net
+from exdrop.engine.nn import excitation_through
+from exdrop.engine.pylayer import TEST
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN2_ED = ROOT / "prototxt/cnn2/cifar10/train_val_ed.prototxt"

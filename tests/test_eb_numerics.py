@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.grad import conv2d_input
 
-from exdrop import eb, io
-from exdrop import functional as Fx
-from exdrop.nn import ExcitationDropout, excitation_through
-from exdrop.pylayer import TEST
-from exdrop.net import Net
+from exdrop.engine import eb
+from exdrop.proto import io
+from exdrop.engine import functional as Fx
+from exdrop.engine.nn import ExcitationDropout, excitation_through
+from exdrop.engine.pylayer import TEST
+from exdrop.engine.net import Net
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

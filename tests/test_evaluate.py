@@ -1,4 +1,4 @@
-"""`exdrop test` (exdrop/evaluate.py): a tiny run's own logged test accuracy and loss reproduced
+"""`exdrop test` (exdrop/analysis/evaluate.py): a tiny run's own logged test accuracy and loss reproduced
 from its snapshots, each image counted once with a partial last batch (against a one-batch
 reference computed here), Caffe's wrap-around when a batch count is given, the data folder
 rules, scores without an Accuracy layer, the named errors, the confusion image, the command
@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 import exdrop.data
-import exdrop.evaluate as ev
-from exdrop import io as cio
+import exdrop.analysis.evaluate as ev
+from exdrop.proto import io as cio
 from exdrop.cli import build_parser, main
 from exdrop.data import DatumLMDB, write_datum_lmdb
-from exdrop.net import Net
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.snapshot import save_weights
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.snapshot import save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import require_pycaffe, write_tiny  # noqa: E402
@@ -82,7 +82,7 @@ def _reference(net_path, weights, lmdb):
     with DatumLMDB(lmdb) as db:
         n = len(db)
     net = Net(param, TEST, "cpu", str(net_path), batch_size=n)
-    from exdrop.snapshot import load_weights
+    from exdrop.engine.snapshot import load_weights
     load_weights(net, weights)
     with torch.no_grad():
         blobs = net()
@@ -286,7 +286,7 @@ def test_confusion_figure_normalises_rows_and_drops_cell_text_from_100_classes()
     big = ev.confusion_figure(np.eye(120, dtype=int) * 3 + 1, None, "t")
     assert len(big.axes[0].texts) == 0 and np.allclose(big.axes[0].images[0].get_array().sum(1), 1.0)
     assert len(ev.confusion_figure(np.eye(99, dtype=int), None, "t").axes[0].texts) == 99
-    from exdrop.plot import _pyplot
+    from exdrop.run.plot import _pyplot
     _pyplot().close("all")
 
 

@@ -1,5 +1,5 @@
-"""The functional core of guided dropout (exdrop.functional) and the drop-in modules
-(exdrop.nn): Eqn 3 at its three design constraints, mask statistics, the per-image
+"""The functional core of guided dropout (exdrop.engine.functional) and the drop-in modules
+(exdrop.engine.nn): Eqn 3 at its three design constraints, mask statistics, the per-image
 rescale, whole-map dropping on convolution blobs, and the drop-in ExcitationDropout
 against the prototxt engine's p_EB."""
 import math
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from exdrop import functional as Fx
-from exdrop import io
-from exdrop.net import Net
-from exdrop.nn import ActivationDropout, ExcitationDropout, StandardDropout, excitation_through
-from exdrop.pylayer import TEST
+from exdrop.engine import functional as Fx
+from exdrop.proto import io
+from exdrop.engine.net import Net
+from exdrop.engine.nn import ActivationDropout, ExcitationDropout, StandardDropout, excitation_through
+from exdrop.engine.pylayer import TEST
 
 NS = [2, 3, 10, 100, 2048]
 PS = [0.1, 0.25, 0.5, 0.8, 0.95]

@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import functional as Fx
-from exdrop import io as cio
-from exdrop import pylayer
-from exdrop.layer_types import LayerError
-from exdrop.net import Net
-from exdrop.nn import InformationDropout
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.snapshot import load_weights, save_weights
+from exdrop.engine import functional as Fx
+from exdrop.proto import io as cio
+from exdrop.engine import pylayer
+from exdrop.engine.layer_types import LayerError
+from exdrop.engine.net import Net
+from exdrop.engine.nn import InformationDropout
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.snapshot import load_weights, save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import rel_err, require_pycaffe  # noqa: E402
@@ -565,7 +565,7 @@ def test_excitation_backprop_passes_an_information_dropout_in_the_head(tmp_path)
 @pytest.fixture(scope="module")
 def caffe():
     require_pycaffe("Information Dropout inside real Caffe")
-    from exdrop.caffe_backend import load_caffe
+    from exdrop.caffe.backend import load_caffe
     return load_caffe()
 
 
@@ -644,7 +644,7 @@ random_seed: 1
 
 @pytest.mark.caffe
 def test_caffe_solver_steps_train_the_layer_like_the_engine(caffe, tmp_path):
-    from exdrop.solver import make_solver
+    from exdrop.engine.solver import make_solver
     path = write_net(tmp_path)
     sp_path = tmp_path / "solver.prototxt"
     sp_path.write_text(SOLVER.format(net=path.resolve(), prefix=tmp_path / "snap"))

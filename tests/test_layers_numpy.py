@@ -1,6 +1,6 @@
 """The Caffe Python dropout layers of ``layers/`` driven the way Caffe drives them:
 setup/reshape/forward/backward on numpy blobs (``.data``, ``.diff``), p_EB asked for
-through :func:`exdrop.pylayer.request_saliency` on every TRAIN forward, the multipliers of
+through :func:`exdrop.engine.pylayer.request_saliency` on every TRAIN forward, the multipliers of
 ``DropoutLayerBase`` for forward and backward. These run against the engine's stand-in
 ``caffe.Layer``; one test repeats the fresh-p_EB check inside real pycaffe (skipped, with a
 warning, where `make caffe` has not built it)."""
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import pylayer
-from exdrop.pylayer import TEST, TRAIN, set_saliency_hook
+from exdrop.engine import pylayer
+from exdrop.paths import LAYERS
+from exdrop.engine.pylayer import TEST, TRAIN, set_saliency_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import require_pycaffe  # noqa: E402
@@ -43,7 +44,7 @@ def layers_mod():
 
     The files are loaded as ``layers.<file>`` (aliased to the bare names the files import each
     other by), so a function's ``__module__`` names its file as `make mutation` (mutmut) does."""
-    folder = Path(pylayer.__file__).resolve().parents[1] / "layers"
+    folder = LAYERS
     names = ("caffe",) + LAYER_MODULES + tuple(f"layers.{n}" for n in LAYER_MODULES)
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.modules["caffe"] = pylayer._STAND_IN
@@ -269,8 +270,8 @@ def _p_eb_by_hand(h, w2, label):
 @pytest.mark.caffe
 def test_caffe_hook_gives_fresh_p_eb_every_forward(tmp_path):
     require_pycaffe("the fresh-p_EB check inside Caffe")
-    from exdrop import io as cio
-    from exdrop.caffe_backend import install_saliency_hooks, load_caffe
+    from exdrop.proto import io as cio
+    from exdrop.caffe.backend import install_saliency_hooks, load_caffe
     caffe = load_caffe()
     b = 5
     path = tmp_path / "tiny_ed.prototxt"

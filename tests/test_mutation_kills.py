@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop.layer_types import Accuracy, SoftmaxWithLoss
+from exdrop.engine.layer_types import Accuracy, SoftmaxWithLoss
 from exdrop.proto import caffe_pb2
-from exdrop.pylayer import TRAIN
+from exdrop.engine.pylayer import TRAIN
 
 NEG_LOG_FLT_MIN = 87.33654475   # -log(FLT_MIN), float32's smallest normal 1.17549435e-38
 L = caffe_pb2.LossParameter
@@ -155,9 +155,9 @@ def test_accuracy_ignore_label_leaves_those_out_of_both_counts():
     assert acc.item() == pytest.approx(2 / 3, abs=1e-7)   # rows 1, 2, 3: hits 1, 0, 1
 
 
-# ------------------------------------------------------------------ solver edges (exdrop/solver.py)
+# ------------------------------------------------------------------ solver edges (exdrop/engine/solver.py)
 
-from exdrop.solver import ParamEntry, make_solver  # noqa: E402
+from exdrop.engine.solver import ParamEntry, make_solver  # noqa: E402
 
 
 def _sp(**kw):
@@ -196,7 +196,7 @@ def test_rmsprop_accepts_the_bounds_of_rms_decay():
 
 
 def test_unknown_solver_type_lists_the_known_ones_and_names_the_file():
-    from exdrop.solver import SOLVER_TYPES
+    from exdrop.engine.solver import SOLVER_TYPES
     with pytest.raises(ValueError) as ei:
         make_solver(_sp(type="Lion"), [], source="s.prototxt")
     assert str(ei.value) == f"s.prototxt: Unknown solver type: 'Lion' (known types: {', '.join(SOLVER_TYPES)})"

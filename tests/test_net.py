@@ -1,4 +1,4 @@
-"""The prototxt -> torch graph engine (exdrop.net, exdrop.layer_types): Caffe's pooling
+"""The prototxt -> torch graph engine (exdrop.engine.net, exdrop.engine.layer_types): Caffe's pooling
 arithmetic, CNN-2 shapes, error messages, phase filtering, in-place layers, fillers and
 ParamSpecs, fan-out blobs, the numpy bridge for Caffe Python layers, and moving the
 Excitation Dropout layer to other places of CNN-2."""
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from exdrop import io
-from exdrop.bench import with_input_layer
-from exdrop.eb import eb_linear, eb_relu, one_hot_signal
-from exdrop.layer_types import LayerError, Pooling, caffe_pooled_size
-from exdrop.net import Net, filter_layers
+from exdrop.proto import io
+from exdrop.experiments.bench import with_input_layer
+from exdrop.engine.eb import eb_linear, eb_relu, one_hot_signal
+from exdrop.engine.layer_types import LayerError, Pooling, caffe_pooled_size
+from exdrop.engine.net import Net, filter_layers
 from exdrop.proto import caffe_pb2
-from exdrop.pylayer import TEST, TRAIN
+from exdrop.engine.pylayer import TEST, TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN2_DIR = ROOT / "prototxt/cnn2/cifar10"
@@ -467,7 +467,7 @@ def _bridge(tmp_path, module, base_import, base):
 
 def test_python_layer_numpy_bridge(tmp_path):
     _bridge(tmp_path, "exdrop_test_double_stand_in",
-            "from exdrop.pylayer import caffe_module\ncaffe = caffe_module()", "caffe.Layer")
+            "from exdrop.engine.pylayer import caffe_module\ncaffe = caffe_module()", "caffe.Layer")
 
 
 def test_python_layer_numpy_bridge_plain_class(tmp_path):

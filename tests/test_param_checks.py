@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exdrop import eb
-from exdrop import functional as Fx
+from exdrop.engine import eb
+from exdrop.engine import functional as Fx
 from exdrop.proto import caffe_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,4 +1,4 @@
-"""exdrop.plot: curves.png from a run folder's log.csv, and several runs overlaid."""
+"""exdrop.run.plot: curves.png from a run folder's log.csv, and several runs overlaid."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from exdrop.plot import plot_run, plot_runs, read_log
+from exdrop.run.plot import plot_run, plot_runs, read_log
 
 
 def _png_size(path):

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exdrop import io as cio
-from exdrop.bench import with_input_layer
-from exdrop.net import Net
-from exdrop.pretrained import (TORCHVISION_MEAN, TORCHVISION_STD, caffe_to_torch_conv1, input_transform,
+from exdrop.proto import io as cio
+from exdrop.experiments.bench import with_input_layer
+from exdrop.engine.net import Net
+from exdrop.engine.pretrained import (TORCHVISION_MEAN, TORCHVISION_STD, caffe_to_torch_conv1, input_transform,
                                load_pretrained, torch_to_caffe_conv1)
 from exdrop.proto import caffe_pb2
-from exdrop.pylayer import TEST
+from exdrop.engine.pylayer import TEST
 
 ROOT = Path(__file__).resolve().parents[1]
 VGG16 = ROOT / "prototxt/vgg16/ucf101/train_val_none.prototxt"

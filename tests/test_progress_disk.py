@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from exdrop import train as train_module
-from exdrop.snapshot import prune_snapshots
-from exdrop.train import Trainer, TrainConfig
+from exdrop.run import train as train_module
+from exdrop.engine.snapshot import prune_snapshots
+from exdrop.run.train import Trainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import write_tiny  # noqa: E402
@@ -198,7 +198,7 @@ def test_net_override(tiny, tmp_path):
     res = Trainer(_cfg(solver, out, max_iter=2, net=str(other))).run()
     assert res["net_override"] == str(other)
     assert res["net"] == str(other.resolve())
-    from exdrop import io as cio
+    from exdrop.proto import io as cio
     used = cio.read_solver_prototxt(out / "solver.prototxt")
     assert used.net == str(other.resolve()) and not used.HasField("train_net") and not len(used.test_net)
     assert res["test_accuracy"] is not None   # the override's TEST phase is the test net
@@ -231,16 +231,16 @@ def test_interrupt_prints_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
 
 def test_a_plot_failure_is_a_warning(tiny, tmp_path, monkeypatch, capsys):
     import types
-    fake = types.ModuleType("exdrop.plot")
+    fake = types.ModuleType("exdrop.run.plot")
 
     def broken(folder):
         raise RuntimeError("no matplotlib here")
     fake.plot_run = broken
-    monkeypatch.setitem(sys.modules, "exdrop.plot", fake)
+    monkeypatch.setitem(sys.modules, "exdrop.run.plot", fake)
     import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "exdrop.plot" else find_spec(name, *a))
+                        lambda name, *a: object() if name == "exdrop.run.plot" else find_spec(name, *a))
     res = Trainer(_cfg(tiny, tmp_path / "run", max_iter=2)).run()
     assert res["status"] == "finished"
     assert "exdrop: warning: no training curves" in capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_a_plot_failure_is_a_warning(tiny, tmp_path, monkeypatch, capsys):
 
 def test_interrupt_message_for_the_makefile_solver(tmp_path, capsys):
     """The CIFAR-10 solvers get the make line too (without training: the message alone)."""
-    from exdrop import distributed
+    from exdrop.engine import distributed
     trainer = Trainer.__new__(Trainer)
     trainer.world = distributed.ONE
     trainer.cfg = TrainConfig(solver="prototxt/cnn2/cifar10/solver_ed.prototxt", out="models/quick", max_iter=300)

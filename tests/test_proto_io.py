@@ -1,4 +1,4 @@
-"""Caffe schema (exdrop.proto) and file IO (exdrop.io)."""
+"""Caffe schema (exdrop.proto) and file IO (exdrop.proto.io)."""
 import os
 import shutil
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from exdrop import io
+from exdrop.proto import io
 from exdrop.proto import DESCRIPTOR_SET_PATH, caffe_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from exdrop import io, layer_types
-from exdrop.bench import with_input_layer
-from exdrop.net import Net, filter_layers
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.solver import make_solver
+from exdrop.proto import io
+from exdrop.engine import layer_types
+from exdrop.experiments.bench import with_input_layer
+from exdrop.engine.net import Net, filter_layers
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.solver import make_solver
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "prototxt"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exdrop.layer_types import REGISTRY, TORCH_MODULES
+from exdrop.engine.layer_types import REGISTRY, TORCH_MODULES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -32,10 +32,10 @@ def test_module_docstring_examples_run():
 
     import torch
 
-    import exdrop.nn
+    import exdrop.engine.nn
 
     torch.manual_seed(0)
-    res = doctest.testmod(exdrop.nn, extraglobs={"torch": torch, "nn": torch.nn}, optionflags=doctest.ELLIPSIS)
+    res = doctest.testmod(exdrop.engine.nn, extraglobs={"torch": torch, "nn": torch.nn}, optionflags=doctest.ELLIPSIS)
     assert res.attempted >= 7 and res.failed == 0, res
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import io as cio
+from exdrop.proto import io as cio
 from exdrop.cli import main as exdrop_main
-from exdrop.pylayer import load_layer_class
-from exdrop import train as train_module
-from exdrop.train import CLAMPED_LOSS, Trainer, TrainConfig, TrainingDiverged, prepare_solver
+from exdrop.engine.pylayer import load_layer_class
+from exdrop.run import train as train_module
+from exdrop.run.train import CLAMPED_LOSS, Trainer, TrainConfig, TrainingDiverged, prepare_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import ROOT, write_tiny  # noqa: E402
@@ -64,7 +64,7 @@ class _KeepAllSnapshots(TrainConfig):
 # os.replace that would publish the file of snapshot N ending in SUFFIX (`rename:N:SUFFIX`).
 KILLER = r'''
 import os, signal, sys
-from exdrop import train
+from exdrop.run import train
 kind, n, *rest = os.environ["EXDROP_TEST_KILL"].split(":")
 n = int(n)
 if kind == "iter":

@@ -18,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from exdrop import eb, io
-from exdrop.layer_types import REGISTRY, TORCH_MODULES, Layer, LayerError, register
-from exdrop.net import Net
-from exdrop.nn import ExcitationDropout, excitation_through
-from exdrop.pylayer import TEST
+from exdrop.engine import eb
+from exdrop.proto import io
+from exdrop.engine.layer_types import REGISTRY, TORCH_MODULES, Layer, LayerError, register
+from exdrop.engine.net import Net
+from exdrop.engine.nn import ExcitationDropout, excitation_through
+from exdrop.engine.pylayer import TEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import require_pycaffe  # noqa: E402
@@ -133,9 +134,9 @@ def test_without_the_class_the_type_is_unknown_everywhere(tmp_path):
 
 def test_caffe_side_uses_the_same_table(absval, tmp_path):
     require_pycaffe("the Caffe side of the rule table")
-    from exdrop.caffe_env import import_caffe
-    from exdrop.caffe_eb import CaffeExcitation
-    from exdrop.snapshot import save_weights
+    from exdrop.caffe.env import import_caffe
+    from exdrop.caffe.eb import CaffeExcitation
+    from exdrop.engine.snapshot import save_weights
 
     caffe = import_caffe()
     caffe.set_mode_cpu()
@@ -156,7 +157,7 @@ def test_caffe_side_uses_the_same_table(absval, tmp_path):
 # ------------------------------------------------------------------ one place for each rule
 
 def test_eb_kernels_are_applied_by_the_layer_types_only():
-    """No second copy of a rule: the kernels of exdrop/eb.py are called from layer_types.py alone."""
+    """No second copy of a rule: the kernels of exdrop/engine/eb.py are called from layer_types.py alone."""
     kernels = [n for n in dir(eb) if n.startswith("eb_")]
     assert {"eb_linear", "eb_conv2d", "eb_relu", "eb_max_pool2d", "eb_avg_pool2d"} <= set(kernels)
     for path in sorted((ROOT / "exdrop").rglob("*.py")) + sorted((ROOT / "layers").glob("*.py")):

@@ -1,4 +1,4 @@
-"""Caffe's solvers (exdrop.solver) against hand-computed values and a plain numpy
+"""Caffe's solvers (exdrop.engine.solver) against hand-computed values and a plain numpy
 re-implementation of src/caffe/solvers/*.cpp."""
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from exdrop import io
+from exdrop.proto import io
 from exdrop.proto import caffe_pb2
-from exdrop.solver import ParamEntry, make_solver
+from exdrop.engine.solver import ParamEntry, make_solver
 
 
 def solver_param(**kw) -> caffe_pb2.SolverParameter:
@@ -291,6 +291,6 @@ def test_solver_prototxt_end_to_end():
     sp = io.parse_solver('base_lr: 0.001 lr_policy: "multistep" gamma: 0.1 stepvalue: 25000 '
                          'momentum: 0.9 weight_decay: 0.0005 type: "Nesterov"')
     assert type(make_solver(sp, [])).type_name == "Nesterov"
-    from exdrop.solver import AdamSolver, Solver
+    from exdrop.engine.solver import AdamSolver, Solver
     s = Solver(solver_param(type="Adam", base_lr=0.1, lr_policy="fixed"), [])
     assert isinstance(s, AdamSolver) and s.iter == 0

@@ -140,7 +140,7 @@ def test_stream_errors_name_the_record(tmp_path):
 
 def test_net_streams_when_the_data_would_not_fit(lmdb, monkeypatch, tmp_path):
     """Above RESIDENT_BYTES a Net's Data layer reads from disk, and a step trains on it."""
-    from exdrop.net import Net
+    from exdrop.engine.net import Net
     path, _, _ = lmdb
     net = caffe_pb2.NetParameter()
     net.layer.add().CopyFrom(_lp("Data", str(path), batch=4))

@@ -1,4 +1,4 @@
-"""The sweep runner (exdrop.sweep, `exdrop sweep`, `make table2` / `make table4`).
+"""The sweep runner (exdrop.experiments.sweep, `exdrop sweep`, `make table2` / `make table4`).
 
 A tiny sweep on a generated CIFAR-10-like image tree runs end to end in subprocesses; the
 tables are checked on run folders with known numbers; a stopped sweep resumes.
@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from exdrop import io as cio
-from exdrop import sweep as S
+from exdrop.proto import io as cio
+from exdrop.experiments import sweep as S
 
 TINY = S.Budget("tiny", "test budget: 10 images per class, 4 iterations", train_per_class=10, val_per_class=10,
                 max_iter=4, stepvalue=2, test_interval=2, snapshot=2, display=1)
@@ -155,7 +155,7 @@ def test_tiny_sweep_runs_skips_finished_and_resumes(image_tree, tmp_path):
     summary = S.collect(tmp_path)
     assert all(c["seeds"] == 1 and 0 <= c["mean"] <= 100 for c in summary["cells"])
     # `exdrop test` on a run's final snapshot gives the run's own final test accuracy and loss
-    from exdrop.evaluate import evaluate
+    from exdrop.analysis.evaluate import evaluate
     for r in runs:
         res = json.loads((r.folder / "results.json").read_text())
         model = next((r.folder / "snapshots").glob("*_iter_4.caffemodel"))

@@ -1,4 +1,4 @@
-"""Table 3 through the sweep runner: AlexNet / VGG16 / VGG19 fine-tuned on UCF101 (exdrop.sweep,
+"""Table 3 through the sweep runner: AlexNet / VGG16 / VGG19 fine-tuned on UCF101 (exdrop.experiments.sweep,
 `exdrop sweep --table 3`, `make table3`, `make finetune-ucf101`).
 
 The UCF101 fixture videos (tests/ucf101_videos.py) are converted with prepare_ucf101 at the
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exdrop import io as cio
-from exdrop import sweep as S
+from exdrop.proto import io as cio
+from exdrop.experiments import sweep as S
 from exdrop.data.ucf101 import prepare_ucf101
 from exdrop.proto import caffe_pb2
 

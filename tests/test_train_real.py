@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from exdrop.data import prepare_cifar10
-from exdrop.train import TrainConfig, train
+from exdrop.run.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TGZ = ROOT.parent / "shared/data/cifar10-jpg/train.tgz"

@@ -14,10 +14,10 @@ import torch
 from exdrop.cli import main as exdrop_main
 from exdrop.data import DatumLMDB
 from exdrop.data.ucf101 import prepare_ucf101, read_split_lists
-from exdrop.evaluate import evaluate
-from exdrop.net import Net
-from exdrop.pylayer import TEST
-from exdrop.snapshot import save_weights
+from exdrop.analysis.evaluate import evaluate
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TEST
+from exdrop.engine.snapshot import save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import one_iteration  # noqa: E402
@@ -64,7 +64,7 @@ layer {{ name: "fc" type: "InnerProduct" bottom: "data" top: "fc"
   inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.05 }} }} }}
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }}
 """)
-    from exdrop import io as cio
+    from exdrop.proto import io as cio
     torch.manual_seed(0)
     net = Net(cio.read_net_prototxt(net_path), TEST, "cpu", str(net_path))
     weights = tmp_path / "w.caffemodel"

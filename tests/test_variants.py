@@ -1,4 +1,4 @@
-"""The train_val_/solver_ variants are generated from the base files (exdrop/variants.py):
+"""The train_val_/solver_ variants are generated from the base files (exdrop/experiments/variants.py):
 the committed files are up to date, parse, hold exactly the table's dropout layers right
 after their ReLUs and are their base otherwise; the bases are complete nets and solvers."""
 import ast
@@ -8,12 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from exdrop import io, layer_types, variants
-from exdrop.bench import with_input_layer
-from exdrop.net import Net
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.solver import make_solver
-from exdrop.variants import PROTO, TABLE, Drop
+from exdrop.proto import io
+from exdrop.engine import layer_types
+from exdrop.experiments import variants
+from exdrop.experiments.bench import with_input_layer
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.solver import make_solver
+from exdrop.experiments.variants import PROTO, TABLE, Drop
 
 GENERATED = variants.generate()
 VARIANTS = [(folder, name) for folder, vs in TABLE.items() for name in vs]
@@ -36,7 +38,7 @@ def test_committed_files_are_regenerated_unchanged():
 
 
 def test_every_committed_variant_comes_from_the_table():
-    from exdrop.wrn import DROPOUT, OUT   # the WRN prototxts have their own generator (tests/test_wrn.py)
+    from exdrop.experiments.wrn import DROPOUT, OUT   # the WRN prototxts have their own generator (tests/test_wrn.py)
     wrn = {OUT / f"{kind}_{v}.prototxt" for v in DROPOUT for kind in ("train_val", "solver")}
     on_disk = set(PROTO.rglob("train_val_*.prototxt")) | set(PROTO.rglob("solver_*.prototxt"))
     assert on_disk == set(GENERATED) | wrn

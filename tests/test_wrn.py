@@ -10,11 +10,11 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from exdrop import io as cio
-from exdrop.net import Net
-from exdrop.pylayer import TEST, TRAIN
-from exdrop.solver import make_solver
-from exdrop.wrn import OUT, solver, wrn_net, write_all
+from exdrop.proto import io as cio
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.solver import make_solver
+from exdrop.experiments.wrn import OUT, solver, wrn_net, write_all
 
 
 def test_committed_prototxts_are_the_generated_ones(tmp_path):

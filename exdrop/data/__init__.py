@@ -15,15 +15,15 @@ Public API::
     make_source(layer_param, phase, device, seed=None, part=None, stream=None) -> BatchSource | StreamSource
         (StreamSource: read from disk batch by batch, for data sets larger than memory)
 """
-from .caltech import CALTECH256_MD5, CALTECH256_SPLITS, CALTECH256_URL, caltech256_split, prepare_caltech256
-from .cifar import (CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, CIFAR100_MD5, CIFAR100_URL, download_cifar10,
+from exdrop.data.caltech import CALTECH256_MD5, CALTECH256_SPLITS, CALTECH256_URL, caltech256_split, prepare_caltech256
+from exdrop.data.cifar import (CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, CIFAR100_MD5, CIFAR100_URL, download_cifar10,
                     download_cifar100, md5sum, official_source, prepare_cifar10, prepare_cifar100, read_cifar10_python,
                     read_cifar100_python)
-from .imagenet import IMAGENET_URL, prepare_imagenet
-from .images import open_image_source, prepare_image_dataset, read_image_list
-from .lmdb_datum import CorruptRecordError, DatumLMDB, array_to_datum, datum_to_array, write_datum_lmdb
-from .sources import BatchSource, DataTransformer, load_image_list_data, resolve_source
-from .stream import StreamSource, make_source
+from exdrop.data.imagenet import IMAGENET_URL, prepare_imagenet
+from exdrop.data.images import open_image_source, prepare_image_dataset, read_image_list
+from exdrop.data.lmdb_datum import CorruptRecordError, DatumLMDB, array_to_datum, datum_to_array, write_datum_lmdb
+from exdrop.data.sources import BatchSource, DataTransformer, load_image_list_data, resolve_source
+from exdrop.data.stream import StreamSource, make_source
 
 __all__ = [
     "write_datum_lmdb", "DatumLMDB", "CorruptRecordError", "array_to_datum", "datum_to_array",

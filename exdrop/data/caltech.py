@@ -39,8 +39,8 @@ from typing import Callable
 
 import numpy as np
 
-from .cifar import _warn_md5
-from .images import RawDataset, RawSplit, _decode, _imread, _is_image, _iter_tar, _prepare
+from exdrop.data.cifar import _warn_md5
+from exdrop.data.images import RawDataset, RawSplit, _decode, _imread, _is_image, _iter_tar, _prepare
 
 __all__ = ["CALTECH256_URL", "CALTECH256_MD5", "CALTECH256_SPLITS", "prepare_caltech256", "caltech256_split"]
 

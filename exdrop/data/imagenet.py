@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import RawDataset, RawSplit, _finish, _imread, _is_image, _pick_per_class, _prepare, resize_short_side
+from exdrop.data.images import RawDataset, RawSplit, _finish, _imread, _is_image, _pick_per_class, _prepare, resize_short_side
 
 __all__ = ["prepare_imagenet", "list_train", "read_val_labels", "list_val", "IMAGENET_URL"]
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .lmdb_datum import write_datum_lmdb
+from exdrop.data.lmdb_datum import write_datum_lmdb
 
 __all__ = ["prepare_image_dataset", "open_image_source", "read_image_list", "RawDataset", "RawSplit",
            "IMAGE_EXTS", "resize_short_side"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lmdb_datum import close_shared, open_shared
+from exdrop.data.lmdb_datum import close_shared, open_shared
 
 __all__ = ["BatchSource", "DataTransformer", "resolve_source", "load_image_list_data", "read_list_entries"]
 
@@ -52,7 +52,7 @@ def resolve_source(path: str, layer_name: str = "", what: str = "source") -> Pat
 
 
 def _read_mean(path: Path) -> np.ndarray:
-    from exdrop.io import read_binaryproto_mean   # lazy: (C,H,W) float32
+    from exdrop.proto.io import read_binaryproto_mean   # lazy: (C,H,W) float32
     return np.asarray(read_binaryproto_mean(str(path)), np.float32)
 
 
@@ -112,7 +112,7 @@ class DataTransformer:
                  part: slice | None = None) -> torch.Tensor:
         """Transform ``data[idx]`` (data: (N,C,H,W) resident tensor, idx: (B,) int64) -> float32.
         ``part``: only these images of the batch, with the crops and mirrors drawn for the whole
-        batch (a process's share of a global batch, :mod:`exdrop.distributed`)."""
+        batch (a process's share of a global batch, :mod:`exdrop.engine.distributed`)."""
         c, h, w = self.in_shape
         b = idx.numel()
         dev = data.device
@@ -169,7 +169,7 @@ class BatchSource:
                  kind: str = "Data", part: slice | None = None):
         if batch_size <= 0:
             raise ValueError(f"layer '{name}': batch_size must be positive")
-        self.part = part   # this process's images of each batch (many processes: exdrop.distributed)
+        self.part = part   # this process's images of each batch (many processes: exdrop.engine.distributed)
         self.name, self.kind = name, kind
         self.batch_size = int(batch_size)
         self.phase = _phase(phase)

@@ -24,8 +24,8 @@ import torch
 
 from exdrop.proto import caffe_pb2
 
-from .lmdb_datum import CorruptRecordError, DatumLMDB, close_shared, open_shared
-from .sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
+from exdrop.data.lmdb_datum import CorruptRecordError, close_shared, open_shared
+from exdrop.data.sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
                       read_list_entries, resolve_source)
 
 # decoded images above this many bytes are read from disk batch by batch, below it held in memory

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import RawDataset, RawSplit, _imread, _prepare, resize_short_side
+from exdrop.data.images import RawDataset, RawSplit, _imread, _prepare, resize_short_side
 
 __all__ = ["prepare_ucf101", "read_split_lists", "extract_frames"]
 

@@ -1,6 +1,6 @@
 """What a training backend is, and what both backends and the tools after training share: the
 run's configuration (:class:`TrainConfig`), the device, the effective solver and its nets, the
-:class:`Backend` interface that the training loop (:mod:`exdrop.train`) schedules.
+:class:`Backend` interface that the training loop (:mod:`exdrop.run.train`) schedules.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from google.protobuf import text_format
 
-from . import distributed as dist
-from . import io as cio
+from exdrop.engine import distributed as dist
+from exdrop.proto import io as cio
 
 BACKENDS = ("engine", "caffe")
 

@@ -112,7 +112,7 @@ def parse_solver(text: str, filename: str = "<string>") -> caffe_pb2.SolverParam
     return sp
 
 
-# Caffe's solver types (exdrop.solver implements each under this name) and the legacy enum's names
+# Caffe's solver types (exdrop.engine.solver implements each under this name) and the legacy enum's names
 SOLVER_TYPE_NAMES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 _LEGACY_SOLVER_TYPES = {caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
                         caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",

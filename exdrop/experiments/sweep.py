@@ -59,10 +59,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io as cio
-from .runlog import plan_run_folder as run_folder
+from exdrop.paths import REPO_ROOT
+from exdrop.proto import io as cio
+from exdrop.run.runlog import plan_run_folder as run_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT   # the checkout: prototxt/, layers/ (exdrop.paths)
 PROTO = ROOT / "prototxt"
 
 # ------------------------------------------------------------------ what a sweep can run
@@ -101,12 +102,12 @@ DATASETS = {   # dataset -> prototxt folder ("{net}": the net's folder), default
     "caltech256": ("cnn2/caltech256", "data/256_ObjectCategories.tar"),
     "ucf101": ("{net}/ucf101", "data/ucf101"),   # the converted folder of `make data-ucf101`
 }
-# net -> the ImageNet weights it is fine-tuned from (exdrop.pretrained.MODEL_ZOO), None: from scratch
+# net -> the ImageNet weights it is fine-tuned from (exdrop.engine.pretrained.MODEL_ZOO), None: from scratch
 NETS = {"cnn2": None, "alexnet": "bvlc_alexnet.caffemodel", "vgg16": "VGG_ILSVRC_16_layers.caffemodel",
         "vgg19": "VGG_ILSVRC_19_layers.caffemodel"}
 NET_LABELS = {"cnn2": "CNN-2", "alexnet": "AlexNet", "vgg16": "VGG16", "vgg19": "VGG19"}
 DATASET_NETS = {"ucf101": ("alexnet", "vgg16", "vgg19")}   # the others: cnn2
-WEIGHTS_DIR = "data/weights"   # where exdrop.pretrained.fetch puts the Model Zoo files
+WEIGHTS_DIR = "data/weights"   # where exdrop.engine.pretrained.fetch puts the Model Zoo files
 TABLE3_ROWS = ("vgg16", "vgg19", "alexnet")   # the paper's row order
 FINAL_TEST = "final_test"      # RUN/final_test/test.json: a fine-tuned run's final snapshot on every test frame
 VARIANT_ALIASES = {("cnn2/cifar10", "standard_fc1"): "standard",
@@ -253,11 +254,11 @@ def pretrained_weights(net: str, given: dict | None = None) -> str | None:
         return None
     path = Path((given or {}).get(net) or Path(WEIGHTS_DIR) / zoo)
     if not path.is_file():
-        from .pretrained import MODEL_ZOO
+        from exdrop.engine.pretrained import MODEL_ZOO
         url, digest = MODEL_ZOO[zoo]
         raise FileNotFoundError(
             f"{net}: the ImageNet weights {path} are not there. Get the Model Zoo's {zoo} ({url}, sha1 {digest}) "
-            f"into {WEIGHTS_DIR}/ (with a network: python -c \"from exdrop.pretrained import fetch; "
+            f"into {WEIGHTS_DIR}/ (with a network: python -c \"from exdrop.engine.pretrained import fetch; "
             f"fetch('{zoo}')\"), or give its path: --weights {net}=FILE (make: {net.upper()}_WEIGHTS=FILE)")
     return str(path.resolve())
 
@@ -274,7 +275,7 @@ def prepare_data(dataset: str, source: str, budget: Budget, out: Path, seeds, pr
     from that seed. Caltech-256: seed k uses the paper's random split (k - 1) mod 5. UCF101: the
     folder converted by `make data-ucf101`, each seed its own order of train.txt (module docstring).
     """
-    from . import data as D
+    from exdrop import data as D
     if dataset == "ucf101":
         return _ucf101_lists(Path(source), budget, out / "ucf101", seeds)
     folder = out / f"{dataset}_{budget.name}"
@@ -332,7 +333,7 @@ def _ucf101_lists(src: Path, budget: Budget, out: Path, seeds) -> dict:
 
 def _seeded_order(src: Path, dst: Path, seed: int) -> str:
     """``dst``: the records of LMDB ``src`` in an order drawn from ``seed`` (written once)."""
-    from .data import DatumLMDB, write_datum_lmdb
+    from exdrop.data import DatumLMDB, write_datum_lmdb
     done = dst / "order.json"
     if done.is_file() and json.loads(done.read_text()).get("source") == str(src.resolve()):
         return str(dst)
@@ -389,7 +390,7 @@ def variant_paths(dataset: str, method: str, net: str = "cnn2", recipe: str = "p
 
 def set_rate(net_param, rate: float, where: str) -> int:
     """Set the dropout rate of every dropout layer of ``net_param``; returns how many were set."""
-    from .pylayer import parse_param_str
+    from exdrop.engine.pylayer import parse_param_str
     n = 0
     for lp in net_param.layer:
         if lp.type == "Dropout":
@@ -427,7 +428,7 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     elif run.rate != 0.5:
         raise ValueError(f"method {run.method} has no dropout rate to sweep (rated methods: {', '.join(RATED)})")
     if run.method in ABLATIONS:
-        from .pylayer import parse_param_str
+        from exdrop.engine.pylayer import parse_param_str
         eds = [lp for lp in net.layer if lp.type == "Python" and lp.python_param.layer == "ExcitationDropout"]
         if not eds:
             raise ValueError(f"{net_path}: ablation {run.method} needs an ExcitationDropout layer")
@@ -439,7 +440,7 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     for lp in net.layer:
         if n_train and lp.type == "Python" and lp.python_param.layer == "InformationDropout" \
                 and len(lp.loss_weight) == 2:
-            from .variants import information_kl_weight   # beta / N_train of the run's own training set
+            from exdrop.experiments.variants import information_kl_weight   # beta / N_train of the run's own training set
             lp.loss_weight[1] = information_kl_weight(int(n_train))
         if lp.type != "Data":
             continue

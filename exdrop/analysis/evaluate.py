@@ -6,7 +6,7 @@
     default_out(weights) -> Path                                    RUN/test_<stem> for RUN/snapshots/<stem>.caffemodel
 
 The net is the TEST phase of a net prototxt, or of a solver's test net (its ``test_net``, else
-its ``net``, as :func:`exdrop.train.net_params` resolves it). ``data`` replaces the TEST data
+its ``net``, as :func:`exdrop.run.train.net_params` resolves it). ``data`` replaces the TEST data
 layer's source: a converted LMDB folder, or a converted dataset folder (``test_lmdb``, else
 ``val_lmdb``; the result says which).
 
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from . import io as cio
-from .net import DATA_TYPES, Net, filter_layers
-from .proto import caffe_pb2
-from .pylayer import TEST
-from .snapshot import load_weights
+from exdrop.engine.net import DATA_TYPES, Net, filter_layers
+from exdrop.engine.pylayer import TEST
+from exdrop.engine.snapshot import load_weights
+from exdrop.proto import io as cio
+from exdrop.proto import caffe_pb2
 
 __all__ = ["evaluate", "write_report", "confusion_figure", "format_table", "default_out", "is_converted",
            "resolve_data", "set_data_source", "load_test_net", "EvalNet", "BACKENDS"]
@@ -97,7 +97,7 @@ def load_test_net(path) -> EvalNet:
     except ValueError as exc:
         solver_err = exc
     if solver_err is None and sp.ListFields():
-        from .backend import net_params
+        from exdrop.engine.backend import net_params
         (train, train_src), tests = net_params(sp, str(path))
         test_iter = int(sp.test_iter[0]) if len(sp.test_iter) else None
         param, src = tests[0] if tests else (train, train_src)
@@ -218,7 +218,7 @@ def _check_source(tn: EvalNet, lp) -> Path:
 
 def _record_count(lp) -> int:
     if lp.type == "Data":
-        from .data import DatumLMDB
+        from exdrop.data import DatumLMDB
         with DatumLMDB(lp.data_param.source) as db:
             return len(db)
     text = Path(lp.image_data_param.source).read_text(encoding="utf-8", errors="replace")
@@ -352,7 +352,7 @@ def _means(sums: dict, sizes: list[int]) -> dict:
 
 
 def _run_engine(tn, lp, score, weights, sizes, device, progress):
-    from .backend import pick_device
+    from exdrop.engine.backend import pick_device
     dev = pick_device(device, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tn.seed)   # the data source's generator (mirrors) is drawn from it
@@ -391,7 +391,7 @@ def _run_engine(tn, lp, score, weights, sizes, device, progress):
 
 
 class _CaffeParams:
-    """A ``caffe.Net``'s learnable blobs as :func:`exdrop.snapshot.load_weights` sees a net: tensors
+    """A ``caffe.Net``'s learnable blobs as :func:`exdrop.engine.snapshot.load_weights` sees a net: tensors
     that share Caffe's memory, so the weights are checked (with its errors) and copied in place."""
 
     def __init__(self, net):
@@ -403,7 +403,7 @@ def _run_caffe(tn, lp, score, weights, sizes, device, progress):
     if device not in (None, "", "auto", "cpu"):
         raise ValueError(f"the Caffe backend runs on CPU only (`make caffe` builds pycaffe without CUDA); "
                          f"drop --device {device} or use the engine backend")
-    from .caffe_backend import load_caffe
+    from exdrop.caffe.backend import load_caffe
     caffe = load_caffe()
     caffe.set_random_seed(tn.seed)
     with tempfile.TemporaryDirectory(prefix="exdrop_test_") as tmp:
@@ -462,7 +462,7 @@ def default_out(weights) -> Path:
 def confusion_figure(confusion, classes: list[str] | None = None, title: str = ""):
     """A matplotlib figure of the row-normalised confusion matrix (each true class's row sums to 1;
     a class without images is a row of 0), labelled axes; per-cell text below 100 classes."""
-    from .plot import _pyplot
+    from exdrop.run.plot import _pyplot
     plt = _pyplot()
     cm = np.asarray(confusion, dtype=np.float64)
     k = cm.shape[0]
@@ -508,7 +508,7 @@ def write_report(result: dict, out_dir) -> dict:
     try:
         fig.savefig(png, dpi=100)
     finally:
-        from .plot import _pyplot
+        from exdrop.run.plot import _pyplot
         _pyplot().close(fig)
     return {"json": js, "png": png}
 

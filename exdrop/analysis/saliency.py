@@ -39,8 +39,8 @@ def default_conv_blob(net) -> str:
 @torch.no_grad()
 def maps(net, feed: dict, units_blob: str, conv_blob: str, ks, scores: str, label: str, contrastive=False):
     """Saliency at ``conv_blob`` with the ``k`` highest-p_EB units of ``units_blob`` off, for each k."""
-    from .analysis import _gt_prob
-    from .functional import unit_saliency
+    from exdrop.analysis.analyze import _gt_prob
+    from exdrop.engine.functional import unit_saliency
     net.forward(feed, record=True)
     p = unit_saliency(net.excitation(units_blob, scores))
     order = p.argsort(1, descending=True)
@@ -90,14 +90,14 @@ def _display(x: torch.Tensor, lp) -> np.ndarray:
 def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=None, data=None,
            contrastive=False, out="saliency.png", device="cpu") -> Path:
     """Fig. 6 for the last snapshot of each run folder."""
-    from . import evaluate as ev
-    from .analysis import default_blob, run_info, run_snapshots
-    from .net import Net
-    from .pylayer import TEST
-    from .plot import _pyplot
-    from .snapshot import load_weights
-    from .sweep import METHOD_LABELS
-    from .train import pick_device
+    from exdrop.analysis import evaluate as ev
+    from exdrop.analysis.analyze import default_blob, run_info, run_snapshots
+    from exdrop.engine.net import Net
+    from exdrop.engine.pylayer import TEST
+    from exdrop.run.plot import _pyplot
+    from exdrop.engine.snapshot import load_weights
+    from exdrop.experiments.sweep import METHOD_LABELS
+    from exdrop.run.train import pick_device
     plt = _pyplot()
     rows = []
     for run in runs:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import eb
-from .layer_types import REGISTRY, LayerError, Python, bound_rule
-from .proto import caffe_pb2
-from .pylayer import TEST, TRAIN
-from .solver import ParamEntry
+from exdrop.engine import eb
+from exdrop.engine.layer_types import REGISTRY, LayerError, Python, bound_rule
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.solver import ParamEntry
+from exdrop.proto import caffe_pb2
 
 DATA_TYPES = {"Data", "ImageData"}
 
@@ -71,7 +71,7 @@ class Net(nn.Module):
         device: where parameters and data live.
         source: file name used in error messages.
         batch_size: overrides every data layer's batch size (benchmarks, tests).
-        world: an :class:`exdrop.distributed.World` of many processes: each data layer gives this
+        world: an :class:`exdrop.engine.distributed.World` of many processes: each data layer gives this
             process its part of the global batch (the prototxt's ``batch_size``).
     """
 
@@ -187,13 +187,13 @@ class Net(nn.Module):
             layer = _InputLayer(lp, [tuple(p.shape[min(i, len(p.shape) - 1)].dim) for i in range(len(lp.top))], batch_size)
             self.input_names += list(lp.top)
             return layer
-        from .data import make_source  # the data package is only needed by nets that read data
+        from exdrop.data import make_source  # the data package is only needed by nets that read data
         try:
             if batch_size:
                 lp = _with_batch_size(lp, batch_size)
             part = None
             if self.world is not None and self.world.active:
-                from .distributed import shard_slice
+                from exdrop.engine.distributed import shard_slice
                 batch = lp.data_param.batch_size if lp.type == "Data" else lp.image_data_param.batch_size
                 part = shard_slice(self.world, batch, f"{self.source}: layer '{lp.name}'")
             src = make_source(lp, self.phase, self.device, part=part)

@@ -16,8 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from exdrop.paths import REPO_ROOT
+
 ENV_VAR = "EXDROP_CAFFE_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "caffe"
 BUILD_HINT = "run `make caffe` (scripts/build_caffe.sh) to build it"
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from exdrop import io as caffe_io
+from exdrop.proto import io as caffe_io
 from exdrop.proto import caffe_pb2
 
 __all__ = ["ParamEntry", "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver",
@@ -346,7 +346,7 @@ assert tuple(SOLVER_TYPES) == caffe_io.SOLVER_TYPE_NAMES
 
 
 def solver_class(param: caffe_pb2.SolverParameter) -> type:
-    """The class for ``type`` or the legacy ``solver_type`` enum (:func:`exdrop.io.solver_type`)."""
+    """The class for ``type`` or the legacy ``solver_type`` enum (:func:`exdrop.proto.io.solver_type`)."""
     return SOLVER_TYPES[caffe_io.solver_type(param)]
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io as cio
-from .proto import caffe_pb2
+from exdrop.proto import io as cio
+from exdrop.proto import caffe_pb2
 
 
 def to_net_param(net) -> caffe_pb2.NetParameter:

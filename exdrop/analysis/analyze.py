@@ -39,8 +39,8 @@ Functional core (tensors in, tensors out; tested on hand-made values)::
 
 Over a net: :func:`analyze` (one .caffemodel, one pass over the data), :func:`analyze_run`
 (a run folder: its last snapshot in full, every snapshot on the first images for the curves
-over training), :func:`exdrop.report.analyze_sweep` (every run of a sweep folder, then the tables and
-figures of :mod:`exdrop.report`).
+over training), :func:`exdrop.analysis.report.analyze_sweep` (every run of a sweep folder, then the tables and
+figures of :mod:`exdrop.analysis.report`).
 """
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io as cio
-from .functional import unit_saliency
-from .runlog import plan_run_folder
+from exdrop.engine.functional import unit_saliency
+from exdrop.proto import io as cio
+from exdrop.run.runlog import plan_run_folder
 # the per-image metrics and the meter of the training runs' test passes; re-exported here
-from .utilization import (METRICS, UtilizationMeter, default_blob, entropy, neurons_on, peak,  # noqa: F401
+from exdrop.engine.utilization import (METRICS, UtilizationMeter, default_blob, entropy, neurons_on, peak,  # noqa: F401
                           utilization)
 
 __all__ = ["neurons_on", "peak", "entropy", "utilization", "UtilizationMeter", "moved_norms", "conservative_units", "relevance_keep_masks",
@@ -163,7 +163,7 @@ class _Head:
         return cls(net, blob, scores, net.head_layers(_last_writer(net, blob), scores))
 
     def __call__(self, blobs: dict, value: torch.Tensor) -> torch.Tensor:
-        from .layer_types import Python
+        from exdrop.engine.layer_types import Python
         h = dict(blobs)
         h[self.blob] = value
         for j in self.layers:
@@ -210,11 +210,11 @@ def analyze(net_or_solver, weights, data=None, blob: str | None = None, init_wei
     """One pass over the test data with ``weights``: the utilization metrics, calibration and
     (``compression``) the Fig. 7 curves at ``blob``. ``images``: the first N images only (all by
     default). ``init_weights`` (+ ``delta``): the conservative filters. JSON-ready dict."""
-    from . import evaluate as ev
-    from .net import Net
-    from .pylayer import TEST
-    from .snapshot import load_weights
-    from .backend import pick_device
+    from exdrop.analysis import evaluate as ev
+    from exdrop.engine.net import Net
+    from exdrop.engine.pylayer import TEST
+    from exdrop.engine.snapshot import load_weights
+    from exdrop.engine.backend import pick_device
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such .caffemodel")
@@ -344,7 +344,7 @@ _ITER = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 def run_snapshots(run) -> list[tuple[int, Path]]:
     """(iteration, .caffemodel) of a run: ``init.caffemodel`` as 0, then every snapshot kept."""
-    from .backend import INIT_WEIGHTS
+    from exdrop.engine.backend import INIT_WEIGHTS
     run = Path(run)
     found = [(0, run / INIT_WEIGHTS)] if (run / INIT_WEIGHTS).is_file() else []
     for path in (run / "snapshots").glob("*.caffemodel"):

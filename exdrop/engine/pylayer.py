@@ -13,7 +13,7 @@ A layer tells the engine how to run it on tensors with a static factory::
 whose module is called as ``module(x, saliency)``; its ``saliency`` attribute
 says what the training loop must hand it: ``"excitation"`` (p_EB of x for the
 top signal), ``"activation"`` (x itself) or ``None``. Layers without the
-factory run through the numpy bridge (``Python`` in :mod:`exdrop.layer_types`)
+factory run through the numpy bridge (``Python`` in :mod:`exdrop.engine.layer_types`)
 like any Caffe Python layer.
 
 Inside real Caffe a layer that needs p_EB asks for it with
@@ -22,10 +22,10 @@ installed on that layer with :func:`set_saliency_hook`.
 
 A layer whose class says ``needs_iteration = True`` (Curriculum Dropout) gets the
 solver's iteration as ``.iteration`` before each training step: from
-``exdrop.net.Net.set_iteration`` in the engine, from the Caffe backend on the
+``exdrop.engine.net.Net.set_iteration`` in the engine, from the Caffe backend on the
 real layer object. A module with ``caffe_setup`` / ``caffe_forward`` (Information
 Dropout) may take several bottoms and tops and own learnable blobs (see the
-``Python`` layer type in :mod:`exdrop.layer_types`).
+``Python`` layer type in :mod:`exdrop.engine.layer_types`).
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ import sys
 import types
 import weakref
 from pathlib import Path
+
+from exdrop.paths import LAYERS
 
 TRAIN, TEST = 0, 1
 
@@ -97,8 +99,8 @@ def request_saliency(layer):
     if hook is None:
         raise RuntimeError(
             f"{type(layer).__name__} in TRAIN needs p_EB of its bottom, which the Caffe backend computes: "
-            "train with `exdrop train --backend caffe` (exdrop.caffe_backend installs the hook with "
-            "exdrop.pylayer.set_saliency_hook)")
+            "train with `exdrop train --backend caffe` (exdrop.caffe.backend installs the hook with "
+            "exdrop.engine.pylayer.set_saliency_hook)")
     return hook(layer)
 
 
@@ -134,7 +136,7 @@ def parse_param_str(text: str, where: str = "param_str") -> dict:
 
 
 LAYER_PATH_ENV = "EXDROP_LAYER_PATH"
-REPO_LAYERS = Path(__file__).resolve().parents[1] / "layers"
+REPO_LAYERS = LAYERS
 
 
 def layer_search_paths(extra: list[Path] | None = None) -> list[Path]:

@@ -13,7 +13,7 @@ Probability is conserved wherever Z > 0. Every kernel runs in float32 (1e-20
 style epsilons vanish in half precision) and under ``torch.no_grad``.
 
 Which kernel a layer uses, with which geometry, is the layer type's rule in
-:mod:`exdrop.layer_types` (one table keyed by Caffe type). The engine, the
+:mod:`exdrop.engine.layer_types` (one table keyed by Caffe type). The engine, the
 real-Caffe backend and the drop-in modules all go through :func:`walk` with
 those rules, start from :func:`top_signal`, and pick the class with
 :func:`signal_classes`.

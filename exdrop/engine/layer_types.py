@@ -5,7 +5,7 @@
 Caffe's order (weights, then bias) with Caffe's fillers, reports its top
 shapes, runs ``forward`` on tensors, and holds the type's Excitation Backprop
 rule (``eb_rule``), which the engine (``Net``), the real-Caffe backend
-(:mod:`exdrop.caffe_eb`) and the drop-in modules (:mod:`exdrop.nn`, through
+(:mod:`exdrop.caffe.eb`) and the drop-in modules (:mod:`exdrop.engine.nn`, through
 ``torch_modules``) all apply. Adding a layer type is one class here. Errors
 name the layer.
 """
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair  # torch's (h, w) helper
 from torch import nn
 
-from . import eb
-from .proto import caffe_pb2
-from .pylayer import TEST, TRAIN, load_layer_class, parse_param_str
+from exdrop.engine import eb
+from exdrop.engine.pylayer import TEST, TRAIN, load_layer_class, parse_param_str
+from exdrop.proto import caffe_pb2
 
 REGISTRY: dict[str, type["Layer"]] = {}        # Caffe type name -> layer type
 TORCH_MODULES: dict[type, type["Layer"]] = {}  # torch.nn module class -> layer type
@@ -88,7 +88,7 @@ class Layer(nn.Module):
       carries none), given the geometry and the layer's weights (Caffe's blob
       order) -- the one rule of this type, used by every backend;
     * ``torch_modules`` and ``module_geometry(m, x)`` map ``torch.nn`` modules
-      onto the type, so the drop-in modules of :mod:`exdrop.nn` use the same rule.
+      onto the type, so the drop-in modules of :mod:`exdrop.engine.nn` use the same rule.
 
     Errors name the layer.
     """
@@ -171,7 +171,7 @@ def module_layer(m: nn.Module, x: torch.Tensor):
         kind = next((TORCH_MODULES[t] for t in type(m).__mro__ if t in TORCH_MODULES), None)
         if kind is None:
             raise TypeError(f"Excitation Backprop has no rule for {type(m).__name__}: map it onto a Caffe "
-                            "layer type (`torch_modules` of a class in exdrop/layer_types.py)")
+                            "layer type (`torch_modules` of a class in exdrop/engine/layer_types.py)")
     try:
         g, weights = kind.module_geometry(m, x)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Training curves from a run folder's ``log.csv`` (see :mod:`exdrop.runlog`).
+"""Training curves from a run folder's ``log.csv`` (see :mod:`exdrop.run.runlog`).
 
 plot_run(folder)         -> folder/curves.png: training loss and test accuracy over iterations
 plot_runs(folders, out)  -> out: several runs overlaid (test accuracy and loss), labelled by folder name

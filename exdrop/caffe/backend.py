@@ -2,13 +2,13 @@
 
 Each iteration is one ``solver.step(1)`` (the paper's five steps, Fig. 1):
 Caffe's forward runs up to an ExcitationDropout layer, whose forward asks for
-p_EB of its bottom (:func:`exdrop.pylayer.request_saliency`); the hook
+p_EB of its bottom (:func:`exdrop.engine.pylayer.request_saliency`); the hook
 installed here (1) runs the layers above it to the logits on the unmasked
 blob, (2) computes p_EB there with the engine's EB rules on Caffe's blobs
-(:class:`exdrop.caffe_eb.CaffeExcitation`); the layer (3) masks its blob; then
+(:class:`exdrop.caffe.eb.CaffeExcitation`); the layer (3) masks its blob; then
 (4) Caffe's forward continues and (5) Caffe's backward and its own update
 follow. Tests, display and snapshots are scheduled by the shared run loop
-(:class:`exdrop.train.Trainer`); snapshots are Caffe's own
+(:class:`exdrop.run.train.Trainer`); snapshots are Caffe's own
 ``.caffemodel``/``.solverstate``.
 """
 from __future__ import annotations
@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from . import io as cio
-from .utilization import METRICS, UtilizationMeter, utilization_target
-from .caffe_eb import CaffeExcitation
-from .caffe_env import import_caffe
-from .eb import signal_blobs, signal_classes
-from .net import filter_layers
-from .proto import caffe_pb2
-from .pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
-from .solver import caffe_rate
-from .snapshot import snapshot_model_path
-from .backend import Backend, net_params, prepare_solver
+from exdrop.caffe.eb import CaffeExcitation
+from exdrop.caffe.env import import_caffe
+from exdrop.engine.backend import Backend, net_params, prepare_solver
+from exdrop.engine.eb import signal_blobs, signal_classes
+from exdrop.engine.net import filter_layers
+from exdrop.engine.pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
+from exdrop.engine.snapshot import snapshot_model_path
+from exdrop.engine.solver import caffe_rate
+from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
+from exdrop.proto import io as cio
+from exdrop.proto import caffe_pb2
 
 CPU = caffe_pb2.SolverParameter.CPU
 
@@ -144,7 +144,7 @@ def caffe_solver(caffe, sp):
 
 # ---------------------------------------------------------------------- training
 class CaffeBackend(Backend):
-    """Real Caffe behind the shared run loop (:class:`exdrop.train.Trainer`)."""
+    """Real Caffe behind the shared run loop (:class:`exdrop.run.train.Trainer`)."""
 
     name = "caffe"
 

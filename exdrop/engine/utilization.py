@@ -1,6 +1,6 @@
 """Table 5's per-image utilization metrics of a layer (# Neurons ON, peak p_EB, the entropies of
 the activations and of p_EB) and the meter that both backends' test passes log them with
-(``log.csv`` columns); :mod:`exdrop.analysis` measures them over whole test sets and snapshots.
+(``log.csv`` columns); :mod:`exdrop.analysis.analyze` measures them over whole test sets and snapshots.
 """
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 
 import torch
 
-from .functional import unit_saliency
-from .net import filter_layers
-from .pylayer import TEST
+from exdrop.engine.functional import unit_saliency
+from exdrop.engine.net import filter_layers
+from exdrop.engine.pylayer import TEST
 
 METRICS = ("neurons_on", "peak_peb", "entropy_act", "entropy_peb")
 

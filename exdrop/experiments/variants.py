@@ -4,8 +4,8 @@
 are generated, and stay committed so that Caffe users can run them as they are. Do not edit
 them: edit the folder's base instead (``base.prototxt`` for the net, ``base_solver.prototxt``
 for the solver; CIFAR-10 also has ``base_authors.prototxt`` and ``base_solver_authors.prototxt``
-for the authors' recipe, written for every method as ``<variant>_authors``), then run ``make prototxt`` (``python -m exdrop.variants``).
-``python -m exdrop.variants --check`` writes nothing and lists the files that are out of date.
+for the authors' recipe, written for every method as ``<variant>_authors``), then run ``make prototxt`` (``python -m exdrop.experiments.variants``).
+``python -m exdrop.experiments.variants --check`` writes nothing and lists the files that are out of date.
 
 Each variant (``TABLE``) is its base with its own header comment, its ``name:`` (solvers: its
 ``net:`` and ``snapshot_prefix:``), and its dropout layers, each put in place on the blob of
@@ -19,9 +19,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from exdrop import io
+from exdrop.paths import REPO_ROOT
+from exdrop.proto import io
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT   # the checkout: prototxt/, layers/ (exdrop.paths)
 PROTO = ROOT / "prototxt"
 
 # kind -> (module, layer, param_str) of the Python layers in layers/
@@ -282,7 +283,7 @@ def _with_header(text: str, header: tuple[str, ...], base: str) -> str:
     """`text` with its leading comment lines replaced by `header` and a note of its source."""
     lines = text.splitlines(keepends=True)
     n = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
-    note = f"# Generated from {base} by `make prototxt` (exdrop/variants.py): edit the base, not this file."
+    note = f"# Generated from {base} by `make prototxt` (exdrop/experiments/variants.py): edit the base, not this file."
     return "".join(f"{h}\n" for h in (*header, note)) + "".join(lines[n:])
 
 
@@ -377,14 +378,14 @@ def write(table: dict[str, dict[str, Variant]] = TABLE, proto: Path = PROTO) -> 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m exdrop.variants", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m exdrop.experiments.variants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="write nothing; list stale files, exit 1 if any")
     args = ap.parse_args(argv)
     try:
         paths = check() if args.check else write()
     except (OSError, ValueError) as exc:
-        print(f"exdrop.variants: error: {exc}", file=sys.stderr)
+        print(f"exdrop.experiments.variants: error: {exc}", file=sys.stderr)
         return 1
     for p in paths:
         print(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)

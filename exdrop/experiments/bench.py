@@ -12,7 +12,7 @@ one step's activations: each variant's step updates the shared weights, the same
 every variant. Between steps no variant keeps activations or gradients alive.
 
 ``exdrop bench caffe`` times real Caffe (pycaffe, CPU: ``solver.step(1)``, with
-the p_EB hook of :mod:`exdrop.caffe_backend` for Excitation Dropout) next to
+the p_EB hook of :mod:`exdrop.caffe.backend` for Excitation Dropout) next to
 the engine on the same CNN-2 nets, arrays and solver, in the same rounds.
 """
 from __future__ import annotations
@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from . import io as cio
-from .net import Net
-from .proto import caffe_pb2
-from .pylayer import TRAIN
-from .solver import make_solver
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TRAIN
+from exdrop.engine.solver import make_solver
+from exdrop.paths import REPO_ROOT
+from exdrop.proto import io as cio
+from exdrop.proto import caffe_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT   # the checkout: prototxt/, layers/ (exdrop.paths)
 
 CNN2_CIFAR10 = {
     "Standard": "prototxt/cnn2/cifar10/train_val_standard.prototxt",
@@ -63,7 +64,7 @@ def with_input_layer(net_param, phase: int, batch: int, image_shape: tuple[int, 
     out.CopyFrom(net_param)
     del out.layer[:]
     added = False
-    from .net import filter_layers
+    from exdrop.engine.net import filter_layers
     for lp in filter_layers(net_param, phase):
         if lp.type in ("Data", "ImageData", "Input"):
             if not added:
@@ -265,8 +266,8 @@ def utilization_cost(batch: int, iters: int, device, images: int = 1000) -> dict
     forward, EB from the ground truth to fc1, the four metrics) against a plain test batch, and a
     training step, CNN-2 ED on 32x32, interleaved rounds; then the share of a run it adds under the
     paper's schedule and the cpu budget's."""
-    from .analysis import utilization
-    from .pylayer import TEST
+    from exdrop.engine.utilization import utilization
+    from exdrop.engine.pylayer import TEST
     proto, solver = CNN2_CIFAR10["Excitation"], cio.read_solver_prototxt(ROOT / "prototxt/cnn2/cifar10/solver_ed.prototxt")
     train = Variant("train step (ED)", str(ROOT / proto), solver, batch, (3, 32, 32), 10, device)
     param = with_input_layer(cio.read_net_prototxt(ROOT / proto), TEST, batch, (3, 32, 32))
@@ -380,7 +381,7 @@ def _cnn2_input_net(method: str, side: int, batch: int, classes: int, folder: Pa
 
 def caffe_vs_engine(side: int, iters: int, warmup: int, folder: Path) -> dict:
     """Caffe and the engine, Standard and Excitation Dropout, at one input size, in the same rounds."""
-    from .caffe_backend import CaffeBenchVariant
+    from exdrop.caffe.backend import CaffeBenchVariant
     batch, classes = CAFFE_SIZES[side]
     sp = cio.read_solver_prototxt(ROOT / CAFFE_SOLVER)
     steppers = {}
@@ -465,7 +466,7 @@ def _write_json(path, figures) -> None:
 def main(args) -> int:
     if args.what == "caffe":
         return caffe_main(args)
-    from .train import pick_device
+    from exdrop.run.train import pick_device
     device = pick_device(args.device, 0)
     out: dict = {}
     if args.what == "precision":

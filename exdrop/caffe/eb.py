@@ -2,8 +2,8 @@
 
 Caffe has no EB mode (that lived in the authors' fork), so the Caffe backend
 reads the net's blobs and parameters after a forward pass and runs the very
-same walk (:func:`exdrop.eb.walk`) with the very same rules (the layer types of
-:mod:`exdrop.layer_types`) as the engine, on CPU tensors that view the numpy
+same walk (:func:`exdrop.engine.eb.walk`) with the very same rules (the layer types of
+:mod:`exdrop.engine.layer_types`) as the engine, on CPU tensors that view the numpy
 arrays. Each layer's geometry is parsed once, from the prototxt (matched by
 layer name) and the net's blob shapes.
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import eb
-from .layer_types import REGISTRY, LayerError, bound_rule
-from .proto import caffe_pb2
+from exdrop.engine import eb
+from exdrop.engine.layer_types import REGISTRY, LayerError, bound_rule
+from exdrop.proto import caffe_pb2
 
 
 def _t(a) -> torch.Tensor:
@@ -77,7 +77,7 @@ class CaffeExcitation:
         Walks from the layer producing ``top`` down to (not including) layer
         ``stop_after`` (default: the last producer of ``bottom`` before it).
         ``check_finite``: a blob or weight on the walk that holds inf or NaN raises
-        :class:`exdrop.eb.NonFiniteError` naming it (the training step's hook turns
+        :class:`exdrop.engine.eb.NonFiniteError` naming it (the training step's hook turns
         it off: there a NaN keeps its units and reaches the loss, where the run loop
         names it).
         """

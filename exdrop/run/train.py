@@ -15,7 +15,7 @@ schedules: ``step() -> (loss, {output: value})``, ``test(k) -> {output: mean}``,
 * :class:`EngineBackend` (here): the engine, on PyTorch; guided dropout runs
   its EB step inside the net's forward. Its step never syncs with the host:
   losses stay on the device until a display or test point.
-* :class:`exdrop.caffe_backend.CaffeBackend`: real pycaffe (CPU), whose
+* :class:`exdrop.caffe.backend.CaffeBackend`: real pycaffe (CPU), whose
   ExcitationDropout layers get p_EB through a hook.
 """
 from __future__ import annotations
@@ -33,19 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
-from . import io as cio
-# the backend interface and the run configuration; re-exported: exdrop.train is where users find them
-from .backend import (BACKENDS, INIT_WEIGHTS, Backend, TrainConfig, net_params, pick_device,  # noqa: F401
+from exdrop.engine import distributed as dist
+from exdrop.proto import io as cio
+# the backend interface and the run configuration; re-exported: exdrop.run.train is where users find them
+from exdrop.engine.backend import (BACKENDS, INIT_WEIGHTS, Backend, TrainConfig, net_params, pick_device,  # noqa: F401
                       prepare_solver)
-from .net import Net
-from .utilization import METRICS, UtilizationMeter, utilization_target
-from .pylayer import TEST, TRAIN
-from .runlog import RunLog, budget, format_row
-from .snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state, plain_to,
+from exdrop.engine.net import Net
+from exdrop.engine.pylayer import TEST, TRAIN
+from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
+from exdrop.run.runlog import RunLog, budget, format_row
+from exdrop.engine.snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state, plain_to,
                        prune_snapshots, read_engine_state, remove_unfinished_snapshots, save_weights,
                        snapshot_model_path, snapshot_state_path)
-from .solver import make_solver
+from exdrop.engine.solver import make_solver
 
 # Caffe's SoftmaxWithLoss takes -log(max(prob, FLT_MIN)): a loss that sits here has saturated.
 CLAMPED_LOSS = -math.log(float(np.finfo(np.float32).tiny))   # 87.3365
@@ -92,7 +92,7 @@ class EngineBackend(Backend):
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)) \
             if cfg.amp else contextlib.nullcontext
         if cfg.weights:   # Caffe's --weights: by layer name; a torchvision .pth by order, conv1 converted
-            from .pretrained import input_transform, load_pretrained
+            from exdrop.engine.pretrained import input_transform, load_pretrained
             torch_file = str(cfg.weights).endswith((".pth", ".pt"))
             got = load_pretrained(self.train_net, cfg.weights, input_transform(train_param) if torch_file else None)
             if cfg.progress and world.main:
@@ -272,7 +272,7 @@ def make_backend(cfg: TrainConfig):
         if dist.world_from_env().active:
             raise ValueError("the caffe backend runs one process (pycaffe on the CPU); many processes under "
                              "torchrun are the engine's: drop --backend caffe")
-        from .caffe_backend import CaffeBackend
+        from exdrop.caffe.backend import CaffeBackend
         return CaffeBackend(cfg)
     raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
 
@@ -503,13 +503,13 @@ class Trainer:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _plot(self) -> None:
-        """``<run folder>/curves.png`` by :func:`exdrop.plot.plot_run`, where that module exists; a
+        """``<run folder>/curves.png`` by :func:`exdrop.run.plot.plot_run`, where that module exists; a
         plotting problem is a one-line warning, never a lost run."""
         import importlib.util
         try:
-            if importlib.util.find_spec("exdrop.plot") is None:
+            if importlib.util.find_spec("exdrop.run.plot") is None:
                 return
-            from .plot import plot_run
+            from exdrop.run.plot import plot_run
             plot_run(self.out)
         except Exception as exc:  # noqa: BLE001 - the run's records are already written
             print(f"exdrop: warning: no training curves for {self.out} ({type(exc).__name__}: {exc})",
