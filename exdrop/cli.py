@@ -1,19 +1,21 @@
-"""Command line: python -m exdrop {train,data,bench,plot} ... (or the exdrop script).
+"""Command line: python -m exdrop {data,train,test,bench,plot,sweep,analyze,report,saliency} ...
+(or the exdrop script); `exdrop COMMAND --help` lists every option.
 
     exdrop data [--dataset] cifar10|cifar100|caltech256|images SOURCE [--out DIR] [--split 0..4]
                                                          convert once into Datum LMDBs
     exdrop data imagenet TRAIN_DIR --val VAL_DIR [--val-labels FILE] [--out data/ilsvrc12]
                                                          ILSVRC-2012: list files and LMDBs (Sec. 5)
+    exdrop data ucf101 UCF-101 --splits LISTS [--split 1..3] [--every N]   UCF101 frames, lists, LMDBs
     exdrop train SOLVER [--net NET] [--backend engine|caffe] [--data SOURCE] [--max-iter N] [--out DIR]
                         [--device auto|cpu|cuda] [--snapshot X.solverstate [--inexact-resume]]
                         [--weights X.caffemodel] [--display N] [--keep-snapshots K]
-    exdrop bench [--iters N] [--batch B] [--device ...]  seconds per iteration, Standard vs ED
-    exdrop bench caffe [--sizes 32,128] [--iters N]      real Caffe (CPU) next to the engine
-    exdrop plot RUN [RUN ...] [--out PNG]                training curves from each run's log.csv
     exdrop test SOLVER_OR_NET --weights X.caffemodel [--data DATA] [--iterations N] [--out DIR]
                 [--device cpu|cuda] [--backend engine|caffe]   evaluate a snapshot (like `caffe test`)
+    exdrop bench [cnn2-cifar10|table6|caffe|precision|utilization] [--iters N] [--device ...]
+                                                         seconds per iteration, side by side (Table 6)
+    exdrop plot RUN [RUN ...] [--out PNG] [--utilization] [--fig2 PNG]   curves from each run's log.csv
     exdrop sweep [--table 2|3|4] [--datasets cifar10,...] [--nets alexnet,...] [--weights NET=FILE]
-                 [--budget paper|cpu] [--seeds N] [--workers N]
+                 [--budget paper|cpu|cpu-full|cpu-200ep] [--recipe paper|authors] [--seeds N] [--workers N]
                                                          the paper's comparisons, resumable
     exdrop analyze RUN_OR_SWEEP [--data DATA] [--blob B] [--methods ...] [--no-over-training]
                                                          utilization (Table 5, Figs. 4-5), compression
@@ -158,7 +160,7 @@ def _cmd_train(args) -> int:
     if args.data:
         if world.active:   # rank 0 converts, the others wait for it
             from exdrop.run.train import pick_device
-            dist.init(world, pick_device(args.device, 0, world))
+            dist.init(world, pick_device(args.device, world))
             if world.main:
                 _prepare_train_data(args)
             dist.barrier(world)

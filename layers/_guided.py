@@ -29,13 +29,6 @@ class DropoutLayerBase(caffe.Layer):
     def parse(cls, param_str):
         params = dict(cls.defaults)
         given = parse_param_str(param_str, cls.__name__ + " param_str")
-        if "p" in given:
-            p = given["p"]
-            ratio = f"{1 - p:g}" if isinstance(p, (int, float)) and not isinstance(p, bool) else "1 - p"
-            raise ValueError(
-                f"{cls.__name__} param_str: the key 'p' (the retain probability P) was renamed "
-                f"'dropout_ratio', Caffe's DropoutParameter name, and now means the probability of "
-                f"dropping: write {{'dropout_ratio': {ratio}}} for p {p!r}")
         unknown = set(given) - set(params)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown param_str keys {sorted(unknown)}; known: {sorted(params)}")

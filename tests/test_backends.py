@@ -120,9 +120,12 @@ class StubBackend:
         self.iter += 1
         return loss, {"acc": float(self.iter - 1), "loss": loss}
 
-    def test(self, k):
+    def test(self, k, tick=None):
         self.events.append(("test", self.iter))
         return {"acc": 0.5, "loss": 1.0}
+
+    def nonfinite_weights(self):
+        return None
 
     def snapshot(self, elapsed):
         self.events.append(("snapshot", self.iter))

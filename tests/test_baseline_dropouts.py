@@ -123,7 +123,10 @@ def test_curriculum_module_iteration_attribute_and_argument():
     drop = CurriculumDropout(p=0.5, gamma=1e-3)
     assert drop.needs_iteration and drop.is_dropout and drop.saliency is None
     x = torch.ones(200, 500)
-    assert torch.equal(drop(x), x)                         # iteration 0 by default: theta = 1
+    with pytest.raises(ValueError, match="needs the iteration t"):
+        drop(x)                                            # no iteration: an error, not a silent theta = 1
+    drop.iteration = 0
+    assert torch.equal(drop(x), x)                         # iteration 0: theta = 1
     drop.iteration = 2000
     theta = 0.5 * math.exp(-2) + 0.5
     assert drop.retain_probability() == pytest.approx(theta, rel=1e-12)

@@ -57,7 +57,7 @@ def test_eb_hand_computed_rules():
     h = torch.relu(pre)
     assert torch.equal(h[0], torch.tensor([1.5, 3.0, 3.0, 0.0]))
     logits = h @ W2.t() + B2
-    top = eb.one_hot_signal(logits, CLASSES)
+    top = eb.top_signal(logits, CLASSES)
     assert torch.equal(top, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     p_h = eb.eb_linear(h, W2, top)
     assert torch.allclose(p_h, EXPECT_H, atol=1e-6)
@@ -158,7 +158,7 @@ def test_eb_conv_layer_excite_uses_the_rule():
     top = rng.random(size=(2, 6, 4, 3)).astype(np.float32)
     w = conv.blobs[0].detach().numpy().astype(np.float64)
     with torch.no_grad():   # the engine runs EB under no_grad
-        (got,) = conv.excite([torch.from_numpy(x)], None, [torch.from_numpy(top)])
+        (got,) = conv.excite_rule()([torch.from_numpy(x)], [torch.from_numpy(top)])
     np.testing.assert_allclose(got.numpy(), naive_eb_conv(x.astype(np.float64), w, top.astype(np.float64), 2, 1, 2),
                                rtol=1e-4, atol=1e-6)
 
@@ -307,7 +307,7 @@ def test_cnn2_p_eb_depends_on_class(cnn2_recorded):
 # ------------------------------------------------------------------ every rule against its definition
 #
 # Independent per-image references (plain loops over the definition, float64) for each layer
-# type's EB rule, compared with the rule as the engine applies it: net.layer(name).excite(...).
+# type's EB rule, compared with the rule as the engine applies it: net.layer(name).excite_rule()(...).
 
 RULES_NET = """
 layer { name: "in" type: "Input" top: "a" top: "b" top: "v"
@@ -343,8 +343,9 @@ def rules_net():
 
 def _excite(net, name, bottoms, signals):
     with torch.no_grad():
-        return net.layer(name).excite([torch.from_numpy(b.astype(np.float32)) for b in bottoms], None,
-                                      [None if s is None else torch.from_numpy(s.astype(np.float32)) for s in signals])
+        return net.layer(name).excite_rule()([torch.from_numpy(b.astype(np.float32)) for b in bottoms],
+                                             [None if s is None else torch.from_numpy(s.astype(np.float32))
+                                              for s in signals])
 
 
 def _acts(rng, shape, dead=0.3):

@@ -13,7 +13,7 @@ import torch
 
 from exdrop.proto import io
 from exdrop.experiments.bench import with_input_layer
-from exdrop.engine.eb import eb_linear, eb_relu, one_hot_signal
+from exdrop.engine.eb import eb_linear, eb_relu, top_signal
 from exdrop.engine.layer_types import LayerError, Pooling, caffe_pooled_size
 from exdrop.engine.net import Net, filter_layers
 from exdrop.proto import caffe_pb2
@@ -402,7 +402,7 @@ def test_fanout_blob_excitation_conserves_mass():
         pe = net.excitation("data")
         assert torch.allclose(pe.sum(1), torch.ones(8), atol=1e-5)
         # the same thing composed by hand: both branches' shares add up at "data"
-        top = one_hot_signal(blobs["ipC"], label)
+        top = top_signal(blobs["ipC"], label)
         p_cat = eb_linear(blobs["cat"], net.layer("ipC").blobs[0], top)
         pa, pb = p_cat[:, :4], p_cat[:, 4:]
         preA = x @ net.layer("ipA").blobs[0].t() + net.layer("ipA").blobs[1]

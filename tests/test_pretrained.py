@@ -17,7 +17,7 @@ from exdrop.proto import io as cio
 from exdrop.experiments.bench import with_input_layer
 from exdrop.engine.net import Net
 from exdrop.engine.pretrained import (TORCHVISION_MEAN, TORCHVISION_STD, caffe_to_torch_conv1, input_transform,
-                               load_pretrained, torch_to_caffe_conv1)
+                                      load_pretrained, torch_to_caffe_conv1)
 from exdrop.proto import caffe_pb2
 from exdrop.engine.pylayer import TEST
 

@@ -230,17 +230,11 @@ def test_interrupt_prints_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_a_plot_failure_is_a_warning(tiny, tmp_path, monkeypatch, capsys):
-    import types
-    fake = types.ModuleType("exdrop.run.plot")
+    import exdrop.run.train as train_module
 
     def broken(folder):
         raise RuntimeError("no matplotlib here")
-    fake.plot_run = broken
-    monkeypatch.setitem(sys.modules, "exdrop.run.plot", fake)
-    import importlib.util
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "exdrop.run.plot" else find_spec(name, *a))
+    monkeypatch.setattr(train_module, "plot_run", broken)
     res = Trainer(_cfg(tiny, tmp_path / "run", max_iter=2)).run()
     assert res["status"] == "finished"
     assert "exdrop: warning: no training curves" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The README is tested: every ```python block runs, in order, as a user would paste it."""
+"""The README and docs/ are tested: every ```python block runs, in order, as a user would paste it;
+every shell block is marked; every relative link points at a file that exists."""
 from __future__ import annotations
 
 import re
@@ -8,8 +9,11 @@ import pytest
 
 from exdrop.engine.layer_types import REGISTRY, TORCH_MODULES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+TEXT = "\n".join(p.read_text() for p in PAGES)
+BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
 
 
 def test_readme_has_python_blocks():
@@ -39,7 +43,7 @@ def test_module_docstring_examples_run():
     assert res.attempted >= 7 and res.failed == 0, res
 
 
-FENCES = re.findall(r"(?:^|\n)([^\n]*)\n```([^\n]*)\n(.*?)```", README.read_text(), flags=re.S)
+FENCES = [f for p in PAGES for f in re.findall(r"(?:^|\n)([^\n]*)\n```([^\n]*)\n(.*?)```", p.read_text(), flags=re.S)]
 
 
 def test_every_code_block_is_classified():
@@ -71,3 +75,20 @@ def test_readme_tested_shell_blocks_run(body, tmp_path):
         if cmd:
             done = subprocess.run(["bash", "-c", cmd], cwd=root, capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, f"README: `{cmd}` failed:\n{done.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_point_at_files(page):
+    """README and docs/ link each other and the committed results: every relative link exists."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+    missing = [t for t in targets if not t.startswith(("http://", "https://", "mailto:"))
+               and not (page.parent / t).exists()]
+    assert not missing, f"{page.name}: links to missing files {missing}"
+
+
+def test_readme_is_a_front_door():
+    """The README stays short (the rest lives in docs/, one topic a page) and links every page."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in text, f"README does not link docs/{page.name}"

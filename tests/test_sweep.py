@@ -208,7 +208,7 @@ def test_ctrl_c_stops_the_sweep_and_loses_nothing(image_tree, tmp_path):
     driver.write_text(
         "import dataclasses, signal, sys\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite started in the background ignores it\n"
-        "from exdrop import sweep as S\n"
+        "from exdrop.experiments import sweep as S\n"
         "sys.path.insert(0, %r)\n"
         "from test_sweep import TINY\n"
         "b = dataclasses.replace(TINY, max_iter=120, snapshot=0, test_interval=0)\n"

@@ -55,11 +55,12 @@ import numpy as np
 import torch
 
 from exdrop.engine.functional import unit_saliency
+from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's defaults)
 from exdrop.proto import io as cio
 from exdrop.run.runlog import plan_run_folder
 # the per-image metrics and the meter of the training runs' test passes; re-exported here
 from exdrop.engine.utilization import (METRICS, UtilizationMeter, default_blob, entropy, neurons_on, peak,  # noqa: F401
-                          utilization)
+                                       utilization)
 
 __all__ = ["neurons_on", "peak", "entropy", "utilization", "UtilizationMeter", "moved_norms", "conservative_units", "relevance_keep_masks",
            "random_keep_masks", "calibration_bins", "expected_calibration_error", "METRICS", "DELTA",
@@ -68,9 +69,6 @@ __all__ = ["neurons_on", "peak", "entropy", "utilization", "UtilizationMeter", "
 METRIC_TITLES = {"neurons_on": "# Neurons ON", "peak_peb": "Peak p_EB", "entropy_act": "Entropy of activations",
                  "entropy_peb": "Entropy of p_EB", "conservative": "Conservative filters",
                  "moved_median": "Median L2 distance of a unit's weights from their init"}
-# Table 5's thresholds of the conservative filters, per data set
-DELTA = {"cifar10": 0.25, "cifar100": 0.30, "caltech256": 1.25, "ucf101": 0.15}
-P_C = tuple(round(0.05 * i, 2) for i in range(20))     # 0, 0.05, ..., 0.95 (Fig. 7)
 RANDOM_STEP = 128                                       # k = 0, 128, ..., N (Fig. 7, right)
 ECE_BINS = 15
 ANALYSIS = "analysis"                                   # RUN/analysis/
@@ -234,7 +232,7 @@ def analyze(net_or_solver, weights, data=None, blob: str | None = None, init_wei
     total = min(records, images) if images else records
     batch = ev._batch_size(lp)
     sizes = [batch] * (total // batch) + ([total % batch] if total % batch else [])
-    dev = pick_device(device, 0)
+    dev = pick_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tn.seed)
         net = Net(tn.param, TEST, dev, tn.source)

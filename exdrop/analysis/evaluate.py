@@ -353,7 +353,7 @@ def _means(sums: dict, sizes: list[int]) -> dict:
 
 def _run_engine(tn, lp, score, weights, sizes, device, progress):
     from exdrop.engine.backend import pick_device
-    dev = pick_device(device, 0)
+    dev = pick_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tn.seed)   # the data source's generator (mirrors) is drawn from it
         net = Net(tn.param, TEST, dev, tn.source)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exdrop import paper
 from exdrop.analysis.analyze import METRIC_TITLES, METRICS, analyze_run
 from exdrop.experiments.sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
 from exdrop.run.plot import _pyplot
@@ -30,30 +31,6 @@ from exdrop.run.runlog import plan_run_folder
 TABLE5_METHODS = ("none", "standard_fc1", "curriculum", "ed")
 TABLE5_ROWS = (*METRICS, "conservative", "moved_median")   # the last: not in the paper, the scale of Delta
 
-# The paper's Table 5: (mean, std) per dataset, metric and method
-PAPER_TABLE5_NETS = {"ucf101-vgg16": "ucf101"}   # the paper measures UCF101 on VGG16 (Sec. 4.3)
-PAPER_TABLE5 = {
-    "cifar10": {"neurons_on": {"standard_fc1": (1194, 153), "curriculum": (1169, 61), "ed": (1325, 61)},
-                "peak_peb": {"standard_fc1": (0.011, 0.004), "curriculum": (0.009, 0.001), "ed": (0.003, 0.0002)},
-                "entropy_act": {"standard_fc1": (3.55, 0.72), "curriculum": (3.50, 0.12), "ed": (4.29, 0.28)},
-                "entropy_peb": {"standard_fc1": (3.28, 0.56), "curriculum": (3.32, 0.13), "ed": (4.26, 0.26)},
-                "conservative": {"standard_fc1": (1204, 37), "curriculum": (959, 34), "ed": (124, 22)}},
-    "cifar100": {"neurons_on": {"standard_fc1": (453, 183), "curriculum": (460, 75), "ed": (943, 131)},
-                 "peak_peb": {"standard_fc1": (0.011, 0.0004), "curriculum": (0.012, 0.0004), "ed": (0.005, 0.0005)},
-                 "entropy_act": {"standard_fc1": (1.67, 0.31), "curriculum": (1.70, 0.29), "ed": (3.21, 0.44)},
-                 "entropy_peb": {"standard_fc1": (1.64, 0.27), "curriculum": (1.67, 0.26), "ed": (3.17, 0.41)},
-                 "conservative": {"standard_fc1": (2048, 51), "curriculum": (2038, 44), "ed": (14, 13)}},
-    "caltech256": {"neurons_on": {"standard_fc1": (412, 126), "curriculum": (471, 146), "ed": (702, 171)},
-                   "peak_peb": {"standard_fc1": (0.014, 0.0007), "curriculum": (0.013, 0.0006), "ed": (0.007, 0.0003)},
-                   "entropy_act": {"standard_fc1": (1.63, 0.32), "curriculum": (1.84, 0.35), "ed": (2.63, 0.23)},
-                   "entropy_peb": {"standard_fc1": (1.58, 0.29), "curriculum": (1.77, 0.31), "ed": (2.59, 0.22)},
-                   "conservative": {"standard_fc1": (2048, 46), "curriculum": (2048, 49), "ed": (1671, 31)}},
-    "ucf101": {"neurons_on": {"standard_fc1": (1120, 25), "curriculum": (1143, 22), "ed": (1404, 37)},
-               "peak_peb": {"standard_fc1": (0.007, 0.0002), "curriculum": (0.007, 0.0002), "ed": (0.004, 0.0002)},
-               "entropy_act": {"standard_fc1": (2.04, 0.23), "curriculum": (2.08, 0.21), "ed": (2.51, 0.18)},
-               "entropy_peb": {"standard_fc1": (1.92, 0.22), "curriculum": (1.95, 0.20), "ed": (2.42, 0.18)},
-               "conservative": {"standard_fc1": (3599, 66), "curriculum": (3859, 53), "ed": (44, 36)}},
-}
 COLORS = {"none": "tab:gray", "standard_fc1": "tab:blue", "standard_both": "tab:cyan", "maskimg": "tab:olive",
           "curriculum": "tab:green", "adaptive": "tab:brown", "information": "tab:pink", "activation": "tab:orange",
           "ed": "tab:purple"}   # the paper draws Excitation Dropout in purple
@@ -197,8 +174,8 @@ def table5_markdown(summary: dict) -> str:
             row = []
             for m in methods:
                 c = cells.get((d, m))
-                paper = PAPER_TABLE5.get(PAPER_TABLE5_NETS.get(d, d), {}).get(key, {}).get(m)
-                row.append(_cell_text(c[key], key, paper) if c else "")
+                printed = paper.TABLE5.get(paper.TABLE5_NETS.get(d, d), {}).get(key, {}).get(m)
+                row.append(_cell_text(c[key], key, printed) if c else "")
             lines.append(f"| {d} | {title} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

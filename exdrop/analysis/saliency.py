@@ -114,7 +114,7 @@ def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=
             lp.data_param.rand_skip = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tn.seed)
-            net = Net(tn.param, TEST, pick_device(device, 0), tn.source)
+            net = Net(tn.param, TEST, pick_device(device), tn.source)
         load_weights(net, snaps[-1], strict_missing=True)
         units = units_blob or default_blob(tn.param)
         conv = blob or default_conv_blob(net)

@@ -17,8 +17,8 @@ Public API::
 """
 from exdrop.data.caltech import CALTECH256_MD5, CALTECH256_SPLITS, CALTECH256_URL, caltech256_split, prepare_caltech256
 from exdrop.data.cifar import (CIFAR10_CLASSES, CIFAR10_MD5, CIFAR10_URL, CIFAR100_MD5, CIFAR100_URL, download_cifar10,
-                    download_cifar100, md5sum, official_source, prepare_cifar10, prepare_cifar100, read_cifar10_python,
-                    read_cifar100_python)
+                               download_cifar100, md5sum, official_source, prepare_cifar10, prepare_cifar100, read_cifar10_python,
+                               read_cifar100_python)
 from exdrop.data.imagenet import IMAGENET_URL, prepare_imagenet
 from exdrop.data.images import open_image_source, prepare_image_dataset, read_image_list
 from exdrop.data.lmdb_datum import CorruptRecordError, DatumLMDB, array_to_datum, datum_to_array, write_datum_lmdb

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from exdrop.data.images import (RawDataset, RawSplit, _is_image, _iter_tar, _prepare, _scan_tar, _tar_dataset, _unpickle,
-                     open_image_source)
+                                open_image_source)
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "download_cifar10", "md5sum",
            "read_cifar10_python", "prepare_cifar10",

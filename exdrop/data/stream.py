@@ -26,7 +26,7 @@ from exdrop.proto import caffe_pb2
 
 from exdrop.data.lmdb_datum import CorruptRecordError, close_shared, open_shared
 from exdrop.data.sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
-                      read_list_entries, resolve_source)
+                                 read_list_entries, resolve_source)
 
 # decoded images above this many bytes are read from disk batch by batch, below it held in memory
 RESIDENT_BYTES = 4 << 30

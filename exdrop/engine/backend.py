@@ -11,6 +11,7 @@ import torch
 from google.protobuf import text_format
 
 from exdrop.engine import distributed as dist
+from exdrop.paths import REPO_ROOT
 from exdrop.proto import io as cio
 
 BACKENDS = ("engine", "caffe")
@@ -49,8 +50,8 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
 
 
-def pick_device(requested: str, solver_mode: int, world: dist.World = dist.ONE) -> torch.device:
-    """``auto``: CUDA when there is one (solver_mode GPU or CPU alike), else CPU. Under torchrun
+def pick_device(requested: str, world: dist.World = dist.ONE) -> torch.device:
+    """``auto``: CUDA when there is one (whatever the solver's solver_mode says), else CPU. Under torchrun
     each process takes the GPU of its LOCAL_RANK (``cuda`` or ``auto``; ``cuda:N`` is refused)."""
     if world.active and requested in (None, "", "auto", "cuda") and torch.cuda.is_available():
         if world.local_rank >= torch.cuda.device_count():
@@ -164,12 +165,15 @@ def net_params(sp, solver_path: str):
 
 
 def _resolve(path: str, relative_to: str) -> str:
-    """Caffe resolves paths against the working directory; fall back to the solver's folder."""
+    """Caffe resolves paths against the working directory; fall back to the solver's folder, then
+    to the project's home (the shipped ``prototxt/...`` of an installed package: exdrop.paths)."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return str(p)
-    alt = Path(relative_to).parent / p
-    return str(alt) if alt.exists() else str(p)
+    for alt in (Path(relative_to).parent / p, REPO_ROOT / p):
+        if alt.exists():
+            return str(alt)
+    return str(p)
 
 
 def _absolute(path: str, relative_to: str) -> str:
@@ -186,7 +190,7 @@ class Backend:
     outputs: list      # names of the nets' output blobs
     elapsed = 0.0      # seconds spent before a resume
     solver = None
-    test_nets: list = []
+    test_nets: list    # each backend sets its own in __init__
 
     @property
     def iter(self) -> int:

@@ -182,7 +182,6 @@ def top_signal(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return sig.view(logits.shape)
 
 
-one_hot_signal = top_signal
 
 
 def signal_classes(signal, logits: torch.Tensor, labels=None, where: str = "ExcitationDropout") -> torch.Tensor:

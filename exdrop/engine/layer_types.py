@@ -148,10 +148,6 @@ class Layer(nn.Module):
         """This layer's EB rule, bound to its geometry and current weights: ``rule(bottoms, signals)``."""
         return bound_rule(type(self), self.g, list(self.blobs), f"layer '{self.name}' (type {self.type})")
 
-    def excite(self, bottoms, tops, signals):
-        """The bottoms' EB signals from the tops' (None where a top carries none)."""
-        return self.excite_rule()(bottoms, signals)
-
 
 def bound_rule(kind: type[Layer], g, weights: list, where: str):
     """``kind``'s EB rule bound to one layer's geometry and weights: ``rule(bottoms, signals)``."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from exdrop.engine import eb
 from exdrop.engine.functional import (COUNTS, activation_share, adaptive_dropout, curriculum_dropout, curriculum_retain,
-                         guided_dropout, information_blobs, information_dropout, standard_dropout)
+                                      guided_dropout, information_blobs, information_dropout, standard_dropout)
 
 
 class _GuidedDropout(nn.Module):
@@ -203,12 +203,14 @@ class CurriculumDropout(nn.Module):
     no dropout at t = 0, plain dropout with rate ``p`` in the long run. In eval
     mode it is the identity.
 
-    The iteration is the ``iteration`` attribute (an int, default 0), which the
-    caller advances: the prototxt engine sets it from the solver's iteration
+    The iteration is the ``iteration`` attribute (an int; None until set), which
+    the caller advances: the prototxt engine sets it from the solver's iteration
     before every forward (``Net.set_iteration``; the attribute
     ``needs_iteration`` asks for that); a stand-alone loop writes
     ``drop.iteration = step`` or passes ``iteration=step`` to the call. It is a
-    Python int, so no host synchronisation.
+    Python int, so no host synchronisation. A training forward without an
+    iteration is an error, as in the Caffe layer (it would silently keep
+    every unit, theta(0) = 1).
 
     Args:
         p: the final dropout probability, as in ``torch.nn.Dropout`` (default 0.5).
@@ -239,19 +241,23 @@ class CurriculumDropout(nn.Module):
         super().__init__()
         curriculum_retain(0, p, gamma)  # the argument checks
         self.p, self.gamma = float(p), float(gamma)
-        self.iteration = 0
+        self.iteration: int | None = None
 
     def extra_repr(self) -> str:
         return f"p={self.p}, gamma={self.gamma}, iteration={self.iteration}"
 
     def retain_probability(self, iteration: int | None = None) -> float:
-        """theta(t) at ``iteration`` (default: the ``iteration`` attribute)."""
-        return curriculum_retain(self.iteration if iteration is None else iteration, self.p, self.gamma)
+        """theta(t) at ``iteration`` (default: the ``iteration`` attribute, 0 while unset)."""
+        return curriculum_retain(iteration if iteration is not None else self.iteration or 0, self.p, self.gamma)
 
     def forward(self, x: torch.Tensor, saliency=None, target=None, iteration: int | None = None) -> torch.Tensor:
         if not self.training:
             return x
-        return curriculum_dropout(x, self.iteration if iteration is None else iteration, self.p, self.gamma)
+        t = self.iteration if iteration is None else iteration
+        if t is None:
+            raise ValueError("CurriculumDropout in training needs the iteration t for its retain probability theta(t): "
+                             "set drop.iteration = step (or pass iteration=step)")
+        return curriculum_dropout(x, t, self.p, self.gamma)
 
 
 class AdaptiveDropout(nn.Module):

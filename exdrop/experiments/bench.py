@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from exdrop import paper
 from exdrop.engine.net import Net
 from exdrop.engine.pylayer import TRAIN
 from exdrop.engine.solver import make_solver
@@ -233,7 +234,7 @@ def processes_vs_threads(prototxt: str, solver: str, iters: int, batch: int) -> 
     each running ``iters`` training iterations of ``prototxt`` (the two ways a sweep can use a CPU)."""
     import subprocess
     cores = os.cpu_count() or 1
-    code = ("import sys, time, torch; from exdrop import bench, io; "
+    code = ("import sys, time, torch; from exdrop.experiments import bench; from exdrop.proto import io; "
             "torch.set_num_threads(int(sys.argv[1])); "
             "v = bench.Variant('x', sys.argv[2], io.read_solver_prototxt(sys.argv[3]), int(sys.argv[5]), (3, 32, 32), 10, 'cpu'); "
             "v.step(); t = time.perf_counter(); [v.step() for _ in range(int(sys.argv[4]))]; "
@@ -328,14 +329,6 @@ TABLE6 = {
                            "Activation Dropout": "prototxt/vgg16/ucf101/train_val_activation.prototxt",
                            "Excitation Dropout": "prototxt/vgg16/ucf101/train_val_ed.prototxt"}},
 }
-PAPER_TABLE6 = {  # seconds per iteration, Caffe Python layer on a GTX Titan X (the paper's Table 6)
-    "cnn2": {"Standard first fc": (0.152, 0.007), "Standard both fcs": (0.161, 0.006),
-             "Activation Dropout": (0.184, 0.006), "Excitation Dropout": (0.189, 0.007)},
-    "vgg16": {"Standard first fc": (2.279, 0.028), "Standard both fcs": (2.290, 0.018),
-              "Activation Dropout": (2.803, 0.024), "Excitation Dropout": (2.820, 0.031)},
-}
-
-
 def _print_table(title: str, res: dict, paper: dict | None) -> None:
     first = next(iter(res["variants"]))
     print(f"\n{title}: batch {res['batch']}, one training iteration on {res['device']}, "
@@ -467,7 +460,7 @@ def main(args) -> int:
     if args.what == "caffe":
         return caffe_main(args)
     from exdrop.run.train import pick_device
-    device = pick_device(args.device, 0)
+    device = pick_device(args.device)
     out: dict = {}
     if args.what == "precision":
         proto, solver = CNN2_CIFAR10["Excitation"], "prototxt/cnn2/cifar10/solver_ed.prototxt"
@@ -515,7 +508,7 @@ def main(args) -> int:
             res = time_variants(variants, solver=spec["solver"], iters=iters,
                                 warmup=warmup, batch=args.batch or 50, image_shape=spec["image"],
                                 classes=spec["classes"], device=device)
-            _print_table(spec["title"], res, PAPER_TABLE6.get(net))
+            _print_table(spec["title"], res, paper.TABLE6.get(net))
             out[net] = res
     _write_json(args.json, out)
     return 0

@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exdrop import paper
+from exdrop.paper import paper_figure
 from exdrop.paths import REPO_ROOT
 from exdrop.proto import io as cio
 from exdrop.run.runlog import plan_run_folder as run_folder
@@ -114,46 +116,6 @@ VARIANT_ALIASES = {("cnn2/cifar10", "standard_fc1"): "standard",
                    # the sweep's first fc is the fine-tuned nets' fc6
                    **{(f"{n}/ucf101", "standard_fc1"): "standard_fc6" for n in DATASET_NETS["ucf101"]}}
 
-# The paper's accuracies (%): Table 2 (rate 0.5), Table 4 (standard_fc1 / standard_both / ed at
-# 0.25 / 0.5 / 0.75), Table 6 top (activation) and Sec. 4.2 (no dropout on CIFAR-10).
-PAPER = {
-    ("cifar10", 0.5): {"none": 76.91, "standard_fc1": 80.13, "standard_both": 80.80, "curriculum": 80.03,
-                       "adaptive": 76.82, "information": 79.41, "activation": 81.33, "ed": 81.94},
-    ("cifar100", 0.5): {"standard_fc1": 50.36, "standard_both": 51.96, "curriculum": 50.74, "adaptive": 44.55,
-                        "information": 49.79, "activation": 51.43, "ed": 52.04},
-    ("caltech256", 0.5): {"standard_fc1": 28.73, "standard_both": 31.77, "curriculum": 28.91, "adaptive": 23.32,
-                          "information": 28.66, "activation": 35.29, "ed": 35.77},
-    ("cifar10", 0.25): {"standard_fc1": 79.16, "standard_both": 79.47, "ed": 81.38},
-    ("cifar10", 0.75): {"standard_fc1": 81.19, "standard_both": 81.72, "ed": 81.55},
-    ("cifar100", 0.25): {"standard_fc1": 48.44, "standard_both": 50.30, "ed": 53.23},
-    ("cifar100", 0.75): {"standard_fc1": 51.64, "standard_both": 49.46, "ed": 51.87},
-    ("caltech256", 0.25): {"standard_fc1": 26.23, "standard_both": 27.70, "ed": 33.60},
-    ("caltech256", 0.75): {"standard_fc1": 32.51, "standard_both": 33.54, "ed": 36.81},
-}
-# The fine-tuned nets on UCF101 (%), frame accuracy, the mean of five models (the paper gives no
-# std and no video accuracy): Table 3 (rate 0.5; also in the text of Sec. 4.2), Table 2's UCF101
-# row (AlexNet: adaptive, information), Table 4's UCF101 rows and Table 6 top (activation), both
-# VGG16. Table 3 prints VGG19's Standard first fc as "72.52 (+1.29%)", while 72.52 - 71.32 = 1.20:
-# the accuracy is taken as printed.
-PAPER_FINETUNED = {
-    ("ucf101", "vgg16", 0.5): {"none": 69.37, "standard_fc1": 71.93, "standard_both": 73.01, "curriculum": 72.14,
-                               "ed": 73.23, "activation": 72.56},
-    ("ucf101", "vgg19", 0.5): {"none": 71.32, "standard_fc1": 72.52, "standard_both": 73.40, "curriculum": 73.18,
-                               "ed": 74.34},
-    ("ucf101", "alexnet", 0.5): {"none": 62.89, "standard_fc1": 64.50, "standard_both": 65.83, "curriculum": 64.55,
-                                 "ed": 67.56, "adaptive": 63.96, "information": 64.21},
-    ("ucf101", "vgg16", 0.25): {"standard_fc1": 71.01, "standard_both": 71.48, "ed": 73.56},
-    ("ucf101", "vgg16", 0.75): {"standard_fc1": 72.92, "standard_both": 72.89, "ed": 73.06},
-}
-
-
-def paper_figure(dataset: str, net: str, method: str, rate: float) -> float | None:
-    """The paper's accuracy (%) for a cell, or None where the paper has none."""
-    if net == "cnn2":
-        return PAPER.get((dataset, rate), {}).get(method)
-    return PAPER_FINETUNED.get((dataset, net, rate), {}).get(method)
-
-
 def nets_of(dataset: str) -> tuple:
     return DATASET_NETS.get(dataset, ("cnn2",))
 
@@ -178,18 +140,9 @@ class Budget:
     test_iter: int | None = None         # test batches per test pass
 
 
-# what the paper's budget runs, per net: the prototxts' solvers as they are (Sec. 4.1)
-PAPER_RECIPES = {
-    "cnn2": "CNN-2 from scratch: 100K iterations, lr 1e-3 -> 1e-4 at 25K, batch 100, the full training split",
-    "alexnet": "AlexNet fine-tuned from ImageNet: 5K iterations, batch 128, Adam lr 1e-3 fixed, weight decay 0.005",
-    "vgg16": "VGG16 fine-tuned from ImageNet: 30K iterations, batch 50, Adam lr 1e-3 fixed, weight decay 0.005",
-    "vgg19": "VGG19 fine-tuned from ImageNet: 30K iterations, batch 50, Adam lr 1e-3 fixed, weight decay 0.005",
-}
-
-
 def describe(budget: Budget, nets) -> str:
     """The budget's description with ``{recipes}`` filled in: the paper's recipe of each net."""
-    recipes = "; ".join(PAPER_RECIPES[n] for n in NETS if n in set(nets))
+    recipes = "; ".join(paper.RECIPES[n] for n in NETS if n in set(nets))
     return budget.description.replace("{recipes}", recipes)
 
 

@@ -34,18 +34,19 @@ import numpy as np
 import torch
 
 from exdrop.engine import distributed as dist
-from exdrop.proto import io as cio
 # the backend interface and the run configuration; re-exported: exdrop.run.train is where users find them
-from exdrop.engine.backend import (BACKENDS, INIT_WEIGHTS, Backend, TrainConfig, net_params, pick_device,  # noqa: F401
-                      prepare_solver)
+from exdrop.engine.backend import (BACKENDS, INIT_WEIGHTS, Backend, TrainConfig, net_params,  # noqa: F401
+                                   pick_device, prepare_solver)
 from exdrop.engine.net import Net
 from exdrop.engine.pylayer import TEST, TRAIN
-from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
-from exdrop.run.runlog import RunLog, budget, format_row
-from exdrop.engine.snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state, plain_to,
-                       prune_snapshots, read_engine_state, remove_unfinished_snapshots, save_weights,
-                       snapshot_model_path, snapshot_state_path)
+from exdrop.engine.snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state,
+                                    plain_to, prune_snapshots, read_engine_state, remove_unfinished_snapshots,
+                                    save_weights, snapshot_model_path, snapshot_state_path)
 from exdrop.engine.solver import make_solver
+from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
+from exdrop.proto import io as cio
+from exdrop.run.plot import plot_run
+from exdrop.run.runlog import RunLog, budget, format_row
 
 # Caffe's SoftmaxWithLoss takes -log(max(prob, FLT_MIN)): a loss that sits here has saturated.
 CLAMPED_LOSS = -math.log(float(np.finfo(np.float32).tiny))   # 87.3365
@@ -68,7 +69,7 @@ class EngineBackend(Backend):
         self.world = world = dist.world_from_env()
         sp, self.out = prepare_solver(cfg, write=world.main)
         self.sp = sp
-        self.device = pick_device(cfg.device, sp.solver_mode, world)
+        self.device = pick_device(cfg.device, world)
         dist.init(world, self.device)
         seed = sp.random_seed
         if world.active and seed < 0:   # one seed for all: the same fillers and data order everywhere
@@ -503,13 +504,9 @@ class Trainer:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _plot(self) -> None:
-        """``<run folder>/curves.png`` by :func:`exdrop.run.plot.plot_run`, where that module exists; a
-        plotting problem is a one-line warning, never a lost run."""
-        import importlib.util
+        """``<run folder>/curves.png`` by :func:`exdrop.run.plot.plot_run`; a plotting problem is a
+        one-line warning, never a lost run."""
         try:
-            if importlib.util.find_spec("exdrop.run.plot") is None:
-                return
-            from exdrop.run.plot import plot_run
             plot_run(self.out)
         except Exception as exc:  # noqa: BLE001 - the run's records are already written
             print(f"exdrop: warning: no training curves for {self.out} ({type(exc).__name__}: {exc})",
@@ -547,7 +544,7 @@ class Trainer:
 
     def _run_test(self, k: int, n: int) -> dict:
         """Test net ``k``, with its own transient bar (one tick per test iteration, host side only)."""
-        if not self.cfg.progress or not _takes_tick(self.backend.test):
+        if not self.cfg.progress:
             return self.backend.test(k)
         sp = self.sp
         total = sp.test_iter[min(k, len(sp.test_iter) - 1)] if len(sp.test_iter) else None
@@ -559,7 +556,7 @@ class Trainer:
     def snapshot(self, elapsed: float) -> Path:
         """A snapshot, only of finite weights after finite losses (else :class:`TrainingDiverged`)."""
         self.check_finite()
-        bad_layer = self.backend.nonfinite_weights() if hasattr(self.backend, "nonfinite_weights") else None
+        bad_layer = self.backend.nonfinite_weights()
         if bad_layer:
             raise TrainingDiverged(self._diverged(
                 f"the weights of layer '{bad_layer}' are not finite (NaN or inf) at iteration {self.backend.iter}"))
@@ -622,14 +619,6 @@ class Trainer:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def _takes_tick(method) -> bool:
-    import inspect
-    try:
-        return "tick" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _progress(enabled: bool, start: int, total: int):
