@@ -403,9 +403,19 @@ class Net(nn.Module):
                 needed.update(lp.bottom)
         return picked[::-1]
 
+    per_image_saliency = False   # EB one image at a time, as the authors' numpy loop (Table 6's comparison)
+
     @torch.no_grad()
     def _saliency(self, i: int, layer, blobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What guided dropout layer ``i`` needs: p_EB of its bottom, or the bottom itself."""
+        """What guided dropout layer ``i`` needs: p_EB of its bottom, or the bottom itself; image by
+        image with :attr:`per_image_saliency` (to show what batching buys)."""
+        if not self.per_image_saliency:
+            return self._batched_saliency(i, layer, blobs)
+        batch = blobs[layer.lp.bottom[0]].shape[0]
+        return torch.cat([self._batched_saliency(i, layer, {k: v[b:b + 1] if v.dim() and v.shape[0] == batch else v
+                                                            for k, v in blobs.items()}) for b in range(batch)])
+
+    def _batched_saliency(self, i: int, layer, blobs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = blobs[layer.lp.bottom[0]]
         if layer.saliency == "activation":
             return x.detach()

@@ -36,6 +36,7 @@ from exdrop import paper
 from exdrop.engine.net import Net
 from exdrop.engine.pylayer import TRAIN
 from exdrop.engine.solver import make_solver
+from exdrop.engine.step import training_step
 from exdrop.paths import REPO_ROOT
 from exdrop.proto import io as cio
 from exdrop.proto import caffe_pb2
@@ -114,8 +115,7 @@ class Variant:
         g = torch.Generator().manual_seed(1)
         self.feed = {"data": (torch.randn(batch, *image_shape, generator=g) * 60 * scale).to(device),
                      "label": torch.randint(0, classes, (batch,), generator=g).to(device)}
-        if per_image_loop:
-            self._loop_saliency()
+        self.net.per_image_saliency = per_image_loop
         self.autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp \
             else contextlib.nullcontext
         if compile:
@@ -123,29 +123,9 @@ class Variant:
                 if len(layer.blobs):   # the convolutions and inner products: the bulk of the work
                     layer.forward = torch.compile(layer.forward, dynamic=False)
 
-    def _loop_saliency(self):
-        """The authors' way: EB one image at a time in a Python loop (to show what batching buys)."""
-        net, batched = self.net, self.net._saliency
-        batch = self.feed["data"].shape[0]
-
-        def one_by_one(i, layer, blobs):
-            rows = []
-            for b in range(batch):
-                sliced = {k: v[b:b + 1] if v.dim() and v.shape[0] == batch else v for k, v in blobs.items()}
-                rows.append(batched(i, layer, sliced))
-            return torch.cat(rows)
-
-        net._saliency = one_by_one
-
     def step(self):
-        with self.autocast():
-            loss = self.net.loss(self.net(self.feed))
-        loss.backward()
-        self.solver.step_update()
-        self._loss = loss.detach()
-        self.net.blobs, self.net.records = {}, None  # no activations kept between steps
-        for p in self.net.parameters():
-            p.grad = None
+        """The training step of ``exdrop train``'s engine backend, on the fixed feed."""
+        self._loss, _ = training_step(self.net, self.solver, feed=self.feed, autocast=self.autocast)
 
     @property
     def last_loss(self) -> float:

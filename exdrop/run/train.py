@@ -43,6 +43,7 @@ from exdrop.engine.snapshot import (SnapshotError, engine_state_path, load_weigh
                                     plain_to, prune_snapshots, read_engine_state, remove_unfinished_snapshots,
                                     save_weights, snapshot_model_path, snapshot_state_path)
 from exdrop.engine.solver import make_solver
+from exdrop.engine.step import training_step
 from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
 from exdrop.proto import io as cio
 from exdrop.run.plot import plot_run
@@ -120,28 +121,10 @@ class EngineBackend(Backend):
         return self.solver.learning_rate()
 
     def step(self):
-        """Forward, backward (iter_size times) and the update; loss and outputs stay on the device."""
-        net, passes = self.train_net, max(1, self.sp.iter_size)
-        for p in net.parameters():
-            p.grad = None
-        net.set_iteration(self.solver.iter)   # Curriculum Dropout's t: the solver's, restored on resume
-        loss_sum, outputs_sum = None, {}
-        for k in range(passes):
-            # many processes: DDP averages the gradients in the last pass's backward (iter_size passes accumulate)
-            sync = self.ddp is None or k == passes - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with self.autocast():
-                    blobs = (net if self.ddp is None else self.ddp)()
-                    loss = net.loss(blobs)
-                loss.backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            for name in net.outputs:
-                v = blobs[name].detach()
-                outputs_sum[name] = outputs_sum[name] + v if name in outputs_sum else v
-        self.solver.step_update()
-        names = list(outputs_sum)
-        loss, *outs = dist.mean_over(self.world, [loss_sum / passes] + [outputs_sum[k] / passes for k in names])
-        return loss, dict(zip(names, outs))
+        """Forward, backward (iter_size times) and the update (:func:`exdrop.engine.step.training_step`);
+        loss and outputs stay on the device."""
+        return training_step(self.train_net, self.solver, iter_size=self.sp.iter_size, autocast=self.autocast,
+                             ddp=self.ddp, world=self.world)
 
     @torch.no_grad()
     def test(self, k: int, tick=None) -> dict:
