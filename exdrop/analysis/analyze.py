@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from exdrop.engine.functional import unit_saliency
+from exdrop.engine.graph import last_writer
 from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's defaults)
 from exdrop.proto import io as cio
 from exdrop.run.runlog import plan_run_folder
@@ -142,10 +143,10 @@ def _producer(net, blob: str):
 
 
 def _last_writer(net, blob: str) -> int:
-    idx = [i for i, layer in enumerate(net.layer_list) if blob in layer.lp.top]
-    if not idx:
+    i = last_writer([layer.lp.top for layer in net.layer_list], blob)
+    if i is None:
         raise ValueError(f"{net.source}: no layer writes blob '{blob}' in the TEST net")
-    return idx[-1]
+    return i
 
 
 @dataclass

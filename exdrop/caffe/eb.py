@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from exdrop.engine import eb
+from exdrop.engine.graph import last_writer
 from exdrop.engine.layer_types import REGISTRY, LayerError, bound_rule
 from exdrop.proto import caffe_pb2
 
@@ -54,11 +55,10 @@ class CaffeExcitation:
 
     def producer(self, blob: str, before: int | None = None) -> int:
         """Index of the last layer (before ``before``) that writes ``blob``."""
-        end = len(self.names) if before is None else before
-        for i in range(end - 1, -1, -1):
-            if blob in self.net.top_names[self.names[i]]:
-                return i
-        raise KeyError(f"{self.source}: no layer produces blob '{blob}'")
+        i = last_writer([self.net.top_names[name] for name in self.names], blob, before)
+        if i is None:
+            raise KeyError(f"{self.source}: no layer produces blob '{blob}'")
+        return i
 
     def _rule(self, i: int):
         name, kind, g = self.names[i], self.kinds[i], self.geometry[i]

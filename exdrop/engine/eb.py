@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair  # torch's (h, w) helper
 from torch.nn.grad import conv2d_input
 
+from exdrop.engine.graph import upstream
+
 
 def safe_divide(top: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``top / z`` with 0 where ``z == 0`` (the original Caffe EB: no epsilon)."""
@@ -254,14 +256,7 @@ def walk(steps: Sequence[Step], signals: dict, target: Hashable) -> torch.Tensor
 def walked(steps: Sequence[Step], start) -> list[int]:
     """Indices of the ``steps`` that :func:`walk` runs from signals at the keys ``start``
     (those whose tops carry a signal), without computing anything."""
-    live, out = set(start), []
-    for i in range(len(steps) - 1, -1, -1):
-        step = steps[i]
-        if any(k in live for k in step.top_keys):
-            out.append(i)
-            live.difference_update(step.top_keys)
-            live.update(step.bottom_keys)
-    return out[::-1]
+    return upstream([(step.top_keys, step.bottom_keys) for step in steps], start)[0]
 
 
 class NonFiniteError(ValueError):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from exdrop.engine import eb
+from exdrop.engine.graph import upstream
 from exdrop.engine.layer_types import REGISTRY, LayerError, Python, bound_rule
 from exdrop.engine.pylayer import TEST, TRAIN
 from exdrop.engine.solver import ParamEntry
@@ -232,13 +233,10 @@ class Net(nn.Module):
 
     def _logits_depend_on(self, start: int, blob: str, logits: str) -> bool:
         """Whether blob ``logits`` is computed from ``blob`` as written by layer ``start``."""
-        needed = {logits}
-        for j in range(len(self.layer_list) - 1, start, -1):
-            lp = self.layer_list[j].lp
-            if any(t in needed for t in lp.top):
-                needed.difference_update(t for t in lp.top if t not in lp.bottom)
-                needed.update(lp.bottom)
-        return blob in needed
+        return blob in upstream(self._tops_bottoms(), {logits}, start)[1]
+
+    def _tops_bottoms(self) -> list[tuple]:
+        return [(layer.lp.top, layer.lp.bottom) for layer in self.layer_list]
 
     def _check_label_ranges(self):
         """Labels of a data layer feeding a SoftmaxWithLoss or an Accuracy must be classes of its logits."""
@@ -394,14 +392,7 @@ class Net(nn.Module):
 
     def head_layers(self, start: int, logits: str) -> list[int]:
         """Indices of the layers after ``start`` that the logits blob depends on."""
-        needed, picked = {logits}, []
-        for j in range(len(self.layer_list) - 1, start, -1):
-            lp = self.layer_list[j].lp
-            if any(t in needed for t in lp.top):
-                picked.append(j)
-                needed.difference_update(t for t in lp.top if t not in lp.bottom)
-                needed.update(lp.bottom)
-        return picked[::-1]
+        return upstream(self._tops_bottoms(), {logits}, start)[0]
 
     per_image_saliency = False   # EB one image at a time, as the authors' numpy loop (Table 6's comparison)
 
