@@ -54,8 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exdrop.analysis import evaluate as ev
+from exdrop.engine.backend import INIT_WEIGHTS
 from exdrop.engine.functional import unit_saliency
 from exdrop.engine.graph import last_writer
+from exdrop.engine.layer_types import Python
 from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's defaults)
 from exdrop.proto import io as cio
 from exdrop.run.runlog import plan_run_folder
@@ -162,7 +165,6 @@ class _Head:
         return cls(net, blob, scores, net.head_layers(_last_writer(net, blob), scores))
 
     def __call__(self, blobs: dict, value: torch.Tensor) -> torch.Tensor:
-        from exdrop.engine.layer_types import Python
         h = dict(blobs)
         h[self.blob] = value
         for j in self.layers:
@@ -209,11 +211,6 @@ def analyze(net_or_solver, weights, data=None, blob: str | None = None, init_wei
     """One pass over the test data with ``weights``: the utilization metrics, calibration and
     (``compression``) the Fig. 7 curves at ``blob``. ``images``: the first N images only (all by
     default). ``init_weights`` (+ ``delta``): the conservative filters. JSON-ready dict."""
-    from exdrop.analysis import evaluate as ev
-    from exdrop.engine.net import Net
-    from exdrop.engine.pylayer import TEST
-    from exdrop.engine.snapshot import load_weights
-    from exdrop.engine.backend import pick_device
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such .caffemodel")
@@ -233,14 +230,8 @@ def analyze(net_or_solver, weights, data=None, blob: str | None = None, init_wei
     total = min(records, images) if images else records
     batch = ev._batch_size(lp)
     sizes = [batch] * (total // batch) + ([total % batch] if total % batch else [])
-    dev = pick_device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tn.seed)
-        net = Net(tn.param, TEST, dev, tn.source)
-    try:
-        load_weights(net, weights, strict_missing=True)
-    except ValueError as exc:
-        raise ValueError(f"the weights {weights} do not fit the net {tn.source}: {exc}") from None
+    net = ev.engine_test_net(tn, weights, device)
+    dev = net.device
     blob = blob or default_blob(tn.param)
     if blob not in net.blob_shapes:
         raise ValueError(f"{tn.source}: no blob '{blob}' in the TEST net (blobs: {', '.join(net.blob_shapes)})")
@@ -343,7 +334,6 @@ _ITER = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 def run_snapshots(run) -> list[tuple[int, Path]]:
     """(iteration, .caffemodel) of a run: ``init.caffemodel`` as 0, then every snapshot kept."""
-    from exdrop.engine.backend import INIT_WEIGHTS
     run = Path(run)
     found = [(0, run / INIT_WEIGHTS)] if (run / INIT_WEIGHTS).is_file() else []
     for path in (run / "snapshots").glob("*.caffemodel"):

@@ -50,11 +50,15 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
+from exdrop.caffe.backend import load_caffe
+from exdrop.data import DatumLMDB
+from exdrop.engine.backend import net_params, pick_device
 from exdrop.engine.net import DATA_TYPES, Net, filter_layers
 from exdrop.engine.pylayer import TEST
 from exdrop.engine.snapshot import load_weights
 from exdrop.proto import io as cio
 from exdrop.proto import caffe_pb2
+from exdrop.run.plot import _pyplot
 
 __all__ = ["evaluate", "write_report", "confusion_figure", "format_table", "default_out", "is_converted",
            "resolve_data", "set_data_source", "load_test_net", "EvalNet", "BACKENDS"]
@@ -97,7 +101,6 @@ def load_test_net(path) -> EvalNet:
     except ValueError as exc:
         solver_err = exc
     if solver_err is None and sp.ListFields():
-        from exdrop.engine.backend import net_params
         (train, train_src), tests = net_params(sp, str(path))
         test_iter = int(sp.test_iter[0]) if len(sp.test_iter) else None
         param, src = tests[0] if tests else (train, train_src)
@@ -218,7 +221,6 @@ def _check_source(tn: EvalNet, lp) -> Path:
 
 def _record_count(lp) -> int:
     if lp.type == "Data":
-        from exdrop.data import DatumLMDB
         with DatumLMDB(lp.data_param.source) as db:
             return len(db)
     text = Path(lp.image_data_param.source).read_text(encoding="utf-8", errors="replace")
@@ -351,16 +353,22 @@ def _means(sums: dict, sizes: list[int]) -> dict:
     return {k: (v / len(sizes) if full else v / sum(sizes)) for k, v in sums.items()}
 
 
-def _run_engine(tn, lp, score, weights, sizes, device, progress):
-    from exdrop.engine.backend import pick_device
-    dev = pick_device(device)
+def engine_test_net(tn: EvalNet, weights, device="cpu") -> Net:
+    """The engine's TEST net of ``tn`` (:func:`load_test_net`, its data layer as set) on ``device``
+    with the ``.caffemodel`` ``weights``: what ``exdrop test``, the analysis and the saliency maps
+    run. The data source's generator (mirrors) is drawn from the solver's seed, as in training."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tn.seed)   # the data source's generator (mirrors) is drawn from it
-        net = Net(tn.param, TEST, dev, tn.source)
+        torch.manual_seed(tn.seed)
+        net = Net(tn.param, TEST, pick_device(device), tn.source)
     try:
         load_weights(net, weights, strict_missing=True)
     except ValueError as exc:
-        raise ValueError(f"the weights do not fit the net {tn.source}: {exc}") from None
+        raise ValueError(f"the weights {weights} do not fit the net {tn.source}: {exc}") from None
+    return net
+
+
+def _run_engine(tn, lp, score, weights, sizes, device, progress):
+    net = engine_test_net(tn, weights, device)
     src = net.sources[lp.name]
     full = all(s == sizes[0] for s in sizes)
     sums: dict[str, torch.Tensor] = {}
@@ -387,7 +395,7 @@ def _run_engine(tn, lp, score, weights, sizes, device, progress):
     outputs = {k: v.mean().item() for k, v in _means(sums, sizes).items()}
     classes = int(np.prod(net.blob_shapes[score.scores][1:]))
     return (outputs, dict(net.loss_weights), torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(),
-            classes, str(dev))
+            classes, str(net.device))
 
 
 class _CaffeParams:
@@ -403,7 +411,6 @@ def _run_caffe(tn, lp, score, weights, sizes, device, progress):
     if device not in (None, "", "auto", "cpu"):
         raise ValueError(f"the Caffe backend runs on CPU only (`make caffe` builds pycaffe without CUDA); "
                          f"drop --device {device} or use the engine backend")
-    from exdrop.caffe.backend import load_caffe
     caffe = load_caffe()
     caffe.set_random_seed(tn.seed)
     with tempfile.TemporaryDirectory(prefix="exdrop_test_") as tmp:
@@ -462,7 +469,6 @@ def default_out(weights) -> Path:
 def confusion_figure(confusion, classes: list[str] | None = None, title: str = ""):
     """A matplotlib figure of the row-normalised confusion matrix (each true class's row sums to 1;
     a class without images is a row of 0), labelled axes; per-cell text below 100 classes."""
-    from exdrop.run.plot import _pyplot
     plt = _pyplot()
     cm = np.asarray(confusion, dtype=np.float64)
     k = cm.shape[0]
@@ -508,7 +514,6 @@ def write_report(result: dict, out_dir) -> dict:
     try:
         fig.savefig(png, dpi=100)
     finally:
-        from exdrop.run.plot import _pyplot
         _pyplot().close(fig)
     return {"json": js, "png": png}
 

@@ -23,8 +23,13 @@ import numpy as np
 
 from exdrop import paper
 from exdrop.analysis.analyze import METRIC_TITLES, METRICS, analyze_run
+from exdrop.analysis.analyze import run_info
+from exdrop.analysis.saliency import figure
+from exdrop.engine.functional import retain_probability
 from exdrop.experiments.sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
+from exdrop.experiments.sweep import plot_fig3
 from exdrop.run.plot import _pyplot
+from exdrop.run.plot import read_log
 from exdrop.run.runlog import plan_run_folder
 
 # Table 5 and Fig. 7 compare these (the paper: Standard, Curriculum, Excitation; the issue adds none)
@@ -261,8 +266,6 @@ def plot_logged_utilization(runs, path) -> Path:
     """Figs. 4-5 from the runs' own log.csv (the trainer's utilization columns at each test point):
     runs of one method (from the sweep's plan, else the run folder's parent name) give one mean
     curve with a std band."""
-    from exdrop.analysis.analyze import run_info
-    from exdrop.run.plot import read_log
     plt = _pyplot()
     groups: dict = {}
     for run in runs:
@@ -317,7 +320,6 @@ def plot_fig2(path, n: int = 10, base_retain: float = 0.5) -> Path:
     """Fig. 2: the retain probability of Eqn. 3 against p_EB for N units and base retain P."""
     import torch
 
-    from exdrop.engine.functional import retain_probability
     plt = _pyplot()
     p = torch.linspace(0, 1, 501, dtype=torch.float64).view(-1, 1).expand(-1, n).contiguous()
     retain = retain_probability(p, base_retain)[:, 0].numpy()
@@ -407,11 +409,9 @@ def write_report(sweep, out=None, saliency: Path | None = None, saliency_images=
     summary = json.loads(summary_path.read_text())
     figures = write_analysis_outputs(summary, out)
     table2 = collect(sweep)
-    from exdrop.experiments.sweep import plot_fig3
     fig3 = [plot_fig3(table2, d, out / f"fig3_{d}.png") for d in sorted({c["dataset"] for c in table2["cells"]})]
     fig2 = plot_fig2(out / "fig2.png")
     if saliency is None and saliency_images and summary["cells"]:
-        from exdrop.analysis.saliency import figure
         first = summary["cells"][0]["dataset"]
         order = {m: i for i, m in enumerate(TABLE5_METHODS)}
         cells = sorted((c for c in summary["cells"] if c["dataset"] == first and c["rate"] == 0.5),

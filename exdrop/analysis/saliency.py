@@ -18,6 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from exdrop.analysis import evaluate as ev
+from exdrop.analysis.analyze import _gt_prob, default_blob, run_info, run_snapshots
+from exdrop.engine.functional import unit_saliency
+from exdrop.experiments.sweep import METHOD_LABELS
+from exdrop.run.plot import _pyplot
+
 __all__ = ["maps", "figure", "default_conv_blob"]
 
 MIN_SIDE = 8   # the default conv blob: the last Convolution top at least this many pixels on a side
@@ -39,8 +45,6 @@ def default_conv_blob(net) -> str:
 @torch.no_grad()
 def maps(net, feed: dict, units_blob: str, conv_blob: str, ks, scores: str, label: str, contrastive=False):
     """Saliency at ``conv_blob`` with the ``k`` highest-p_EB units of ``units_blob`` off, for each k."""
-    from exdrop.analysis.analyze import _gt_prob
-    from exdrop.engine.functional import unit_saliency
     net.forward(feed, record=True)
     p = unit_saliency(net.excitation(units_blob, scores))
     order = p.argsort(1, descending=True)
@@ -90,14 +94,6 @@ def _display(x: torch.Tensor, lp) -> np.ndarray:
 def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=None, data=None,
            contrastive=False, out="saliency.png", device="cpu") -> Path:
     """Fig. 6 for the last snapshot of each run folder."""
-    from exdrop.analysis import evaluate as ev
-    from exdrop.analysis.analyze import default_blob, run_info, run_snapshots
-    from exdrop.engine.net import Net
-    from exdrop.engine.pylayer import TEST
-    from exdrop.run.plot import _pyplot
-    from exdrop.engine.snapshot import load_weights
-    from exdrop.experiments.sweep import METHOD_LABELS
-    from exdrop.run.train import pick_device
     plt = _pyplot()
     rows = []
     for run in runs:
@@ -112,10 +108,7 @@ def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=
             ev.set_data_source(lp, ev.resolve_data(data)[0])
         if lp.type == "Data":
             lp.data_param.rand_skip = 0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(tn.seed)
-            net = Net(tn.param, TEST, pick_device(device), tn.source)
-        load_weights(net, snaps[-1], strict_missing=True)
+        net = ev.engine_test_net(tn, snaps[-1], device)
         units = units_blob or default_blob(tn.param)
         conv = blob or default_conv_blob(net)
         x, y = _images(net, lp, list(images))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from exdrop.proto import caffe_pb2
 
 __all__ = ["write_datum_lmdb", "DatumLMDB", "CorruptRecordError", "datum_to_array", "array_to_datum",
            "check_lmdb_file"]
@@ -35,7 +36,6 @@ def _lmdb():
 
 
 def _pb():
-    from exdrop.proto import caffe_pb2
     return caffe_pb2
 
 

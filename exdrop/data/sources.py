@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from exdrop.data.lmdb_datum import close_shared, open_shared
+from exdrop.proto.io import read_binaryproto_mean
 
 __all__ = ["BatchSource", "DataTransformer", "resolve_source", "load_image_list_data", "read_list_entries"]
 
@@ -52,7 +53,6 @@ def resolve_source(path: str, layer_name: str = "", what: str = "source") -> Pat
 
 
 def _read_mean(path: Path) -> np.ndarray:
-    from exdrop.proto.io import read_binaryproto_mean   # lazy: (C,H,W) float32
     return np.asarray(read_binaryproto_mean(str(path)), np.float32)
 
 

@@ -197,7 +197,11 @@ def signal_classes(signal, logits: torch.Tensor, labels=None, where: str = "Exci
         if labels is None:
             raise ValueError(f"{where}: the ground-truth top signal (signal 'gt') needs the labels: "
                              "give the label blob (or `target`), or use signal 'pred' or a class index")
-        return torch.as_tensor(labels).reshape(-1).long().to(logits.device)
+        labels = torch.as_tensor(labels)
+        if labels.numel() != logits.shape[0]:
+            raise ValueError(f"{where}: {labels.numel()} label(s) of shape {tuple(labels.shape)} for a batch of "
+                             f"{logits.shape[0]}: give one class index per image, shape ({logits.shape[0]},)")
+        return labels.reshape(-1).long().to(logits.device)
     if signal == "pred":
         return logits.detach().flatten(1).argmax(1)
     if isinstance(signal, bool) or not isinstance(signal, (int, str)):

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from exdrop.data import make_source
 from exdrop.engine import eb
+from exdrop.engine.distributed import shard_slice
 from exdrop.engine.graph import upstream
 from exdrop.engine.layer_types import REGISTRY, LayerError, Python, bound_rule
 from exdrop.engine.pylayer import TEST, TRAIN
@@ -188,13 +190,11 @@ class Net(nn.Module):
             layer = _InputLayer(lp, [tuple(p.shape[min(i, len(p.shape) - 1)].dim) for i in range(len(lp.top))], batch_size)
             self.input_names += list(lp.top)
             return layer
-        from exdrop.data import make_source  # the data package is only needed by nets that read data
         try:
             if batch_size:
                 lp = _with_batch_size(lp, batch_size)
             part = None
             if self.world is not None and self.world.active:
-                from exdrop.engine.distributed import shard_slice
                 batch = lp.data_param.batch_size if lp.type == "Data" else lp.image_data_param.batch_size
                 part = shard_slice(self.world, batch, f"{self.source}: layer '{lp.name}'")
             src = make_source(lp, self.phase, self.device, part=part)

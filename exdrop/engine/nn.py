@@ -27,6 +27,7 @@ from torch import nn
 from exdrop.engine import eb
 from exdrop.engine.functional import (COUNTS, activation_share, adaptive_dropout, curriculum_dropout, curriculum_retain,
                                       guided_dropout, information_blobs, information_dropout, standard_dropout)
+from exdrop.engine.layer_types import module_layer
 
 
 class _GuidedDropout(nn.Module):
@@ -72,7 +73,12 @@ class ExcitationDropout(_GuidedDropout):
         head: the layers from this point up to the logits (``nn.Sequential`` of
             Linear, Conv2d, ReLU, LeakyReLU, MaxPool2d, AvgPool2d, Flatten,
             Dropout, LocalResponseNorm). Needed unless ``saliency`` is passed.
-        p: dropout probability, as in ``torch.nn.Dropout`` (default 0.5).
+        p: the base dropout probability (default 0.5): a unit whose share of the
+            evidence is exactly 1/N is dropped with probability ``p`` (the paper's
+            P = 1 - p). Units with a smaller share are kept more often, so the kept
+            fraction is not ``1 - p`` as in ``torch.nn.Dropout``: with the evidence
+            concentrated on few units (a sparse layer), most units are kept (0.7 to
+            0.85 of them on ordinary data at p = 0.5) and the relevant ones dropped.
         rescale: divide each image by its kept fraction (the paper; the
             authors' 2019 code did not).
         grad_rescale: let the gradient carry that 1/scale (autograd's natural
@@ -105,13 +111,18 @@ class ExcitationDropout(_GuidedDropout):
     def __init__(self, head: nn.Module | None = None, p: float = 0.5, rescale: bool = True,
                  grad_rescale: bool = True, signal: str | int = "gt", count: str = "all"):
         super().__init__(p, rescale, grad_rescale, count)
-        self.head = head
+        # not a submodule: the model owns the head, so its weights are in state_dict() once
+        self.__dict__["head"] = head
         self.signal = signal
 
     def forward(self, x: torch.Tensor, saliency: torch.Tensor | None = None,
                 target: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training:
             return x
+        if saliency is not None and (saliency.dim() < 2 or not saliency.dtype.is_floating_point):
+            raise ValueError(f"ExcitationDropout: the second argument is the saliency (p_EB, shape "
+                             f"{tuple(x.shape)} or ({x.shape[0]}, units)); got shape {tuple(saliency.shape)}, dtype "
+                             f"{saliency.dtype}: give the labels as target=..., drop(x, target=y)")
         if saliency is None:
             if self.head is None:
                 raise ValueError("ExcitationDropout needs `head` (or an explicit `saliency`)")
@@ -317,6 +328,25 @@ class AdaptiveDropout(nn.Module):
 
 
 @torch.no_grad()
+def check_target(target, batch: int, classes: int, where: str = "ExcitationDropout") -> None:
+    """``target`` must be what torch's classification losses take: class indices of shape
+    ``(batch,)``, an integer dtype, each in ``[0, classes)``. The range is checked on the device
+    (no host synchronisation on a GPU: a bad label fails at the next synchronising call)."""
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"{where}: target must be a tensor of class indices of shape ({batch},), got "
+                         f"{type(target).__name__}")
+    if target.dim() == 2 and target.shape == (batch, classes):
+        raise ValueError(f"{where}: target of shape {tuple(target.shape)} looks one-hot; give class indices of "
+                         f"shape ({batch},), e.g. target.argmax(1)")
+    if target.shape != (batch,):
+        raise ValueError(f"{where}: target must be class indices of shape ({batch},) for this batch, got shape "
+                         f"{tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"{where}: target must hold integer class indices (torch.long), got dtype {target.dtype}")
+    torch._assert_async(((target >= 0) & (target < classes)).all(),
+                        f"{where}: a target class index is outside [0, {classes}) (the head's outputs)")
+
+
 def excitation_through(head: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
                        signal: str | int = "gt", check_finite: bool = True) -> torch.Tensor:
     """p_EB at ``x`` through a sequential ``head``, from a one-hot at its output.
@@ -330,7 +360,6 @@ def excitation_through(head: nn.Module, x: torch.Tensor, target: torch.Tensor | 
     synchronisation). :class:`ExcitationDropout`'s training step passes False: a
     NaN there keeps its units and reaches the loss.
     """
-    from exdrop.engine.layer_types import module_layer  # the rule table: Caffe layer types
 
     modules = list(head) if isinstance(head, nn.Sequential) else [head]
     steps, h, inputs = [], x.detach(), []
@@ -344,6 +373,8 @@ def excitation_through(head: nn.Module, x: torch.Tensor, target: torch.Tensor | 
         h = h if kind.is_dropout else m(h)
     if check_finite:
         eb.require_finite(inputs, "excitation_through")
+    if signal == "gt" and target is not None:
+        check_target(target, x.shape[0], h[0].numel())
     classes = eb.signal_classes(signal, h, target, "ExcitationDropout")
     out = eb.walk(steps, {len(modules): eb.top_signal(h, classes)}, 0)
     return out if out is not None else torch.zeros_like(x, dtype=torch.float32)

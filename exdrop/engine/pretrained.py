@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from exdrop.engine.snapshot import load_weights
 
 
 __all__ = ["load_pretrained", "torch_to_caffe_conv1", "caffe_to_torch_conv1", "fetch", "MODEL_ZOO",
@@ -123,7 +124,6 @@ def load_pretrained(net, path, transform: dict | None = None) -> dict:
     """Copy pretrained weights into ``net`` (an engine Net). ``.pth`` / ``.pt``: a torchvision-style
     state dict, its first convolution converted with ``transform`` (:func:`input_transform`);
     anything else: a .caffemodel, V1 or V2, by layer name (Model Zoo files are sha1-checked)."""
-    from exdrop.engine.snapshot import load_weights
     path = Path(path)
     if not path.is_file():
         hint = f"; fetch {MODEL_ZOO[path.name][0]}" if path.name in MODEL_ZOO else ""

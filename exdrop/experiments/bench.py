@@ -33,13 +33,18 @@ from pathlib import Path
 import torch
 
 from exdrop import paper
+from exdrop.caffe.backend import CaffeBenchVariant
 from exdrop.engine.net import Net
+from exdrop.engine.net import filter_layers
 from exdrop.engine.pylayer import TRAIN
+from exdrop.engine.pylayer import TEST
 from exdrop.engine.solver import make_solver
 from exdrop.engine.step import training_step
+from exdrop.engine.utilization import utilization
 from exdrop.paths import REPO_ROOT
 from exdrop.proto import io as cio
 from exdrop.proto import caffe_pb2
+from exdrop.run.train import pick_device
 
 ROOT = REPO_ROOT   # the checkout: prototxt/, layers/ (exdrop.paths)
 
@@ -66,7 +71,6 @@ def with_input_layer(net_param, phase: int, batch: int, image_shape: tuple[int, 
     out.CopyFrom(net_param)
     del out.layer[:]
     added = False
-    from exdrop.engine.net import filter_layers
     for lp in filter_layers(net_param, phase):
         if lp.type in ("Data", "ImageData", "Input"):
             if not added:
@@ -247,8 +251,6 @@ def utilization_cost(batch: int, iters: int, device, images: int = 1000) -> dict
     forward, EB from the ground truth to fc1, the four metrics) against a plain test batch, and a
     training step, CNN-2 ED on 32x32, interleaved rounds; then the share of a run it adds under the
     paper's schedule and the cpu budget's."""
-    from exdrop.engine.utilization import utilization
-    from exdrop.engine.pylayer import TEST
     proto, solver = CNN2_CIFAR10["Excitation"], cio.read_solver_prototxt(ROOT / "prototxt/cnn2/cifar10/solver_ed.prototxt")
     train = Variant("train step (ED)", str(ROOT / proto), solver, batch, (3, 32, 32), 10, device)
     param = with_input_layer(cio.read_net_prototxt(ROOT / proto), TEST, batch, (3, 32, 32))
@@ -354,7 +356,6 @@ def _cnn2_input_net(method: str, side: int, batch: int, classes: int, folder: Pa
 
 def caffe_vs_engine(side: int, iters: int, warmup: int, folder: Path) -> dict:
     """Caffe and the engine, Standard and Excitation Dropout, at one input size, in the same rounds."""
-    from exdrop.caffe.backend import CaffeBenchVariant
     batch, classes = CAFFE_SIZES[side]
     sp = cio.read_solver_prototxt(ROOT / CAFFE_SOLVER)
     steppers = {}
@@ -439,7 +440,6 @@ def _write_json(path, figures) -> None:
 def main(args) -> int:
     if args.what == "caffe":
         return caffe_main(args)
-    from exdrop.run.train import pick_device
     device = pick_device(args.device)
     out: dict = {}
     if args.what == "precision":

@@ -60,6 +60,11 @@ from pathlib import Path
 import numpy as np
 
 from exdrop import paper
+from exdrop import data as D
+from exdrop.data import DatumLMDB, write_datum_lmdb
+from exdrop.engine.pretrained import MODEL_ZOO
+from exdrop.engine.pylayer import parse_param_str
+from exdrop.experiments.variants import information_kl_weight
 from exdrop.paper import paper_figure
 from exdrop.paths import REPO_ROOT
 from exdrop.proto import io as cio
@@ -207,7 +212,6 @@ def pretrained_weights(net: str, given: dict | None = None) -> str | None:
         return None
     path = Path((given or {}).get(net) or Path(WEIGHTS_DIR) / zoo)
     if not path.is_file():
-        from exdrop.engine.pretrained import MODEL_ZOO
         url, digest = MODEL_ZOO[zoo]
         raise FileNotFoundError(
             f"{net}: the ImageNet weights {path} are not there. Get the Model Zoo's {zoo} ({url}, sha1 {digest}) "
@@ -228,7 +232,6 @@ def prepare_data(dataset: str, source: str, budget: Budget, out: Path, seeds, pr
     from that seed. Caltech-256: seed k uses the paper's random split (k - 1) mod 5. UCF101: the
     folder converted by `make data-ucf101`, each seed its own order of train.txt (module docstring).
     """
-    from exdrop import data as D
     if dataset == "ucf101":
         return _ucf101_lists(Path(source), budget, out / "ucf101", seeds)
     folder = out / f"{dataset}_{budget.name}"
@@ -286,7 +289,6 @@ def _ucf101_lists(src: Path, budget: Budget, out: Path, seeds) -> dict:
 
 def _seeded_order(src: Path, dst: Path, seed: int) -> str:
     """``dst``: the records of LMDB ``src`` in an order drawn from ``seed`` (written once)."""
-    from exdrop.data import DatumLMDB, write_datum_lmdb
     done = dst / "order.json"
     if done.is_file() and json.loads(done.read_text()).get("source") == str(src.resolve()):
         return str(dst)
@@ -343,7 +345,6 @@ def variant_paths(dataset: str, method: str, net: str = "cnn2", recipe: str = "p
 
 def set_rate(net_param, rate: float, where: str) -> int:
     """Set the dropout rate of every dropout layer of ``net_param``; returns how many were set."""
-    from exdrop.engine.pylayer import parse_param_str
     n = 0
     for lp in net_param.layer:
         if lp.type == "Dropout":
@@ -381,7 +382,6 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     elif run.rate != 0.5:
         raise ValueError(f"method {run.method} has no dropout rate to sweep (rated methods: {', '.join(RATED)})")
     if run.method in ABLATIONS:
-        from exdrop.engine.pylayer import parse_param_str
         eds = [lp for lp in net.layer if lp.type == "Python" and lp.python_param.layer == "ExcitationDropout"]
         if not eds:
             raise ValueError(f"{net_path}: ablation {run.method} needs an ExcitationDropout layer")
@@ -393,7 +393,6 @@ def write_run(run: Run, budget: Budget, data: dict, python: str = sys.executable
     for lp in net.layer:
         if n_train and lp.type == "Python" and lp.python_param.layer == "InformationDropout" \
                 and len(lp.loss_weight) == 2:
-            from exdrop.experiments.variants import information_kl_weight   # beta / N_train of the run's own training set
             lp.loss_weight[1] = information_kl_weight(int(n_train))
         if lp.type != "Data":
             continue

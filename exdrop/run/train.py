@@ -42,6 +42,8 @@ from exdrop.engine.pylayer import TEST, TRAIN
 from exdrop.engine.snapshot import (SnapshotError, engine_state_path, load_weights, normal_file_mode, plain_state,
                                     plain_to, prune_snapshots, read_engine_state, remove_unfinished_snapshots,
                                     save_weights, snapshot_model_path, snapshot_state_path)
+from exdrop.caffe.backend import CaffeBackend
+from exdrop.engine.pretrained import input_transform, load_pretrained
 from exdrop.engine.solver import make_solver
 from exdrop.engine.step import training_step
 from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
@@ -94,7 +96,6 @@ class EngineBackend(Backend):
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)) \
             if cfg.amp else contextlib.nullcontext
         if cfg.weights:   # Caffe's --weights: by layer name; a torchvision .pth by order, conv1 converted
-            from exdrop.engine.pretrained import input_transform, load_pretrained
             torch_file = str(cfg.weights).endswith((".pth", ".pt"))
             got = load_pretrained(self.train_net, cfg.weights, input_transform(train_param) if torch_file else None)
             if cfg.progress and world.main:
@@ -256,7 +257,6 @@ def make_backend(cfg: TrainConfig):
         if dist.world_from_env().active:
             raise ValueError("the caffe backend runs one process (pycaffe on the CPU); many processes under "
                              "torchrun are the engine's: drop --backend caffe")
-        from exdrop.caffe.backend import CaffeBackend
         return CaffeBackend(cfg)
     raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
 
