@@ -67,6 +67,17 @@ def test_loss_term_saturates_at_neg_log_flt_min_with_the_softmax_gradient():
     assert logits.grad[0, 0].item() == pytest.approx(-1.0, abs=1e-6)   # not 0: the clamp is value-only
 
 
+@pytest.mark.parametrize("gap", [1e8, 1e9, 1e10, 1e30])
+def test_a_huge_logit_gap_gives_the_clamp_not_a_cancelled_zero(gap):
+    """A gap of 1e9 or more used to give 64.0 or 0.0 per image (per - (per - 87.34) cancels in
+    float32); Caffe gives 87.34 whatever the gap, and the gradient stays softmax - onehot."""
+    logits = torch.tensor([[0.0, gap], [gap, 0.0]], requires_grad=True)
+    loss = loss_layer((2, 2), (2,), norm=L.NONE)(logits, torch.tensor([0.0, 1.0]))
+    assert loss.item() == pytest.approx(2 * NEG_LOG_FLT_MIN, rel=1e-6)
+    loss.backward()
+    np.testing.assert_allclose(logits.grad.numpy(), [[-1.0, 1.0], [1.0, -1.0]], atol=1e-6)
+
+
 def test_loss_just_below_saturation_is_not_clamped():
     logits = torch.tensor([[0.0, 80.0]], requires_grad=True)
     loss = loss_layer((1, 2), (1,))(logits, torch.tensor([0.0]))

@@ -774,8 +774,10 @@ class SoftmaxWithLoss(Layer):
         ignore = -100 if self.ignore is None else self.ignore
         per = F.cross_entropy(rows, target, ignore_index=ignore, reduction="none")
         # Caffe takes -log(max(prob, FLT_MIN)): each loss term saturates at 87.34 while the
-        # gradient stays softmax - onehot. Same value, same gradient here.
-        per = per - (per - per.clamp(max=_NEG_LOG_FLT_MIN)).detach()
+        # gradient stays softmax - onehot. Same value, same gradient here: the clamped value plus
+        # a term that is exactly 0 (x - x) but carries per's gradient, so no cancellation can hide
+        # a blow-up (per - (per - 87.34) is 0 in float32 once per reaches ~1e9).
+        per = per.clamp(max=_NEG_LOG_FLT_MIN).detach() + (per - per.detach())
         total = per.sum()
         N = caffe_pb2.LossParameter
         if self.norm == N.VALID:
