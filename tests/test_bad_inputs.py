@@ -158,6 +158,11 @@ NET_CASES = [
      TEST, LayerError, ["layer 'py'", "'no_such_mod' not found"]),
     ("python-class-missing", INPUT + layer("py", "Python", body='python_param { module: "excitation_dropout" layer: "X" }'),
      TEST, LayerError, ["layer 'py'", "has no class 'X'"]),
+    # python_param loads Python-layer classes only: a function is never called, a class without the contract refused
+    ("python-not-a-class", INPUT + layer("py", "Python", body='python_param { module: "os" layer: "abort" }'),
+     TEST, LayerError, ["layer 'py'", "names os.abort", "not a class", "setup / reshape / forward / backward"]),
+    ("python-not-a-layer", INPUT + layer("py", "Python", body='python_param { module: "collections" layer: "OrderedDict" }'),
+     TEST, LayerError, ["layer 'py'", "collections.OrderedDict", "a class without setup, reshape, forward, backward"]),
     # -- guided dropout placement (TRAIN)
     ("ed-on-logits", INPUT + IP1 + IP2 + guided(bottom="ip2") + LOSS,
      TRAIN, LayerError, ["layer 'drop'", "on the logits blob 'ip2'"]),
@@ -246,7 +251,8 @@ def test_numpy_python_layer_setup_error_is_named(tmp_path, monkeypatch):
     (tmp_path / "picky_layer.py").write_text(
         "class Picky:\n"
         "    def setup(self, bottom, top):\n"
-        "        raise Exception('Picky needs two bottoms')\n")
+        "        raise Exception('Picky needs two bottoms')\n"
+        "    reshape = forward = backward = setup\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     text = INPUT + layer("py", "Python", body='python_param { module: "picky_layer" layer: "Picky" }')
     with pytest.raises(LayerError) as info:

@@ -212,6 +212,17 @@ def load_layer_class(module: str, layer: str, layer_name: str, extra_paths: list
         if lend and sys.modules.get("caffe") is _STAND_IN:
             del sys.modules["caffe"]
     try:
-        return getattr(mod, layer)
+        cls = getattr(mod, layer)
     except AttributeError:
         raise ImportError(f"layer '{layer_name}': module '{module}' has no class '{layer}'") from None
+    missing = [m for m in CONTRACT if not callable(getattr(cls, m, None))] if isinstance(cls, type) else None
+    if missing is None or missing:
+        what = (f"a {type(cls).__name__}, not a class" if missing is None
+                else f"a class without {', '.join(missing)}")
+        raise ImportError(f"layer '{layer_name}': python_param names {module}.{layer}, {what}: a Python layer is a "
+                          f"class with Caffe's {' / '.join(CONTRACT)} (caffe.Layer); nothing else is loaded")
+    return cls
+
+
+# Caffe's Python-layer contract: what a class named by python_param must define
+CONTRACT = ("setup", "reshape", "forward", "backward")
