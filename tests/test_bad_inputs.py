@@ -579,3 +579,24 @@ def test_list_file_bad_label_is_named(tmp_path):
     lst.write_text("a.png 0\na.png cat\n")
     with pytest.raises(ValueError, match=f"{lst}:2: label 'cat' is not an integer"):
         prepare_image_dataset(lst, tmp_path / "out", val_size=0, progress=False)
+
+
+def test_a_run_that_fails_to_start_leaves_no_run_folder(tmp_path):
+    """A bad prototxt (here: data that is not there) stops the run before its first iteration; it
+    leaves no solver.prototxt and no empty snapshots/ behind. A folder with a run's records stays."""
+    from exdrop.run.train import Trainer, TrainConfig
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 2\n')
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Data" top: "data" top: "label" data_param { source: "no/such_lmdb" '
+        'batch_size: 2 backend: LMDB } }\n')
+    out = tmp_path / "run"
+    with pytest.raises(LayerError, match="no/such_lmdb"):
+        Trainer(TrainConfig(str(solver), out=str(out), progress=False))
+    assert not out.exists()
+    kept = tmp_path / "old_run"
+    kept.mkdir()
+    (kept / "log.csv").write_text("iter,phase\n")
+    with pytest.raises(LayerError):
+        Trainer(TrainConfig(str(solver), out=str(kept), progress=False))
+    assert sorted(p.name for p in kept.iterdir()) == ["log.csv", "snapshots", "solver.prototxt"]

@@ -296,12 +296,36 @@ class DivergenceWatch:
         self.clamped, self.window = None, 0
 
 
+def discard_unstarted_run_folder(cfg: TrainConfig) -> None:
+    """A fresh run that failed before its first iteration (a bad prototxt, missing data) leaves no
+    run folder behind: the ``solver.prototxt`` and empty ``snapshots/`` that the set-up wrote go,
+    and the folder if that leaves it empty. A folder holding a run's records is left alone."""
+    try:
+        out = prepare_solver(cfg, write=False)[1]
+    except Exception:   # the solver itself did not parse: nothing was written
+        return
+    if any((out / name).exists() for name in ("log.csv", "results.json", INIT_WEIGHTS)):
+        return
+    snapshots = out / "snapshots"
+    if snapshots.is_dir() and not any(snapshots.iterdir()):
+        snapshots.rmdir()
+    if not snapshots.exists():
+        (out / "solver.prototxt").unlink(missing_ok=True)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 class Trainer:
     """Caffe's Solver::Solve over a backend (the engine unless ``cfg.backend`` says otherwise)."""
 
     def __init__(self, cfg: TrainConfig, backend=None):
         self.cfg = cfg
-        self.backend = backend if backend is not None else make_backend(cfg)
+        try:
+            self.backend = backend if backend is not None else make_backend(cfg)
+        except BaseException:
+            if not cfg.resume:
+                discard_unstarted_run_folder(cfg)
+            raise
         self.sp, self.out = self.backend.sp, self.backend.out
         # many processes: each runs this loop on the same averaged numbers; rank 0 writes the run folder
         self.world = getattr(self.backend, "world", dist.ONE)
