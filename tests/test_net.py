@@ -607,3 +607,20 @@ def test_param_str_dropout_ratio_drops_that_fraction(ratio):
     assert abs((out == 0).float().mean().item() - ratio) < 0.01
     with pytest.raises(LayerError, match="dropout_ratio must be in"):
         net_from(text.replace(f"{ratio}", "1.5"), TRAIN)
+
+
+def test_ed_directly_under_the_logits_warns_once_with_the_docs_section():
+    """After relu5 (blob ip2, only ip3 above it) ED collapses CNN-2 (docs/dropout-layers.md): the
+    build says so; at ip1 (the paper's place) it says nothing."""
+    import warnings
+
+    from exdrop.engine.net import UnderTheLogitsWarning
+    with pytest.warns(UnderTheLogitsWarning, match=r"layer 'drop'.*directly under the logits .*'ip3'.*"
+                                                   r"docs/dropout-layers\.md"):
+        Net(with_input_layer(io.parse_net(moved_ed_text("ip2", "relu5"), "moved.prototxt"), TRAIN, 2, (3, 32, 32)),
+            TRAIN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnderTheLogitsWarning)
+        Net(with_input_layer(io.read_net_prototxt(CNN2_ED), TRAIN, 2, (3, 32, 32)), TRAIN)
+        Net(with_input_layer(io.parse_net(moved_ed_text("ip2", "relu5"), "moved.prototxt"), TEST, 2, (3, 32, 32)),
+            TEST)

@@ -15,6 +15,7 @@ ordinary autograd backward.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,11 @@ def filter_layers(net_param, phase: int, stages=(), level: int = 0) -> list:
         if ok:
             kept.append(lp)
     return kept
+
+
+class UnderTheLogitsWarning(UserWarning):
+    """Excitation Dropout placed directly under the logits (one learned layer between): it collapses
+    the net (docs/dropout-layers.md)."""
 
 
 class Net(nn.Module):
@@ -226,6 +232,14 @@ class Net(nn.Module):
             if not self._logits_depend_on(i, blob, logits):
                 raise LayerError(f"{where}: the logits blob '{logits}' does not depend on its blob '{blob}', so "
                                  "p_EB would be zero everywhere and nothing dropped; move it below the logits")
+            learned = [j for j in self.head_layers(i, logits) if len(self.layer_list[j].blobs)]
+            if len(learned) == 1 and self.phase == TRAIN:
+                warnings.warn(f"{where}: Excitation Dropout directly under the logits (only "
+                              f"'{self.layer_list[learned[0]].name}' between its blob '{blob}' and '{logits}') "
+                              "collapses the net to chance: p_EB there is the positive evidence for the true "
+                              "class, so the units supporting it are dropped most (docs/dropout-layers.md, "
+                              "'Move the dropout layer'); the paper drops at the first fc layer or conv3",
+                              UnderTheLogitsWarning, stacklevel=2)
             classes = int(np.prod(self.blob_shapes[logits][1:]))
             if isinstance(signal, int) and not 0 <= signal < classes:
                 raise LayerError(f"{where}: signal class {signal} is outside the logits' {classes} classes "
