@@ -274,7 +274,8 @@ def test_a_truncated_cifar_member_is_named(tmp_path):
         read_cifar10_python(archive)
 
 
-LAYER_FILE = "open({marker!r}, 'w').write('imported')\nclass Layer:\n    pass\n"
+LAYER_FILE = ("open({marker!r}, 'w').write('imported')\nclass Layer:\n"
+              "    def setup(self, bottom, top):\n        pass\n    reshape = forward = backward = setup\n")
 
 
 def test_layer_modules_come_from_configured_folders_never_the_cwd(tmp_path, monkeypatch):
@@ -387,6 +388,9 @@ class _StubBackend:
 
     def save_weights(self, path):   # the run's iteration-0 weights: nothing to write for a stub
         Path(path).write_bytes(b"")
+
+    def nonfinite_weights(self):
+        return None
 
     def results_extra(self):
         return {}
