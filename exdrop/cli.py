@@ -151,6 +151,7 @@ def _cmd_train(args) -> int:
     _check_solver_arg(args.solver)
     if args.net is not None and not Path(args.net).is_file():
         raise FileNotFoundError(f"--net {args.net}: no such net prototxt")
+    fresh = args.snapshot is None   # not --snapshot auto, which may start fresh in a folder without snapshots
     if args.snapshot == "auto":
         args.snapshot = _auto_resume(args)
         if args.snapshot == "finished":
@@ -180,6 +181,8 @@ def _cmd_train(args) -> int:
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
                       seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last,
                       inexact_resume=args.inexact_resume, net=args.net, **extra)
+    if fresh and world.main:
+        _fresh_run_folder(cfg, args.overwrite)
     trainer = Trainer(cfg)
     try:
         res = trainer.run()
@@ -196,6 +199,32 @@ def _cmd_train(args) -> int:
           f"test accuracy {acc:.4f}" if acc is not None else f"final: {res['iterations']} iterations")
     print(f"run folder: {trainer.out.resolve()} ({res['budget']})")
     return 0
+
+
+RUN_RECORDS = ("log.csv", "results.json", "curves.png", "init.caffemodel", "snapshots")
+
+
+def _fresh_run_folder(cfg, overwrite: bool) -> None:
+    """A fresh run (no --snapshot) into a folder that holds a run is refused: it would rewrite that
+    run's log.csv and results.json and prune its snapshots. ``--overwrite`` deletes them first."""
+    import shutil
+
+    from exdrop.run.train import prepare_solver
+    out = prepare_solver(cfg, write=False)[1]
+    snapshots = out / "snapshots"
+    held = [name for name in RUN_RECORDS[:-1] if (out / name).exists()] + \
+        (["snapshots/"] if snapshots.is_dir() and any(snapshots.iterdir()) else [])
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} holds a run ({', '.join(held)}): continue it with --snapshot auto (make: "
+                         f"RESUME=<its .solverstate>), or start over with --overwrite (deletes it) or another --out")
+    for name in RUN_RECORDS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _auto_resume(args) -> str | None:
@@ -456,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (the caffe backend: CPU only)")
     t.add_argument("--snapshot", help="resume from a .solverstate; 'auto': from the newest one in --out "
                                       "(a fresh start if none; nothing to do if the run finished)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out that holds a run (its log.csv, results.json, curves and "
+                        "snapshots are deleted first); without it such a folder is refused")
     t.add_argument("--inexact-resume", action="store_true",
                    help="resume even when the snapshot's .engine.pt (RNG and data cursors) is missing or "
                         "unreadable: the data order and random draws then differ from the uninterrupted run")

@@ -48,6 +48,7 @@ from exdrop.engine.solver import make_solver
 from exdrop.engine.step import training_step
 from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
 from exdrop.proto import io as cio
+from exdrop.run import lock as run_lock
 from exdrop.run.plot import plot_run
 from exdrop.run.runlog import RunLog, budget, format_row
 
@@ -320,9 +321,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, backend=None):
         self.cfg = cfg
+        self._locked = None
+        if backend is None and dist.world_from_env().main:   # rank 0 writes the run folder: one writer
+            self._locked = prepare_solver(cfg, write=False)[1]
+            run_lock.acquire(self._locked)
         try:
             self.backend = backend if backend is not None else make_backend(cfg)
         except BaseException:
+            self.release()
             if not cfg.resume:
                 discard_unstarted_run_folder(cfg)
             raise
@@ -357,7 +363,19 @@ class Trainer:
         scheduled = bool(sp.test_interval) and it % sp.test_interval == 0 and (it > 0 or sp.test_initialization)
         return self.backend.num_test_nets > 0 and (scheduled or it >= sp.max_iter)
 
+    def release(self) -> None:
+        """Give the run folder's lock back (:mod:`exdrop.run.lock`); run() does at its end."""
+        if self._locked is not None:
+            run_lock.release(self._locked)
+            self._locked = None
+
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         sp, backend = self.sp, self.backend
         status, error = "finished", None
         bar = self.bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
