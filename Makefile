@@ -8,9 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 # train-cifar10 knobs
 VARIANT  ?= ed
-# RECIPE=paper (Adam, msra, pixels / 256) or authors (the *_authors variants: the authors' script, SGD)
-RECIPE   ?= paper
+# RECIPE=authors (the *_authors variants: the authors' training script, SGD, gaussian 0.01, raw pixels; the
+# default: it puts CNN-2's fc1 in the paper's dense regime, README "Does it reproduce?") or paper (the paper's
+# text: Adam, msra, pixels / 256)
+RECIPE   ?= authors
 recipe_suffix = $(if $(filter authors,$(RECIPE)),_authors,$(if $(filter paper,$(RECIPE)),,$(error RECIPE=$(RECIPE): paper or authors)))
+# sweeps and benches run the paper's recipe unless RECIPE is given (its *_authors variants exist for CIFAR-10 only)
+given_recipe = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),paper)
+given_suffix = $(if $(filter authors,$(given_recipe)),_authors)
 SOLVER   ?= prototxt/cnn2/cifar10/solver_$(VARIANT)$(recipe_suffix).prototxt
 DATA     ?= data/cifar-10-python.tar.gz
 DATA_DIR ?= data/cifar10
@@ -43,7 +48,7 @@ help:
 	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 with the paper's solver"
 	@echo "     DATA=<cifar-10-python.tar.gz | image folder | .tgz | list>  MAX_ITER=<n>  OUT=<run folder>"
 	@echo "     VARIANT=ed|standard|standard_both|none|activation|maskimg|curriculum|adaptive|information|ed_authors"
-	@echo "     RECIPE=paper|authors (the authors' script: SGD, gaussian 0.01, raw pixels; CIFAR-10, every VARIANT)"
+	@echo "     RECIPE=authors|paper (default authors: their script, SGD, gaussian 0.01, raw pixels; paper: Adam, msra)"
 	@echo "     DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
 	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
@@ -75,7 +80,7 @@ help:
 	@echo "make report-screenshot     a headless chromium screenshot of that page (results/report_screenshot.png)"
 	@echo "make table2                the paper's Table 2 and Fig. 3: every method, DATASETS=cifar10,cifar100,caltech256"
 	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu, 3 at cpu-200ep> BUDGET=paper|cpu|cpu-200ep"
-	@echo "                           RECIPE=paper|authors WORKERS=<n> METHODS=<subset>"
+	@echo "                           RECIPE=paper|authors (default paper here; authors: CIFAR-10) WORKERS=<n> METHODS=<subset>"
 	@echo "                           DATA= CIFAR100= CALTECH256= (raw sources); results/table2.md + the sweep folder"
 	@echo "                           results/table2_<datasets>_<budget>/ (runs, plan.txt, JSON, fig3_<dataset>.png);"
 	@echo "                           stopped and started again, finished runs are kept and snapshots resumed"
@@ -199,8 +204,8 @@ else
 endif
 
 bench:
-	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(DEVICE) --recipe $(RECIPE) \
-	  --json models/bench/cnn2_cifar10$(recipe_suffix).json
+	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(DEVICE) --recipe $(given_recipe) \
+	  --json models/bench/cnn2_cifar10$(given_suffix).json
 
 # Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU; T6_ITERS is the
 # old name)  BATCH=50  DEVICE. DEVICE=auto is resolved here, so the JSON is named _cpu or _cuda.
@@ -228,14 +233,14 @@ BUDGET   ?= paper
 WORKERS  ?= 1
 METHODS  ?=
 SWEEP_OUT ?=
-sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --recipe $(RECIPE) --workers $(WORKERS) --device $(DEVICE) \
+sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --recipe $(given_recipe) --workers $(WORKERS) --device $(DEVICE) \
 	--data cifar10=$(DATA) \
 	--data cifar100=$(if $(filter command line environment,$(origin CIFAR100)),$(CIFAR100),data/cifar-100-python.tar.gz) \
 	--data caltech256=$(CALTECH256) \
 	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) \
 	$(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
 
-sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET)$(recipe_suffix))
+sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET)$(given_suffix))
 
 # the sweep's table, JSON and figures are copied to results/ (the latest sweep's)
 table2:
@@ -256,7 +261,7 @@ table4:
 #            gradient, ratio 0.25, N = the alive units: exdrop.experiments.sweep.ABLATIONS)
 # Both sweeps write results/table2_cifar10_cpu-200ep[_authors]/ (ANSWER_OUT=<folder> for elsewhere).
 PHASE ?= A
-ANSWER_RECIPE ?= paper
+ANSWER_RECIPE ?= authors
 ANSWER_OUT ?= results
 other_recipe = $(if $(filter paper,$(ANSWER_RECIPE)),authors,paper)
 answer_sweep = $(PY) -m exdrop sweep --budget cpu-200ep --datasets cifar10 --data cifar10=$(DATA) \

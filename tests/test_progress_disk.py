@@ -256,4 +256,4 @@ def test_interrupt_message_for_the_makefile_solver(tmp_path, capsys):
     state = "models/quick/snapshots/cnn2_ed_iter_7.solverstate"
     assert (f"exdrop train prototxt/cnn2/cifar10/solver_ed.prototxt --out models/quick --max-iter 300 "
             f"--snapshot {state}") in err
-    assert f"make train-cifar10 RESUME={state} OUT=models/quick VARIANT=ed MAX_ITER=300" in err
+    assert f"make train-cifar10 RESUME={state} OUT=models/quick VARIANT=ed RECIPE=paper MAX_ITER=300" in err

@@ -521,7 +521,10 @@ class Trainer:
                  f"  resume with: {launch}{shlex.join(args)}"]
         solver = Path(cfg.solver)
         if solver.parent.as_posix().endswith("cnn2/cifar10") and solver.name.startswith("solver_") and not launch:
-            make = [f"RESUME={state}", f"OUT={self.out}", f"VARIANT={solver.stem.removeprefix('solver_')}"]
+            variant = solver.stem.removeprefix("solver_")
+            recipe = "authors" if variant.endswith("_authors") else "paper"   # the Makefile's RECIPE picks the solver
+            make = [f"RESUME={state}", f"OUT={self.out}", f"VARIANT={variant.removesuffix('_authors')}",
+                    f"RECIPE={recipe}"]
             make += [f"MAX_ITER={cfg.max_iter}"] if cfg.max_iter is not None else []
             make += [f"DEVICE={cfg.device}"] if cfg.device not in (None, "auto") else []
             make += ["BACKEND=caffe"] if cfg.backend == "caffe" else []
