@@ -45,7 +45,7 @@ help:
 	@echo "make setup                 create $(VENV) and install everything (CPU torch, and real pycaffe via"
 	@echo "                           'make caffe'; SKIP_CAFFE=1 leaves pycaffe out, CI=true makes its failure fatal)"
 	@echo "make test                  run the test suite (pycaffe tests run where 'make caffe' built it)"
-	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 with the paper's solver"
+	@echo "make train-cifar10         CNN-2 + Excitation Dropout on CIFAR-10 (the authors' recipe; RECIPE=paper: the paper's)"
 	@echo "     DATA=<cifar-10-python.tar.gz | image folder | .tgz | list>  MAX_ITER=<n>  OUT=<run folder>"
 	@echo "     VARIANT=ed|standard|standard_both|none|activation|maskimg|curriculum|adaptive|information|ed_authors"
 	@echo "     RECIPE=authors|paper (default authors: their script, SGD, gaussian 0.01, raw pixels; paper: Adam, msra)"
