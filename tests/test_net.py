@@ -480,8 +480,20 @@ def _real_pycaffe_visible():
 
 
 @pytest.mark.skipif(_real_pycaffe_visible(), reason="real pycaffe is importable here; `import caffe` works")
-def test_python_layer_with_plain_import_caffe(tmp_path):
-    _bridge(tmp_path, "exdrop_test_double_import_caffe", "import caffe", "caffe.Layer")
+def test_python_layer_with_plain_import_caffe_needs_pycaffe(tmp_path):
+    """No stand-in ``caffe`` is lent through sys.modules: a file that writes ``import caffe``
+    needs pycaffe, and the error names the layer and the one-line fix."""
+    with pytest.raises(LayerError, match=r"layer 'dbl'.*imports caffe.*caffe = caffe_module\(\)"):
+        _bridge(tmp_path, "exdrop_test_double_import_caffe", "import caffe", "caffe.Layer")
+    assert "caffe" not in sys.modules
+
+
+@pytest.mark.skipif(_real_pycaffe_visible(), reason="real pycaffe is importable here: no stand-in is used")
+def test_layer_modules_bound_to_the_stand_in_leave_sys_modules(tmp_path):
+    """Real Caffe, loaded later in the same process, must import the layer files afresh."""
+    _bridge(tmp_path, "exdrop_test_double_released",
+            "from exdrop.engine.pylayer import caffe_module\ncaffe = caffe_module()", "caffe.Layer")
+    assert "exdrop_test_double_released" not in sys.modules
 
 
 # ------------------------------------------------------------------ moving Excitation Dropout

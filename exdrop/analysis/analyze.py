@@ -58,7 +58,6 @@ from exdrop.analysis import evaluate as ev
 from exdrop.engine.backend import INIT_WEIGHTS
 from exdrop.engine.functional import unit_saliency
 from exdrop.engine.graph import last_writer
-from exdrop.engine.layer_types import Python
 from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's defaults)
 from exdrop.proto import io as cio
 from exdrop.run.runlog import plan_run_folder
@@ -167,13 +166,7 @@ class _Head:
     def __call__(self, blobs: dict, value: torch.Tensor) -> torch.Tensor:
         h = dict(blobs)
         h[self.blob] = value
-        for j in self.layers:
-            layer = self.net.layer_list[j]
-            bottoms = [h[b] for b in layer.lp.bottom]
-            tops = layer(*bottoms, saliency=None) if isinstance(layer, Python) else layer(*bottoms)
-            tops = tops if isinstance(tops, tuple) else (tops,)
-            for t, v in zip(layer.lp.top, tops):
-                h[t] = v
+        self.net.run(h, self.layers, head=True)
         return h[self.scores]
 
 

@@ -27,7 +27,7 @@ from exdrop.caffe.env import import_caffe
 from exdrop.engine.backend import Backend, net_params, prepare_solver
 from exdrop.engine.eb import signal_blobs, signal_classes
 from exdrop.engine.net import filter_layers
-from exdrop.engine.pylayer import TRAIN, _STAND_IN, layer_search_paths, parse_param_str, set_saliency_hook
+from exdrop.engine.pylayer import TRAIN, layer_search_paths, parse_param_str, set_saliency_hook
 from exdrop.engine.snapshot import snapshot_model_path
 from exdrop.engine.solver import caffe_rate
 from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
@@ -44,21 +44,7 @@ def load_caffe():
     for folder in reversed(layer_search_paths()):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
-    _forget_stand_in_layer_modules()
     return caffe
-
-
-def _forget_stand_in_layer_modules() -> None:
-    """A layer module imported earlier in this process against the engine's stand-in
-    ``caffe.Layer`` cannot give Caffe layers: drop it, so that Caffe imports it again."""
-    folders = set(layer_search_paths())
-    for name, mod in list(sys.modules.items()):
-        path = getattr(mod, "__file__", None)
-        if not path or Path(path).resolve().parent not in folders:
-            continue
-        if any(v is _STAND_IN or (isinstance(v, type) and issubclass(v, _STAND_IN.Layer))
-               for v in vars(mod).values()):
-            del sys.modules[name]
 
 
 # ---------------------------------------------------------------------- p_EB hooks

@@ -356,7 +356,23 @@ class Net(nn.Module):
         """
         blobs: dict[str, torch.Tensor] = dict(feed or {})
         records = [] if record else None
-        for i, layer in enumerate(self.layer_list):
+        self.run(blobs, range(len(self.layer_list)), records=records, edit=edit)
+        self.blobs = blobs
+        self.records = records
+        return blobs
+
+    def run(self, blobs: dict, indices, head: bool = False, records: list | None = None,
+            edit: dict | None = None) -> dict:
+        """The one graph runner: layers ``indices`` in order on ``blobs`` (updated in place).
+
+        ``head``: the pass above a guided dropout layer for Excitation Backprop (Fig. 1, step 1):
+        dropout layers are the identity (their test-mode value) and no saliency is computed.
+        Otherwise a training net hands each guided dropout layer its saliency. ``records``
+        collects ``(index, bottoms, tops)`` of the non-data layers (the EB walk reads them);
+        ``edit`` maps blob names to functions applied each time a layer writes that blob.
+        """
+        for i in indices:
+            layer = self.layer_list[i]
             lp = layer.lp
             if isinstance(layer, (_DataLayer, _InputLayer)):
                 if all(t in blobs for t in lp.top):
@@ -366,23 +382,30 @@ class Net(nn.Module):
                 tops = layer()
                 if self.channels_last:
                     tops = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tops)
+                bottoms = None
             else:
                 bottoms = [blobs[b] for b in lp.bottom]
-                saliency = None
-                if self.training and getattr(layer, "saliency", None):
-                    saliency = self._saliency(i, layer, blobs)
-                tops = layer(*bottoms, saliency=saliency) if isinstance(layer, Python) else layer(*bottoms)
+                tops = self._run_layer(i, layer, bottoms, blobs, head)
             if not isinstance(tops, tuple):
                 tops = (tops,)
             if edit:
                 tops = tuple(edit[t](v) if t in edit else v for t, v in zip(lp.top, tops))
-            if records is not None and not isinstance(layer, (_DataLayer, _InputLayer)):
+            if records is not None and bottoms is not None:
                 records.append((i, bottoms, tops))
             for t, v in zip(lp.top, tops):
                 blobs[t] = v
-        self.blobs = blobs
-        self.records = records
         return blobs
+
+    def _run_layer(self, i: int, layer, bottoms: list, blobs: dict, head: bool):
+        if head and layer.is_dropout:
+            # the identity in test mode; a second top (Information Dropout's KL) takes its test value
+            return layer.test_mode_tops(*bottoms) if len(layer.lp.top) > 1 else bottoms[0]
+        if not isinstance(layer, Python):
+            return layer(*bottoms)
+        saliency = None
+        if self.training and not head and getattr(layer, "saliency", None):
+            saliency = self._saliency(i, layer, blobs)
+        return layer(*bottoms, saliency=saliency)
 
     def loss(self, blobs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         blobs = self.blobs if blobs is None else blobs
@@ -436,19 +459,7 @@ class Net(nn.Module):
         for t in layer.lp.top:
             head[t] = target  # the dropout layer itself is the identity for EB (test mode)
         records = []
-        for j in self.head_layers(i, logits_name):
-            hl = self.layer_list[j]
-            bottoms = [head[b] for b in hl.lp.bottom]
-            if not hl.is_dropout:
-                tops = hl(*bottoms)
-            elif len(hl.lp.top) > 1:   # e.g. Information Dropout's KL top: its test-mode value, no noise drawn
-                tops = hl.test_mode_tops(*bottoms)
-            else:
-                tops = bottoms[0]      # the identity in test mode
-            tops = tops if isinstance(tops, tuple) else (tops,)
-            records.append((j, bottoms, tops))
-            for t, v in zip(hl.lp.top, tops):
-                head[t] = v
+        self.run(head, self.head_layers(i, logits_name), head=True, records=records)
         logits = head[logits_name]
         signal = (getattr(layer, "params", {}) or {}).get("signal", "gt")
         where = f"{self.source}: layer '{layer.name}'"

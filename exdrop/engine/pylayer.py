@@ -1,9 +1,12 @@
 """Caffe's Python-layer contract, on both sides.
 
 A layer module in ``layers/`` defines ``class X(caffe.Layer)`` with Caffe's
-``setup/reshape/forward/backward`` and ``param_str``. Inside real pycaffe,
-``caffe`` is the real module; in the engine (no pycaffe needed) it is the small
-stand-in below, so the same file imports everywhere.
+``setup/reshape/forward/backward`` and ``param_str``, taking ``caffe`` from
+:func:`caffe_module`: real pycaffe where it is importable, else the small stand-in
+below, so the same file imports everywhere. The stand-in never enters
+``sys.modules``; a layer module bound to it leaves ``sys.modules`` once its class
+is loaded, so real Caffe in the same process imports it afresh against its own
+``caffe.Layer``. A file that writes ``import caffe`` needs pycaffe.
 
 A layer tells the engine how to run it on tensors with a static factory::
 
@@ -196,21 +199,23 @@ def load_layer_class(module: str, layer: str, layer_name: str, extra_paths: list
         elif p not in sys.path:
             sys.path.append(p)
     order = _module_search_order(extra_paths)
-    # A classic layer file starts with `import caffe`: without pycaffe it gets the stand-in.
-    lend = "caffe" not in sys.modules and importlib.util.find_spec("caffe") is None
-    if lend:
-        sys.modules["caffe"] = _STAND_IN
+    imported_before = set(sys.modules)
     try:
         mod = _import_layer_module(module, order)
     except ImportError as exc:
         where = f"layers/, installed packages, ${LAYER_PATH_ENV}" + (", search_paths" if extra_paths else "")
-        what = (f"not found (looked in {where}; never in the current directory: name a folder in "
-                f"${LAYER_PATH_ENV} to use one)" if exc.name in (module, module.split(".")[0])
-                else f"failed to import: {exc}")
+        if exc.name == "caffe":
+            what = ("imports caffe, and pycaffe is not built here: write `caffe = caffe_module()` "
+                    "(from exdrop.engine.pylayer) instead of `import caffe` to run the layer in the engine too, "
+                    "or build pycaffe (make caffe)")
+        elif exc.name in (module, module.split(".")[0]):
+            what = (f"not found (looked in {where}; never in the current directory: name a folder in "
+                    f"${LAYER_PATH_ENV} to use one)")
+        else:
+            what = f"failed to import: {exc}"
         raise ImportError(f"layer '{layer_name}': python_param module '{module}' {what}") from exc
     finally:
-        if lend and sys.modules.get("caffe") is _STAND_IN:
-            del sys.modules["caffe"]
+        _release_stand_in_modules(imported_before)
     try:
         cls = getattr(mod, layer)
     except AttributeError:
@@ -222,6 +227,17 @@ def load_layer_class(module: str, layer: str, layer_name: str, extra_paths: list
         raise ImportError(f"layer '{layer_name}': python_param names {module}.{layer}, {what}: a Python layer is a "
                           f"class with Caffe's {' / '.join(CONTRACT)} (caffe.Layer); nothing else is loaded")
     return cls
+
+
+def _release_stand_in_modules(imported_before: set) -> None:
+    """Layer modules that this import bound to the stand-in ``caffe.Layer`` leave sys.modules again
+    (the classes keep working): real Caffe, loaded later in the same process, imports them afresh
+    against its own ``caffe.Layer``."""
+    for name in set(sys.modules) - imported_before:
+        mod = sys.modules[name]
+        if any(v is _STAND_IN or (isinstance(v, type) and issubclass(v, _STAND_IN.Layer))
+               for v in vars(mod).values()):
+            del sys.modules[name]
 
 
 # Caffe's Python-layer contract: what a class named by python_param must define
