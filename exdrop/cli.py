@@ -180,7 +180,7 @@ def _cmd_train(args) -> int:
                       device=args.device, resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
                       seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last,
-                      inexact_resume=args.inexact_resume, net=args.net, **extra)
+                      inexact_resume=args.inexact_resume, net=args.net, command=_train_arguments(args), **extra)
     if fresh and world.main:
         _fresh_run_folder(cfg, args.overwrite)
     trainer = Trainer(cfg)
@@ -199,6 +199,22 @@ def _cmd_train(args) -> int:
           f"test accuracy {acc:.4f}" if acc is not None else f"final: {res['iterations']} iterations")
     print(f"run folder: {trainer.out.resolve()} ({res['budget']})")
     return 0
+
+
+def _train_arguments(args) -> tuple[str, ...]:
+    """This run's ``exdrop train`` arguments as given, less ``--snapshot`` and ``--overwrite``: the resume
+    line repeats them, so a resumed run keeps its own display, test interval, precision and data."""
+    given = list(getattr(args, "argv", None) or [])
+    given = given[given.index("train") + 1:] if "train" in given else []
+    out, skip = [], False
+    for a in given:
+        if skip:
+            skip = False
+        elif a == "--snapshot":
+            skip = True
+        elif not (a.startswith("--snapshot=") or a == "--overwrite"):
+            out.append(a)
+    return tuple(out)
 
 
 RUN_RECORDS = ("log.csv", "results.json", "curves.png", "init.caffemodel", "snapshots")
@@ -675,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, OSError, ImportError) as exc:

@@ -221,8 +221,7 @@ def test_interrupt_prints_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
     assert res["status"] == "interrupted" and res["iterations"] == 5
     err = capsys.readouterr().err
     state = out / "snapshots" / "tiny_ed_iter_5.solverstate"
-    assert f"exdrop train {tiny} --out {out} --max-iter 20 --device cpu --snapshot {state}" in err
-    assert "make train-cifar10" not in err   # not the CIFAR-10 solver of the Makefile
+    assert f"-m exdrop train {tiny} --max-iter 20 --device cpu --test-iter 1 --out {out} --snapshot {state}" in err
     assert [int(r["iter"]) for r in _rows(out / "log.csv") if r["phase"] == "train"] == [0, 4]
     # the resumed log drops the closing row at 4 and continues like the uninterrupted run
     Trainer(_cfg(tiny, out, max_iter=20, resume=str(state))).run()
@@ -240,12 +239,14 @@ def test_a_plot_failure_is_a_warning(tiny, tmp_path, monkeypatch, capsys):
     assert "exdrop: warning: no training curves" in capsys.readouterr().err
 
 
-def test_interrupt_message_for_the_makefile_solver(tmp_path, capsys):
-    """The CIFAR-10 solvers get the make line too (without training: the message alone)."""
+def test_interrupt_message_of_a_trainer_built_in_python(tmp_path, capsys):
+    """Without a command line the resume line is built from the config: every option that changes
+    the run (display, test interval, precision...) is in it (without training: the message alone)."""
     from exdrop.engine import distributed
     trainer = Trainer.__new__(Trainer)
     trainer.world = distributed.ONE
-    trainer.cfg = TrainConfig(solver="prototxt/cnn2/cifar10/solver_ed.prototxt", out="models/quick", max_iter=300)
+    trainer.cfg = TrainConfig(solver="prototxt/cnn2/cifar10/solver_ed.prototxt", out="models/quick", max_iter=300,
+                              display=5, test_interval=50, amp="bf16")
     trainer.out, trainer.last_snapshot = Path("models/quick"), Path("models/quick/snapshots/cnn2_ed_iter_7.caffemodel")
 
     class _B:
@@ -254,6 +255,6 @@ def test_interrupt_message_for_the_makefile_solver(tmp_path, capsys):
     trainer._say_how_to_resume()
     err = capsys.readouterr().err
     state = "models/quick/snapshots/cnn2_ed_iter_7.solverstate"
-    assert (f"exdrop train prototxt/cnn2/cifar10/solver_ed.prototxt --out models/quick --max-iter 300 "
-            f"--snapshot {state}") in err
-    assert f"make train-cifar10 RESUME={state} OUT=models/quick VARIANT=ed RECIPE=paper MAX_ITER=300" in err
+    assert (f"-m exdrop train prototxt/cnn2/cifar10/solver_ed.prototxt --max-iter 300 --test-interval 50 "
+            f"--display 5 --amp bf16 --out models/quick --snapshot {state}") in err
+    assert "make " not in err   # the package knows nothing of the Makefile

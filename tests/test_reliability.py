@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ if kind == "iter":
     step = train.EngineBackend.step
     def killing_step(self):
         if self.solver.iter == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("EXDROP_TEST_SIGNAL", "SIGKILL")))
         return step(self)
     train.EngineBackend.step = killing_step
 else:
@@ -96,6 +97,24 @@ def _killed_run(solver, out, kill: str):
 def _latest_state(run) -> Path:
     states = sorted((run / "snapshots").glob("*.solverstate"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     return states[-1]
+
+
+def test_the_printed_resume_line_run_verbatim_gives_the_uninterrupted_run(tiny, tmp_path):
+    """Ctrl-C at iteration 5 of a run with its own display, test interval and snapshot period: the
+    printed line, run as printed, keeps them all (log.csv and weights equal the uninterrupted run's)."""
+    solver, full = tiny
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILLER, "train", str(solver), "--out", str(run), *RUN],
+                          env={**os.environ, "EXDROP_TEST_KILL": "iter:5", "EXDROP_TEST_SIGNAL": "SIGINT"},
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert json.loads((run / "results.json").read_text())["status"] == "interrupted", proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "resume with:" in x).split("resume with:", 1)[1]
+    for option in RUN:
+        assert option in line
+    resumed = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _final_model(run) == _final_model(full)
+    assert _log(run / "log.csv") == _log(full / "log.csv")
 
 
 # ---------------------------------------------------------------------- kill -9, resume

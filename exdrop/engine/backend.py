@@ -48,6 +48,7 @@ class TrainConfig:
     utilization_images: int = 1000
     tensorboard: str | None = None     # a folder for TensorBoard event files (every log.csv row's numbers)
     overrides: dict = field(default_factory=dict)
+    command: tuple = ()                # the `exdrop train` arguments as given (the resume line repeats them)
 
 
 def pick_device(requested: str, world: dist.World = dist.ONE) -> torch.device:
