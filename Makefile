@@ -310,7 +310,7 @@ finetune-ucf101:
 	  $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP)) $(if $(filter caffe,$(BACKEND)),--backend caffe)
 
 # the analysis of a sweep (exdrop analyze: each run's results are kept in RUN/analysis/ and reused)
-RUNS ?= results/table2_cifar10_cpu
+RUNS ?= results/table2_cifar10_cpu-200ep_authors
 analyze_args = $(RUNS) $(if $(METHODS),--methods $(METHODS)) --device $(DEVICE)
 
 table5:

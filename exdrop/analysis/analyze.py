@@ -325,6 +325,15 @@ def conservative(net, blob: str, init_weights, delta: float | None) -> dict:
 _ITER = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 
+class NoSnapshots(FileNotFoundError):
+    """A run folder without trained weights (a clone holds only a run's small files)."""
+
+
+def run_snapshots_trained(run) -> bool:
+    """Whether ``run`` holds a trained snapshot (``snapshots/*.caffemodel``)."""
+    return any(p.parent.name == "snapshots" for _, p in run_snapshots(run))
+
+
 def run_snapshots(run) -> list[tuple[int, Path]]:
     """(iteration, .caffemodel) of a run: ``init.caffemodel`` as 0, then every snapshot kept."""
     run = Path(run)
@@ -378,7 +387,7 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
             echo(f"analyze: {run}: no snapshots here; the analysis kept in {out_path} is used as it is")
             return kept
     if not trained:
-        raise FileNotFoundError(f"{run}: no snapshot in {run / 'snapshots'} to analyse")
+        raise NoSnapshots(f"{run}: no snapshot in {run / 'snapshots'} to analyse")
     info = run_info(run)
     if delta is None:
         delta = DELTA.get(info.get("dataset") or "")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from exdrop import paper
-from exdrop.analysis.analyze import METRIC_TITLES, METRICS, analyze_run
-from exdrop.analysis.analyze import run_info
+from exdrop.analysis.analyze import (ANALYSIS, METRIC_TITLES, METRICS, NoSnapshots, analyze_run, run_info,
+                                    run_snapshots_trained)
 from exdrop.analysis.saliency import figure
 from exdrop.engine.functional import retain_probability
 from exdrop.experiments.sweep import METHOD_LABELS, METHODS, collect, table_markdown, _budget_line
@@ -55,20 +55,30 @@ def analyze_sweep(sweep, methods=TABLE5_METHODS, data=None, blob=None, over_trai
     if not runs:
         raise ValueError(f"{sweep}: no run of the methods {', '.join(methods)} in plan.json")
     cells: dict = {}
-    skipped = []
+    skipped, without_weights = [], []
     for r in runs:
         folder = plan_run_folder(sweep, r)
         res = folder / "results.json"
         if not res.is_file() or json.loads(res.read_text()).get("status") != "finished":
             skipped.append(str(folder))
             continue
-        a = analyze_run(folder, data=(data or {}).get(r["dataset"]) if isinstance(data, dict) else data, blob=blob,
-                        over_training=over_training, training_images=training_images, device=device, force=force,
-                        echo=echo)
+        try:
+            a = analyze_run(folder, data=(data or {}).get(r["dataset"]) if isinstance(data, dict) else data,
+                            blob=blob, over_training=over_training, training_images=training_images, device=device,
+                            force=force, echo=echo)
+        except NoSnapshots:
+            without_weights.append(str(folder))
+            continue
         cells.setdefault((cell_dataset(r), r["method"], r["rate"]), []).append(a)
     if skipped:
         echo(f"analyze: {len(skipped)} run(s) not finished, left out: {', '.join(skipped)}")
+    if without_weights:
+        echo(f"analyze: {len(without_weights)} finished run(s) have neither snapshots nor a kept analysis here (a "
+             f"clone holds only their small files), left out: {', '.join(without_weights)}")
+    if not cells:
+        raise FileNotFoundError(f"{sweep}: no finished run of {', '.join(methods)} has snapshots or a kept analysis")
     summary = {"budget": doc["budget"], "reduced": doc["budget"].get("reduced", True), "sweep": str(sweep),
+               "left_out_without_weights": without_weights,
                "methods": [m for m in METHODS if any(k[1] == m for k in cells)],
                "cells": [summarize_cell(d, m, rate, runs) for (d, m, rate), runs in sorted(cells.items())]}
     (sweep / "analysis.json").write_text(json.dumps(summary, indent=1))
@@ -170,7 +180,7 @@ def table5_markdown(summary: dict) -> str:
              "after its ReLU), over the held-out test images, guided layers off; entropies in nats; "
              + ("mean +- std over seeds" if seeds != [1] else "one seed: the +- in parentheses is the std over "
                 "the test images") + "; the paper's figure (five models, full protocol) in [brackets].", "",
-             "| Dataset | Metric | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+             "| Dataset | Metric | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for d in datasets:
         delta = next((c["delta"] for (dd, _), c in cells.items() if dd == d), None)
@@ -187,7 +197,7 @@ def table5_markdown(summary: dict) -> str:
 
 def calibration_markdown(summary: dict) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
-    cells = sorted((c for c in summary["cells"] if c["rate"] == 0.5), key=lambda c: (c["dataset"], order[c["method"]]))
+    cells = sorted((c for c in summary["cells"] if c["rate"] == 0.5), key=lambda c: (c["dataset"], order.get(c["method"], len(order))))
 
     def cell(stat, scale=1.0, digits=2):
         if stat["mean"] is None:
@@ -198,7 +208,7 @@ def calibration_markdown(summary: dict) -> str:
              "and the expected calibration error (15 equal-width confidence bins), mean +- std over seeds.", "",
              "| Dataset | Method | Accuracy (%) | NLL | ECE |", "|---|---|---|---|---|"]
     for c in cells:
-        lines.append(f"| {c['dataset']} | {METHOD_LABELS[c['method']]} | {cell(c['accuracy'], 100)} | "
+        lines.append(f"| {c['dataset']} | {METHOD_LABELS.get(c['method'], c['method'])} | {cell(c['accuracy'], 100)} | "
                      f"{cell(c['nll'])} | {cell(c['ece'], digits=3)} |")
     return "\n".join(lines) + "\n"
 
@@ -231,7 +241,7 @@ def plot_fig7(summary: dict, dataset: str, path, what: str = "gt_prob") -> Path:
             std, alpha = e.get(what + "_std_models"), 0.18
             if std is None:   # one model: the spread over the images, wide, so drawn fainter
                 std, alpha, band_over = e.get(what + "_std_images"), 0.07, "images (one model)"
-            _band(ax, e["x"], e[what], std, c["method"], f"{METHOD_LABELS[c['method']]} (n={c['seeds']})", alpha)
+            _band(ax, e["x"], e[what], std, c["method"], f"{METHOD_LABELS.get(c['method'], c['method'])} (n={c['seeds']})", alpha)
         ax.set_title(titles[mode], fontsize=10)
         ax.set_xlabel("p_c (cumulative p_EB switched off)" if mode != "random" else "k units switched off")
         ax.grid(alpha=0.3)
@@ -250,7 +260,7 @@ def plot_over_training(summary: dict, dataset: str, path) -> Path:
     for ax, key in zip(axes, METRICS):
         for c in cells:
             e = c["over_training"]
-            _band(ax, e["iter"], e[key], e.get(key + "_std"), c["method"], f"{METHOD_LABELS[c['method']]} (n={c['seeds']})")
+            _band(ax, e["iter"], e[key], e.get(key + "_std"), c["method"], f"{METHOD_LABELS.get(c['method'], c['method'])} (n={c['seeds']})")
         ax.set_title(METRIC_TITLES[key], fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -306,7 +316,7 @@ def plot_reliability(summary: dict, dataset: str, path) -> Path:
         ax.bar(centers, np.nan_to_num(conf - acc), bottom=np.nan_to_num(acc), width=1 / bins, color="red",
                alpha=0.25, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set_title(f"{METHOD_LABELS[c['method']]}\nECE {c['ece']['mean']:.3f}, NLL {c['nll']['mean']:.2f}",
+        ax.set_title(f"{METHOD_LABELS.get(c['method'], c['method'])}\nECE {c['ece']['mean']:.3f}, NLL {c['nll']['mean']:.2f}",
                      fontsize=9)
         ax.set_xlabel("confidence")
         ax.set_xlim(0, 1)
@@ -402,6 +412,8 @@ def write_report(sweep, out=None, saliency: Path | None = None, saliency_images=
     analysed method of the first data set (none: ``saliency_images`` empty)."""
     sweep = Path(sweep)
     out = Path(out) if out else sweep
+    if not (sweep / "plan.json").is_file() and (sweep / "solver.prototxt").is_file():
+        return write_run_report(sweep, out)
     summary_path = sweep / "analysis.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path}: run the analysis first (make table5 RUNS={sweep}, or "
@@ -411,13 +423,18 @@ def write_report(sweep, out=None, saliency: Path | None = None, saliency_images=
     table2 = collect(sweep)
     fig3 = [plot_fig3(table2, d, out / f"fig3_{d}.png") for d in sorted({c["dataset"] for c in table2["cells"]})]
     fig2 = plot_fig2(out / "fig2.png")
+    saliency_note = ""
     if saliency is None and saliency_images and summary["cells"]:
         first = summary["cells"][0]["dataset"]
         order = {m: i for i, m in enumerate(TABLE5_METHODS)}
         cells = sorted((c for c in summary["cells"] if c["dataset"] == first and c["rate"] == 0.5),
                        key=lambda c: order.get(c["method"], len(order)))
-        saliency = figure([c["runs"][0] for c in cells], list(saliency_images), out=out / f"fig6_{first}.png",
-                          device=device)
+        runs = [next((r for r in c["runs"] if run_snapshots_trained(r)), None) for c in cells]
+        if all(runs):
+            saliency = figure(runs, list(saliency_images), out=out / f"fig6_{first}.png", device=device)
+        else:
+            saliency_note = ("Not drawn: the runs' snapshots are not here (a clone holds only their small files); "
+                             "`exdrop saliency RUN ...` on trained run folders draws it.")
     elif saliency is not None and Path(saliency).resolve().parent != out.resolve():
         import shutil
         saliency = Path(shutil.copy(saliency, out / Path(saliency).name))
@@ -431,8 +448,45 @@ def write_report(sweep, out=None, saliency: Path | None = None, saliency_images=
                 ("Fig. 2: the retain probability of Eqn. 3", "", [fig2])]
     if saliency is not None and Path(saliency).is_file():
         sections.insert(4, ("Fig. 6: saliency as the most relevant units are switched off", "", [Path(saliency)]))
-    title = f"exdrop report: {sweep.name}"
-    budget = _budget_line(summary)
+    elif saliency_note:
+        sections.insert(4, ("Fig. 6: saliency as the most relevant units are switched off", saliency_note, []))
+    if summary.get("left_out_without_weights"):
+        sections.insert(1, ("Runs left out of the analysis", "Finished runs without snapshots or a kept analysis "
+                            "here: " + ", ".join(f"`{r}`" for r in summary["left_out_without_weights"]), []))
+    return _write_pages(f"exdrop report: {sweep.name}", _budget_line(summary), sections, out)
+
+
+def write_run_report(run, out=None) -> tuple[Path, Path]:
+    """``report.html`` / ``report.md`` of one run folder whose analysis has run (``exdrop analyze RUN``):
+    its Table 5 row, calibration, Fig. 7 and its training curves."""
+    run = Path(run)
+    out = Path(out) if out else run
+    path = run / ANALYSIS / "analysis.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the analysis first (exdrop analyze {run})")
+    try:
+        a = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); run `exdrop analyze {run} --force` again") from None
+    if not isinstance(a, dict) or not isinstance(a.get("final"), dict):
+        raise ValueError(f"{path}: not an analysis of a run (no 'final' entry); run `exdrop analyze {run} --force`")
+    method = a.get("method") or run.name
+    budget = a.get("budget") if isinstance(a.get("budget"), dict) else {}
+    summary = {"budget": budget, "reduced": budget.get("reduced", True), "sweep": str(run), "methods": [method],
+               "cells": [summarize_cell(a.get("dataset") or "run", method, a.get("rate") or 0.5, [a])]}
+    figures = write_analysis_outputs(summary, out)
+    curves = run / "curves.png"
+    sections = [("Table 5: utilization of the first fc layer", table5_markdown(summary),
+                 [f for f in figures if f.name.startswith("fig4_")]),
+                ("Fig. 7: resilience to compression", "Units of the first fc layer switched off at test time "
+                 "(Sec. 4.4): the predicted probability of the ground-truth class and the accuracy.",
+                 [f for f in figures if f.name.startswith("fig7_")]),
+                ("Calibration", calibration_markdown(summary), [f for f in figures if f.name.startswith("reliability_")]),
+                ("Training curves", "", [curves] if curves.is_file() else [])]
+    return _write_pages(f"exdrop report: {run.name}", _budget_line(summary), sections, out)
+
+
+def _write_pages(title: str, budget: str, sections: list, out: Path) -> tuple[Path, Path]:
     md_lines = [f"# {title}", "", budget, ""]
     html_parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
                   "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
