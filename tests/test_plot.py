@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,40 @@ def test_not_a_log_csv(tmp_path):
     (tmp_path / "bad" / "log.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="iter and phase"):
         plot_run(tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------- exdrop plot --utilization
+def _utilization_run(folder, variant, iters):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"status": "finished",
+                                                     "net": f"prototxt/cnn2/cifar10/train_val_{variant}.prototxt"}))
+    lines = ["iter,phase,accuracy,neurons_on,peak_peb,entropy_act,entropy_peb"]
+    lines += [f"{it},test,0.5,{100 + it},{0.01},{5.0},{4.0}" for it in iters]
+    (folder / "log.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_plot_utilization_groups_by_variant_and_warns(tmp_path, monkeypatch):
+    """Runs under one parent (`OUT=models/...`) group by what they trained, never by the folder
+    above them; runs that share no test point are drawn one by one, with a warning; a single point
+    is drawn with a marker."""
+    from exdrop.analysis import report
+    runs = [_utilization_run(tmp_path / "models" / "a", "ed", [0, 100]),
+            _utilization_run(tmp_path / "models" / "b", "ed", [0, 100, 200]),
+            _utilization_run(tmp_path / "models" / "c", "standard", [100]),
+            _utilization_run(tmp_path / "models" / "d", "none", [10]),
+            _utilization_run(tmp_path / "models" / "e", "none", [20])]
+    drawn, warnings = {}, []
+
+    def keep(fig, plt, path):
+        ax = fig.axes[0]
+        drawn.update({line.get_label(): (list(line.get_xdata()), line.get_marker()) for line in ax.get_lines()})
+        plt.close(fig)
+        return Path(path)
+    monkeypatch.setattr(report, "_save", keep)
+    report.plot_logged_utilization(runs, tmp_path / "u.png", warn=warnings.append)
+    assert set(drawn) == {"Excitation (n=2)", "standard (n=1)", "No Dropout: d", "No Dropout: e"}, drawn
+    assert drawn["Excitation (n=2)"][0] == [0, 100]
+    assert drawn["standard (n=1)"] == ([100], "o")
+    assert any("share 2 of their test points" in w for w in warnings)
+    assert any("No Dropout share no test point" in w for w in warnings)

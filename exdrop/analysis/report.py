@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,9 +215,10 @@ def calibration_markdown(summary: dict) -> str:
 
 
 # ---------------------------------------------------------------------- figures
-def _band(ax, x, mean, std, method, label, alpha=0.18):
+def _band(ax, x, mean, std, method, label, alpha=0.18, marker=None):
     mean = np.asarray(mean, float)
-    line, = ax.plot(x, mean, color=COLORS.get(method), lw=2.2 if method == "ed" else 1.4, label=label)
+    line, = ax.plot(x, mean, color=COLORS.get(method), lw=2.2 if method == "ed" else 1.4, label=label,
+                    marker=marker, ms=4)
     if std is not None:
         std = np.asarray(std, float)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=alpha, lw=0)
@@ -272,26 +274,60 @@ def plot_over_training(summary: dict, dataset: str, path) -> Path:
     return _save(fig, plt, path)
 
 
-def plot_logged_utilization(runs, path) -> Path:
+def run_variant(run) -> str:
+    """What a run trained, to group runs by: the sweep's method (plan.json), else the variant its files
+    name (``train_val_<v>.prototxt``, ``solver_<v>.prototxt``, the snapshot prefix), else the folder's
+    own name. Never the parent folder's name (every ``OUT=models/...`` run would be "models")."""
+    method = run_info(run).get("method")
+    if method:
+        return method
+    try:
+        res = json.loads((Path(run) / "results.json").read_text())
+    except (OSError, ValueError):
+        res = {}
+    res = res if isinstance(res, dict) else {}
+    for key, prefix in (("net", "train_val_"), ("solver", "solver_")):
+        stem = Path(str(res.get(key) or "")).stem
+        if stem.startswith(prefix):
+            return stem.removeprefix(prefix)
+    snapshot = Path(str(res.get("snapshot") or "")).name
+    if "_iter_" in snapshot:
+        return snapshot.rsplit("_iter_", 1)[0]
+    return Path(run).resolve().name
+
+
+def plot_logged_utilization(runs, path, warn=None) -> Path:
     """Figs. 4-5 from the runs' own log.csv (the trainer's utilization columns at each test point):
-    runs of one method (from the sweep's plan, else the run folder's parent name) give one mean
-    curve with a std band."""
+    runs of one method or variant (:func:`run_variant`) give one mean curve with a std band over the
+    test points they share; a group whose runs share no test point is drawn run by run, with a warning."""
+    warn = warn or (lambda text: print(f"exdrop: warning: {text}", file=sys.stderr))
     plt = _pyplot()
     groups: dict = {}
     for run in runs:
-        method = run_info(run).get("method") or Path(run).resolve().parent.name
         tests = read_log(run)["test"]
         if not any(v.get("neurons_on") is not None for _, v in tests):
             raise ValueError(f"{run}: log.csv has no utilization columns (runs log them with --utilization, the "
                              "default since this release; for older runs: exdrop analyze RUN)")
-        groups.setdefault(method, []).append({it: v for it, v in tests if v.get("neurons_on") is not None})
+        groups.setdefault(run_variant(run), []).append(
+            (str(run), {it: v for it, v in tests if v.get("neurons_on") is not None}))
+    curves = []   # (label, method, iterations, mean, std or None)
+    for method, members in groups.items():
+        label = METHOD_LABELS.get(method, method)
+        iters = sorted(set.intersection(*(set(c) for _, c in members)))
+        if not iters:
+            warn(f"the runs of {label} share no test point ({', '.join(r for r, _ in members)}): drawn one by one")
+            curves += [(f"{label}: {Path(r).name}", method, sorted(c), np.array([[c[i][k] for i in sorted(c)]
+                        for k in METRICS]), None) for r, c in members]
+            continue
+        if any(len(c) > len(iters) for _, c in members):
+            warn(f"the runs of {label} share {len(iters)} of their test points: the mean is drawn at those only")
+        ys = np.array([[[c[i][k] for i in iters] for k in METRICS] for _, c in members])
+        curves.append((f"{label} (n={len(members)})", method, iters, ys.mean(0),
+                       ys.std(0, ddof=1) if len(members) > 1 else None))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, key in zip(axes, METRICS):
-        for method, curves in groups.items():
-            iters = sorted(set.intersection(*(set(c) for c in curves)))
-            ys = np.array([[c[i][key] for i in iters] for c in curves])
-            _band(ax, iters, ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else None, method,
-                  f"{METHOD_LABELS.get(method, method)} (n={len(curves)})")
+    for j, (ax, key) in enumerate(zip(axes, METRICS)):
+        for label, method, iters, mean, std in curves:
+            _band(ax, iters, mean[j], None if std is None else std[j], method, label, marker="o")
         ax.set_title(METRIC_TITLES[key], fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
