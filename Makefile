@@ -26,6 +26,8 @@ BACKEND  ?= engine
 RESUME   ?=
 NET      ?=
 KEEP     ?=
+# test every N iterations (default: the solver's; a run shortened by MAX_ITER tests at least 4 times)
+TEST_INTERVAL ?=
 # DISPLAY: also X11's variable (e.g. ":0"); taken from the environment only when it is a number
 DISPLAY  ?=
 # bench / bench-table6 timed iterations (bench: 20 when empty; bench-table6: its own default)
@@ -36,7 +38,8 @@ display_arg = $(if $(filter command line,$(origin DISPLAY)),--display $(DISPLAY)
 
 train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
 	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
-	$(if $(NET),--net $(NET)) $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP))
+	$(if $(NET),--net $(NET)) $(display_arg) $(if $(TEST_INTERVAL),--test-interval $(TEST_INTERVAL)) \
+	$(if $(KEEP),--keep-snapshots $(KEEP))
 
 .PHONY: answer table2 table3 table4 table5 fig7 report report-screenshot finetune-ucf101
 .PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 data-ucf101 data-imagenet train-cifar10 train-wrn-cifar10 train-imagenet bench bench-table6 prototxt mutation
@@ -51,6 +54,7 @@ help:
 	@echo "     RECIPE=authors|paper (default authors: their script, SGD, gaussian 0.01, raw pixels; paper: Adam, msra)"
 	@echo "     DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
 	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
+	@echo "     TEST_INTERVAL=<n: test every n iterations> (MAX_ITER alone: at least 20 log rows and 4 tests)"
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
 	@echo "     (without DATA: the LMDBs already converted in DATA_DIR, else the official archive is downloaded)"
 	@echo "make train-wrn-cifar10     WRN-28-10 (Sec. 5), VARIANT=activation|standard|none, the knobs of train-cifar10"

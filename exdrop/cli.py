@@ -180,7 +180,8 @@ def _cmd_train(args) -> int:
                       device=args.device, resume=args.snapshot, weights=args.weights, test_interval=args.test_interval,
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
                       seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last,
-                      inexact_resume=args.inexact_resume, net=args.net, command=_train_arguments(args), **extra)
+                      inexact_resume=args.inexact_resume, net=args.net, command=_train_arguments(args),
+                      dense_short_runs=True, **extra)
     if fresh and world.main:
         _fresh_run_folder(cfg, args.overwrite)
     trainer = Trainer(cfg)

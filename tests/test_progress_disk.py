@@ -258,3 +258,19 @@ def test_interrupt_message_of_a_trainer_built_in_python(tmp_path, capsys):
     assert (f"-m exdrop train prototxt/cnn2/cifar10/solver_ed.prototxt --max-iter 300 --test-interval 50 "
             f"--display 5 --amp bf16 --out models/quick --snapshot {state}") in err
     assert "make " not in err   # the package knows nothing of the Makefile
+
+
+def test_a_short_command_line_run_logs_a_curve(tiny, tmp_path):
+    """`--max-iter 60` on a solver with display 100 and test_interval 1000: at least 20 train rows
+    and 4 test points, so curves.png draws a curve; a given --display wins."""
+    from exdrop.cli import main as exdrop_main
+    out = tmp_path / "short"
+    assert exdrop_main(["train", str(tiny), "--out", str(out), "--max-iter", "60", "--device", "cpu",
+                        "--test-iter", "1", "--quiet"]) == 0
+    rows = _rows(out / "log.csv")
+    assert len([r for r in rows if r["phase"] == "train"]) >= 20
+    assert len({r["iter"] for r in rows if r["phase"] != "train"}) >= 4
+    out2 = tmp_path / "given"
+    assert exdrop_main(["train", str(tiny), "--out", str(out2), "--max-iter", "6", "--display", "3", "--device", "cpu",
+                        "--test-iter", "1", "--quiet"]) == 0
+    assert [int(r["iter"]) for r in _rows(out2 / "log.csv") if r["phase"] == "train"] == [0, 3, 5]

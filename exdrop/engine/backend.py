@@ -49,6 +49,7 @@ class TrainConfig:
     tensorboard: str | None = None     # a folder for TensorBoard event files (every log.csv row's numbers)
     overrides: dict = field(default_factory=dict)
     command: tuple = ()                # the `exdrop train` arguments as given (the resume line repeats them)
+    dense_short_runs: bool = False     # with max_iter: display / test often enough to draw (the command line's)
 
 
 def pick_device(requested: str, world: dist.World = dist.ONE) -> torch.device:
@@ -92,6 +93,8 @@ def load_solver(cfg: TrainConfig):
     if cfg.test_iter is not None:
         del sp.test_iter[:]
         sp.test_iter.append(cfg.test_iter)
+    if cfg.max_iter is not None and cfg.dense_short_runs:
+        _log_densely(sp, display=cfg.display is None, test=cfg.test_interval is None)
     for key, value in cfg.overrides.items():
         setattr(sp, key, value)
     if cfg.net:
@@ -104,6 +107,21 @@ def load_solver(cfg: TrainConfig):
         sp.net = str(cfg.net)
     check_solver(sp, cfg.solver)
     return sp
+
+
+# A run whose length is given on the command line (TrainConfig.dense_short_runs) gets at least this many display and test points
+# (the solver's display 100 and test_interval 1000 would leave a 60-iteration run a line and a dot).
+SHORT_RUN_DISPLAYS, SHORT_RUN_TESTS = 20, 4
+
+
+def _log_densely(sp, display: bool, test: bool) -> None:
+    """``--max-iter N`` without ``--display`` / ``--test-interval``: log and test often enough to draw a
+    curve (what is logged changes, not what is trained: test passes use no training randomness)."""
+    n = sp.max_iter
+    if display and sp.display and n // sp.display < SHORT_RUN_DISPLAYS:
+        sp.display = max(1, n // SHORT_RUN_DISPLAYS)
+    if test and sp.test_interval and len(sp.test_iter) and n // sp.test_interval < SHORT_RUN_TESTS:
+        sp.test_interval = max(1, n // SHORT_RUN_TESTS)
 
 
 def check_solver(sp, source: str) -> None:
