@@ -121,3 +121,15 @@ def test_short_real_run_and_resume(solver_copy):
     assert res2["test_accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-6)
     assert res2["test_loss"] == pytest.approx(res["test_loss"], rel=1e-5)
     print(f"real-data run: {first_s:.1f} s for {MAX_ITER} iterations, resume {resume_s:.1f} s")
+
+    # the run folder as docs/training.md describes it (the resume kept one snapshot set, the default)
+    files = {p.relative_to(run).as_posix(): p.stat().st_size for p in run.rglob("*") if p.is_file()}
+    doc = (ROOT / "docs/training.md").read_text()
+    listed = re.search(r"A run folder holds (.*?)for an exact resume", doc, re.S).group(1)
+    for name in ("solver.prototxt", "log.csv", "results.json", "curves.png", "init.caffemodel", "snapshots/"):
+        assert f"`{name}`" in listed, f"docs/training.md does not list {name} in a run folder"
+    assert {f.split("/")[0] for f in files} <= {"solver.prototxt", "log.csv", "results.json", "curves.png",
+                                                "init.caffemodel", "snapshots"}, sorted(files)
+    said = int(re.search(r"A CNN-2 run folder under the paper's solver \(Adam\) is (\d+) MB", doc).group(1))
+    measured = sum(files.values()) / 1e6
+    assert abs(measured - said) <= 0.02 * said, f"docs/training.md says {said} MB, the run folder is {measured:.0f} MB"
