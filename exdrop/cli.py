@@ -389,7 +389,11 @@ def _cmd_analyze(args) -> int:
     for key in (*A.METRICS, "conservative", "accuracy", "nll", "ece"):
         if f.get(key) is not None:
             print(f"  {A.METRIC_TITLES.get(key, key):24s} {f[key]:.4f}")
+    if f.get("conservative_note"):
+        print(f"  ({f['conservative_note']})")
     print(f"wrote {path / A.ANALYSIS / 'analysis.json'}")
+    page, _ = R.write_run_report(path, args.out or path)
+    print(f"wrote {page} (Table 5 row, Fig. 7, calibration, curves)")
     return 0
 
 
@@ -647,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="utilization metrics, compression and calibration of a run or a sweep",
                         description="A run folder: RUN/analysis/analysis.json for its last snapshot (every test "
-                                    "image) and every kept snapshot (the first --training-images images). A sweep "
+                                    "image) and every kept snapshot (the first --training-images images), and "
+                                    "RUN/report.html of it (a few minutes for CNN-2 on 2 CPU cores: Fig. 7 runs the "
+                                    "test set once per compression point). A sweep "
                                     "folder: every finished run of --methods, then table5.md/.json, fig7_*.png, "
                                     "fig4_*.png (over training) and reliability_*.png in the sweep folder. Results "
                                     "are reused while the snapshots and options are unchanged.")
@@ -657,19 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TEST data layer source)")
     an.add_argument("--blob", help="the blob to measure (default: the first InnerProduct's top, fc1)")
     an.add_argument("--delta", type=float, help="conservative-filter threshold (default: Table 5's for the "
-                                                "sweep's data set: cifar10 0.25, cifar100 0.30, caltech256 1.25)")
+                                                "run's data set, from the sweep's plan or the net's path: cifar10 "
+                                                "0.25, cifar100 0.30, caltech256 1.25; none known: no conservative "
+                                                "filters, and the output says so)")
     an.add_argument("--methods", help="sweep: the methods to analyse (default none,standard_fc1,curriculum,ed)")
     an.add_argument("--no-over-training", action="store_true", help="the last snapshot only")
     an.add_argument("--training-images", type=int, default=1000,
                     help="test images per snapshot for the curves over training (default 1000)")
-    an.add_argument("--out", help="sweep: where the tables and figures go (default: the sweep folder)")
+    an.add_argument("--out", help="where the tables, figures and report go (default: the run or sweep folder)")
     an.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     an.add_argument("--force", action="store_true", help="recompute even when the saved analysis is current")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(fn=_cmd_analyze)
 
-    rp = sub.add_parser("report", help="one self-contained HTML page (and Markdown) of a sweep and its analysis")
-    rp.add_argument("sweep", metavar="SWEEP", help="a sweep folder analysed by `exdrop analyze`")
+    rp = sub.add_parser("report", help="one self-contained HTML page (and Markdown) of a sweep or a run and its analysis")
+    rp.add_argument("sweep", metavar="SWEEP_OR_RUN", help="a sweep folder or a run folder analysed by `exdrop analyze`")
     rp.add_argument("--out", help="folder for report.html, report.md and the figures (default: the sweep folder)")
     rp.add_argument("--saliency", help="a saliency figure (exdrop saliency) to include (default: drawn for "
                                        "--saliency-images of each method's first run)")

@@ -311,3 +311,19 @@ def test_make_targets_name_the_analysis(tmp_path):
         out = subprocess.run(["make", "-n", "-C", str(root), target, "RUNS=results/x"], capture_output=True,
                              text=True, check=True).stdout
         assert want in out, (target, out)
+
+
+def test_analyze_one_run_writes_its_report_and_says_why_no_conservative(tiny_run, tmp_path, capsys):
+    """A run outside a sweep whose data set is unknown: no Delta, and the output says so (not a silent
+    null); its report (Table 5 row, Fig. 7, calibration) is written beside the analysis."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "analysis", ignore_errors=True)
+    capsys.readouterr()
+    assert exdrop_main(["analyze", str(run), "--training-images", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "no conservative filters: Table 5's Delta is per data set" in out and "give --delta" in out
+    assert (run / "report.html").is_file() and "fig7" in (run / "report.md").read_text()
+    assert exdrop_main(["analyze", str(run), "--training-images", "3", "--quiet", "--delta", "0.5", "--force"]) == 0
+    assert "Conservative" in capsys.readouterr().out

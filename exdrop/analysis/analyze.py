@@ -325,6 +325,17 @@ def conservative(net, blob: str, init_weights, delta: float | None) -> dict:
 _ITER = re.compile(r"_iter_(\d+)\.caffemodel$")
 
 
+def _dataset_of(run) -> str | None:
+    """A run outside a sweep: the data set its net's path names (``prototxt/cnn2/cifar10/...``), if one
+    with a Table 5 Delta."""
+    try:
+        res = json.loads((Path(run) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parts = Path(str(res.get("net") or "")).parts if isinstance(res, dict) else ()
+    return next((p for p in reversed(parts) if p in DELTA), None)
+
+
 class NoSnapshots(FileNotFoundError):
     """A run folder without trained weights (a clone holds only a run's small files)."""
 
@@ -390,7 +401,7 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
         raise NoSnapshots(f"{run}: no snapshot in {run / 'snapshots'} to analyse")
     info = run_info(run)
     if delta is None:
-        delta = DELTA.get(info.get("dataset") or "")
+        delta = DELTA.get(info.get("dataset") or _dataset_of(run) or "")
     init = next((p for it, p in snaps if it == 0 and p.parent == run), None)
     common = {"format": FORMAT, "data": str(data) if data else None, "blob": blob, "delta": delta}
     last_it, last = trained[-1]
@@ -417,6 +428,10 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
         if init is None:
             final["conservative_note"] = (f"{run} has no init.caffemodel (runs from before it was kept): no "
                                           "conservative filters")
+        elif delta is None:
+            final["conservative_note"] = ("no conservative filters: Table 5's Delta is per data set "
+                                          f"({', '.join(f'{d} {v:g}' for d, v in DELTA.items())}) and this run's "
+                                          "data set is not known: give --delta")
         result.update(key_final=key_final, final=final)
     if over_done:
         result.update(key_over=key_over, over_training=old["over_training"])

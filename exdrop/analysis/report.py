@@ -507,7 +507,15 @@ def write_run_report(run, out=None) -> tuple[Path, Path]:
     if not isinstance(a, dict) or not isinstance(a.get("final"), dict):
         raise ValueError(f"{path}: not an analysis of a run (no 'final' entry); run `exdrop analyze {run} --force`")
     method = a.get("method") or run.name
-    budget = a.get("budget") if isinstance(a.get("budget"), dict) else {}
+    budget = a.get("budget")
+    if not (isinstance(budget, dict) and "name" in budget and "description" in budget):
+        try:
+            res = json.loads((run / "results.json").read_text())
+        except (OSError, ValueError):
+            res = {}
+        told = str(res.get("budget", "")) if isinstance(res, dict) else ""
+        budget = {"name": run.name, "reduced": not told.startswith("full"),
+                  "description": f"one run, iteration {a.get('iteration')}" + (f", {told}" if told else "")}
     summary = {"budget": budget, "reduced": budget.get("reduced", True), "sweep": str(run), "methods": [method],
                "cells": [summarize_cell(a.get("dataset") or "run", method, a.get("rate") or 0.5, [a])]}
     figures = write_analysis_outputs(summary, out)
