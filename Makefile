@@ -76,6 +76,7 @@ help:
 	@echo "                           (every n-th, short side 256), list files and LMDBs in data/ucf101"
 	@echo "make bench                 seconds per iteration, Standard vs Excitation Dropout (CNN-2, batch 100), ITERS=<n> (20)"
 	@echo "make bench-table6          the paper's Table 6 runtimes (CNN-2 128x128, VGG16), NETS=cnn2,vgg16 ITERS=<n>"
+	@echo "                           (defaults: ~18 minutes on 2 idle CPU cores)"
 	@echo "                           BATCH=<b>; writes models/bench/table6_<net>_<cpu|cuda>.json"
 	@echo "make table5                Table 5 (utilization of fc1) and Figs. 4-5 of the sweep RUNS=<sweep folder>"
 	@echo "                           (default $(RUNS)), METHODS=<subset, default none,standard_fc1,curriculum,ed>"
@@ -219,13 +220,16 @@ t6_iters = $(or $(ITERS),$(T6_ITERS))
 # One process per net, so each JSON's peak_rss_mb (ru_maxrss) is that net's own; the variants
 # share one net's weights and Adam state (VGG16, batch 50, CPU: see README "Table 6 on CPU").
 bench-table6:
-	dev=$(DEVICE); \
+	@echo "bench-table6: $(NETS) x (no dropout, Standard, ED batched, ED image by image), the JSON in models/bench/;"
+	@echo "  with the default iterations about 18 minutes on 2 idle CPU cores, a minute on a GPU (ITERS=<n> shortens it)"
+	@dev=$(DEVICE); \
 	if [ "$$dev" = auto ]; then \
 	  dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") || exit 1; \
 	fi; \
 	for net in $(subst $(comma), ,$(NETS)); do \
-	  $(PY) -m exdrop bench table6 --nets $$net --device $$dev $(if $(t6_iters),--iters $(t6_iters)) \
-	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$${dev%%:*}.json || exit 1; \
+	  cmd="$(PY) -m exdrop bench table6 --nets $$net --device $$dev $(if $(t6_iters),--iters $(t6_iters)) \
+	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$${dev%%:*}.json"; \
+	  echo "$$cmd"; $$cmd || exit 1; \
 	done
 
 # The paper's comparisons through the sweep runner (exdrop sweep): DATASETS=cifar10,cifar100,caltech256

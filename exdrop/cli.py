@@ -20,7 +20,7 @@
     exdrop analyze RUN_OR_SWEEP [--data DATA] [--blob B] [--methods ...] [--no-over-training]
                                                          utilization (Table 5, Figs. 4-5), compression
                                                          (Fig. 7), calibration
-    exdrop report SWEEP [--out DIR]                      one HTML page + Markdown of a sweep's analysis
+    exdrop report SWEEP_OR_RUN [--out DIR]               one HTML page + Markdown of a sweep's or a run's analysis
     exdrop saliency RUN [RUN ...] --images 0,1 [--blob conv3] [--k 0,100,...]   Fig. 6
 """
 from __future__ import annotations
@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorBoard event files in DIR (`tensorboard --logdir DIR`)")
     t.add_argument("--utilization", metavar="BLOB",
                    help="log Table 5's metrics (# neurons ON, peak p_EB, the two entropies) of BLOB at every test "
-                        "point as log.csv columns (engine backend); default auto: the first fc of a test net with "
+                        "point as log.csv columns (both backends); default auto: the first fc of a test net with "
                         "a SoftmaxWithLoss; off to disable")
     t.add_argument("--utilization-images", type=int, metavar="N",
                    help="test images the utilization is measured on at each test point (default 1000)")

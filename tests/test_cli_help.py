@@ -210,3 +210,18 @@ def test_makefile_knobs():
                                check=True).stdout
     for knob in ("ITERS=", "BACKEND=", "DATA_DIR=", "NET=", "DISPLAY=", "KEEP="):
         assert knob in help_text
+
+
+def test_long_make_targets_say_how_long_and_top_help_lists_every_subcommand(capsys):
+    helptext = subprocess.run(["make", "help"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    block = helptext[helptext.index("make bench-table6"):].split("\nmake ", 1)[0]
+    assert "minutes" in block, block
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in subcommands:
+        assert f"    exdrop {name} " in out, f"`exdrop --help` does not describe {name}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "engine backend)" not in capsys.readouterr().out   # --utilization is logged by both backends
