@@ -27,6 +27,7 @@ from exdrop.caffe.env import import_caffe
 from exdrop.engine.backend import Backend, net_params, prepare_solver
 from exdrop.engine.eb import signal_blobs, signal_classes
 from exdrop.engine.net import filter_layers
+from exdrop.engine.pretrained import check_caffemodel_names
 from exdrop.engine.pylayer import TRAIN, layer_search_paths, parse_param_str, set_saliency_hook
 from exdrop.engine.snapshot import snapshot_model_path
 from exdrop.engine.solver import caffe_rate
@@ -161,6 +162,11 @@ class CaffeBackend(Backend):
         self.net = self.solver.net  # kept: the hooks hold it weakly
         self.test_nets = list(self.solver.test_nets)
         if cfg.weights:
+            learnable = [name for name, blobs in self.net.params.items() if len(blobs)]
+            found = check_caffemodel_names(cfg.weights, learnable)
+            if len(found) < len(learnable):
+                print(f"weights: {len(found)} layers from {cfg.weights}; from their fillers: "
+                      f"{', '.join(n for n in learnable if n not in found)}", file=sys.stderr)
             self.net.copy_from(str(cfg.weights))
         if cfg.resume:
             restore_beside(self.solver, cfg.resume)

@@ -32,7 +32,9 @@ import urllib.request
 from pathlib import Path
 
 import torch
+
 from exdrop.engine.snapshot import load_weights
+from exdrop.proto import io as cio
 
 
 __all__ = ["load_pretrained", "torch_to_caffe_conv1", "caffe_to_torch_conv1", "fetch", "MODEL_ZOO",
@@ -138,8 +140,26 @@ def load_pretrained(net, path, transform: dict | None = None) -> dict:
         _check_known(path)
         loaded, skipped = load_weights(net, path, allow_v1=True), []
         fmt = "caffemodel"
+    if not loaded:
+        raise ValueError(f"{path}: --weights loaded no layer of the net ({fmt}"
+                         + (f"; shapes differ: {'; '.join(skipped)}" if skipped else
+                            f"; the net's learnable layers are {', '.join(learnable)}, the file names none of them")
+                         + "): training would start from the fillers")
     return {"format": fmt, "loaded": loaded, "skipped": skipped,
             "kept_filler": [n for n in learnable if n not in loaded]}
+
+
+def check_caffemodel_names(path, learnable: list[str]) -> list[str]:
+    """The layers of ``learnable`` that the .caffemodel ``path`` holds weights for; none is an error
+    (real Caffe's ``copy_from`` would start from the fillers without a word)."""
+    param = cio.read_caffemodel(path, allow_v1=True)
+    held = {lp.name for lp in (*param.layer, *param.layers) if len(lp.blobs)}
+    found = [n for n in learnable if n in held]
+    if not found:
+        raise ValueError(f"{path}: --weights loaded no layer of the net (caffemodel; the net's learnable layers are "
+                         f"{', '.join(learnable)}, the file names {', '.join(sorted(held)) or 'no layer'}): "
+                         "training would start from the fillers")
+    return found
 
 
 def _load_torchvision(net, path: Path, transform: dict):

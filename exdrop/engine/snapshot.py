@@ -57,10 +57,10 @@ def load_weights(net, path, strict_missing: bool = False, allow_v1: bool = False
         if len(lp.blobs) != len(layer.blobs):
             raise ValueError(f"{path}: layer '{layer.name}' has {len(lp.blobs)} blobs, the net expects {len(layer.blobs)}")
         for i, (blob, p) in enumerate(zip(lp.blobs, layer.blobs)):
-            arr = cio.blob_to_array(blob)
-            if arr.size != p.numel() or (len(blob.shape.dim) and tuple(arr.shape) != tuple(p.shape)):
-                raise ValueError(f"{path}: layer '{layer.name}' blob {i} has shape {tuple(arr.shape)}, "
+            if not cio.shape_equals(blob, p.shape):   # as Caffe's CopyTrainedLayersFrom
+                raise ValueError(f"{path}: layer '{layer.name}' blob {i} has shape {cio.blob_shape_text(blob)}, "
                                  f"the net expects {tuple(p.shape)}")
+            arr = cio.blob_to_array(blob)
             with torch.no_grad():
                 p.copy_(torch.from_numpy(np.ascontiguousarray(arr.reshape(tuple(p.shape)))).to(p.device))
         loaded.append(layer.name)

@@ -192,6 +192,25 @@ def write_caffemodel(net_param: caffe_pb2.NetParameter, path) -> None:
     write_binary_proto(net_param, path)
 
 
+_LEGACY = ("num", "channels", "height", "width")
+
+
+def blob_shape_text(blob: caffe_pb2.BlobProto) -> str:
+    if any(blob.HasField(f) for f in _LEGACY):
+        return f"{blob.num}/{blob.channels}/{blob.height}/{blob.width} (legacy num/channels/height/width)"
+    return str(tuple(blob.shape.dim))
+
+
+def shape_equals(blob: caffe_pb2.BlobProto, shape) -> bool:
+    """Caffe's ``Blob::ShapeEquals``: a legacy 4-d blob (num/channels/height/width) matches a shape of at
+    most 4 axes padded with leading 1s (a (10, 32) InnerProduct weight is 1/1/10/32, not 1/1/32/10);
+    otherwise ``shape.dim`` must equal the shape exactly."""
+    shape = tuple(int(d) for d in shape)
+    if any(blob.HasField(f) for f in _LEGACY):
+        return len(shape) <= 4 and (blob.num, blob.channels, blob.height, blob.width) == (1,) * (4 - len(shape)) + shape
+    return tuple(blob.shape.dim) == shape
+
+
 def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
     """BlobProto -> float32 array, as Blob::FromProto: legacy num/channels/height/width
     if any is set, else shape.dim; values from double_data if present, else data."""

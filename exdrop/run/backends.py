@@ -66,9 +66,12 @@ class EngineBackend(Backend):
         if cfg.weights:   # Caffe's --weights: by layer name; a torchvision .pth by order, conv1 converted
             torch_file = str(cfg.weights).endswith((".pth", ".pt"))
             got = load_pretrained(self.train_net, cfg.weights, input_transform(train_param) if torch_file else None)
-            if cfg.progress and world.main:
+            partial = got["kept_filler"] or got["skipped"]
+            if world.main and (cfg.progress or partial):   # a partial load is shown even under --quiet
                 print(f"weights: {len(got['loaded'])} layers from {cfg.weights} ({got['format']})"
-                      + (f"; from their fillers: {', '.join(got['kept_filler'])}" if got["kept_filler"] else ""))
+                      + (f"; from their fillers: {', '.join(got['kept_filler'])}" if got["kept_filler"] else "")
+                      + (f"; skipped (shapes differ): {'; '.join(got['skipped'])}" if got["skipped"] else ""),
+                      file=sys.stderr if partial else sys.stdout)
         self.solver = make_solver(sp, self.train_net.learnable(), cfg.solver)
         self.elapsed = 0.0
         self.loop_state: dict = {}   # the run loop's display window, saved with each snapshot

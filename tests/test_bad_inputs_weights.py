@@ -1,0 +1,100 @@
+"""`--weights` that loads nothing, or loads blobs in the wrong layout: refused, naming the file, the
+layer and the blob; a partial load says which layers keep their fillers even under --quiet."""
+import numpy as np
+import pytest
+import torch
+
+from caffe_nets import write_tiny
+from exdrop.cli import main as exdrop_main
+from exdrop.proto import io as cio
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny solver and the weights of a 1-iteration run (every learnable layer, V2)."""
+    tmp = tmp_path_factory.mktemp("weights")
+    solver = write_tiny(tmp)
+    assert exdrop_main(["train", str(solver), "--out", str(tmp / "run"), "--max-iter", "1", "--device", "cpu",
+                        "--quiet"]) == 0
+    return solver, tmp / "run" / "snapshots" / "tiny_ed_iter_1.caffemodel"
+
+
+def _train(solver, weights, out, *extra):
+    return exdrop_main(["train", str(solver), "--out", str(out), "--max-iter", "1", "--device", "cpu", "--quiet",
+                        "--weights", str(weights), *extra])
+
+
+def test_an_empty_caffemodel_loads_nothing_and_is_refused(tiny, tmp_path, capsys):
+    solver, _ = tiny
+    empty = tmp_path / "empty.caffemodel"
+    empty.write_bytes(b"")
+    assert _train(solver, empty, tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert f"{empty}: --weights loaded no layer of the net" in err and "conv1, ip1, ip2" in err
+
+
+def test_a_caffemodel_with_other_layer_names_is_refused(tiny, tmp_path, capsys):
+    solver, weights = tiny
+    param = cio.read_caffemodel(weights)
+    for lp in param.layer:
+        lp.name = "other_" + lp.name
+    renamed = tmp_path / "renamed.caffemodel"
+    cio.write_caffemodel(param, renamed)
+    assert _train(solver, renamed, tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert "names none of them" in err and "other_ip1" not in err.split("learnable layers are")[1].split(",")[0]
+
+
+def test_a_pth_whose_shapes_all_differ_is_refused(tiny, tmp_path, capsys):
+    solver, _ = tiny
+    net = tmp_path / "with_mean.prototxt"   # a torchvision file needs the prototxt's mean to convert conv1
+    net.write_text((solver.parent / "tiny_ed.prototxt").read_text().replace(
+        "transform_param { scale: 0.00390625 }", "transform_param { scale: 0.00390625 mean_value: 104 }"))
+    pth = tmp_path / "wrong.pth"
+    torch.save({"features.0.weight": torch.zeros(5, 3, 3, 3), "classifier.0.weight": torch.zeros(7, 9),
+                "classifier.1.weight": torch.zeros(2, 7)}, pth)
+    assert _train(solver, pth, tmp_path / "r", "--net", str(net)) == 1
+    err = capsys.readouterr().err
+    assert f"{pth}: --weights loaded no layer" in err and "shapes differ" in err
+
+
+def test_a_partial_load_is_shown_under_quiet(tiny, tmp_path, capsys):
+    solver, weights = tiny
+    param = cio.read_caffemodel(weights)
+    keep = [lp for lp in param.layer if lp.name == "ip2"]
+    del param.layer[:]
+    param.layer.extend(keep)
+    part = tmp_path / "ip2_only.caffemodel"
+    cio.write_caffemodel(param, part)
+    assert _train(solver, part, tmp_path / "r") == 0
+    err = capsys.readouterr().err
+    assert "weights: 1 layers from" in err and "from their fillers: conv1, ip1" in err
+
+
+def _legacy(param, name, dims):
+    blob = next(lp for lp in param.layer if lp.name == name).blobs[0]
+    values = np.asarray(blob.data, np.float32)
+    blob.ClearField("shape")
+    blob.num, blob.channels, blob.height, blob.width = dims
+    return values
+
+
+def test_legacy_4d_blobs_are_checked_as_caffe_does(tiny, tmp_path, capsys):
+    """A (3, 16) InnerProduct weight is 1/1/3/16 in the legacy layout; 1/1/16/3 (the same 48 values)
+    is refused, naming the layer and the blob, as Caffe's ShapeEquals refuses it."""
+    solver, weights = tiny
+    param = cio.read_caffemodel(weights)
+    values = _legacy(param, "ip2", (1, 1, 16, 3))
+    wrong = tmp_path / "transposed.caffemodel"
+    cio.write_caffemodel(param, wrong)
+    assert _train(solver, wrong, tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert f"{wrong}: layer 'ip2' blob 0 has shape 1/1/16/3 (legacy num/channels/height/width), the net expects (3, 16)" in err
+    _legacy(param, "ip2", (1, 1, 3, 16))
+    right = tmp_path / "legacy.caffemodel"
+    cio.write_caffemodel(param, right)
+    assert _train(solver, right, tmp_path / "r2") == 0
+    capsys.readouterr()
+    init = cio.read_caffemodel(tmp_path / "r2" / "init.caffemodel")
+    loaded = next(lp for lp in init.layer if lp.name == "ip2").blobs[0]
+    np.testing.assert_array_equal(np.asarray(loaded.data, np.float32), values)
