@@ -56,6 +56,11 @@ def _cmd_data(args) -> int:
             resize = ()
         if len(resize) != 2 or min(resize) < 1:
             raise ValueError(f"--resize {args.resize}: expected HxW, e.g. 128x128")
+    if dataset == "ucf101" and args.resize is not None and not (args.resize.isdigit() and int(args.resize) > 0):
+        raise ValueError(f"--resize {args.resize}: for ucf101 the short side of the frames, a positive integer "
+                         "(default 256)")
+    if dataset == "imagenet" and short_side is not None and short_side < 1:
+        raise ValueError(f"--resize {args.resize}: the short side must be positive")
     if args.split is not None and dataset not in ("caltech256", "ucf101"):
         raise ValueError(f"--split picks one of Caltech-256's five or UCF101's three splits; {dataset} has its own")
     if (args.splits or args.every) and dataset != "ucf101":
@@ -80,7 +85,8 @@ def _cmd_data(args) -> int:
         if not args.splits:
             raise ValueError("ucf101: give --splits, the folder of classInd.txt and trainlist0N.txt / testlist0N.txt")
         info = prepare_ucf101(args.source, args.splits, args.out or "data/ucf101", split=args.split or 1,
-                              every=args.every or 5, short_side=int(args.resize) if args.resize else 256)
+                              every=5 if args.every is None else args.every,
+                              short_side=int(args.resize) if args.resize else 256)
     elif dataset == "caltech256":
         given = [o for o, v in (("--val-size", args.val_size), ("--seed", args.seed),
                                 ("--limit-per-class", args.limit_per_class)) if v is not None]
@@ -408,8 +414,8 @@ def _cmd_report(args) -> int:
 
 def _cmd_saliency(args) -> int:
     from exdrop.analysis.saliency import figure
-    ks = [int(k) for k in args.k.split(",")]
-    images = [int(i) for i in args.images.split(",")]
+    ks = args.k
+    images = args.images
     out = figure(args.runs, images, ks, blob=args.blob, data=args.data, contrastive=args.contrastive,
                  out=args.out, device=args.device)
     print(f"wrote {out}")
@@ -448,6 +454,27 @@ def _cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _index_list(text: str) -> list[int]:
+    """``0,7,100``: indices or counts, each an integer >= 0."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 0,7") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: each value must be an integer >= 0")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="exdrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -469,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "split 1..3 (default 1)")
     d.add_argument("--splits", help="ucf101: the folder of the official lists (classInd.txt, trainlist0N.txt, "
                                     "testlist0N.txt)")
-    d.add_argument("--every", type=int, help="ucf101: keep every N-th frame of each video (default 5)")
+    d.add_argument("--every", type=_positive_int, help="ucf101: keep every N-th frame of each video (default 5)")
     d.add_argument("--val", help="imagenet: the ILSVRC-2012 val folder, flat (ILSVRC2012_val_00000001.JPEG ..., "
                                  "labelled by --val-labels) or sorted into the train set's wnid folders")
     d.add_argument("--val-labels", help="imagenet: the devkit's ILSVRC2012_validation_ground_truth.txt (its meta.mat "
@@ -643,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Figs. 4-5: the utilization columns of the runs' log.csv, a mean curve and std band per "
                          "method (runs grouped by the sweep's method, else their parent folder's name)")
     pl.add_argument("--fig2", metavar="PNG", help="draw Fig. 2 (the retain probability of Eqn. 3 against p_EB)")
-    pl.add_argument("--n", type=int, default=10, help="Fig. 2: the layer's units N (default 10, as the paper)")
+    pl.add_argument("--n", type=_positive_int, default=10, help="Fig. 2: the layer's units N (default 10, as the paper)")
     pl.add_argument("--base-retain", type=float, default=0.5, help="Fig. 2: the base retain probability P")
     pl.add_argument("--out", metavar="PNG",
                     help="output image (default: RUN/curves.png for one run, runs.png for several, overlaid)")
@@ -687,9 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("saliency", help="EB saliency maps as the most relevant units are switched off (Fig. 6)")
     sa.add_argument("runs", nargs="+", metavar="RUN", help="run folders (one row each), their last snapshot")
-    sa.add_argument("--images", default="0", help="test image indices, e.g. 0,7 (default 0)")
-    sa.add_argument("--k", default="0,100,200,300,400,500",
-                    help="most relevant units of the dropout blob switched off per column (default 0,100,...,500)")
+    sa.add_argument("--images", default="0", type=_index_list, help="test image indices, e.g. 0,7 (default 0)")
+    sa.add_argument("--k", type=_index_list,
+                    help="most relevant units of the dropout blob switched off per column (default 0,100,...,500, "
+                         "scaled down for a blob of fewer than 500 units)")
     sa.add_argument("--blob", help="the conv blob of the maps (default: the last Convolution top at least 8x8)")
     sa.add_argument("--data", help="another test set (LMDB or converted folder)")
     sa.add_argument("--contrastive", action="store_true", help="contrastive EB (Zhang et al. 2016)")

@@ -65,6 +65,14 @@ def maps(net, feed: dict, units_blob: str, conv_blob: str, ks, scores: str, labe
 def _images(net, lp, indices):
     """The TEST data layer's (transformed) images and labels at ``indices`` (record order)."""
     src = net.sources[lp.name]
+    try:
+        total = len(src)
+    except TypeError:
+        total = None
+    beyond = [i for i in indices if i < 0 or (total is not None and i >= total)]
+    if beyond:
+        raise ValueError(f"{net.source}: --images {','.join(map(str, beyond))}: the test data of layer '{lp.name}' "
+                         f"holds {total} images (indices 0 to {total - 1})")
     need, xs, ys, seen = set(indices), {}, {}, 0
     while need:
         x, y = src.next_batch()
@@ -91,9 +99,14 @@ def _display(x: torch.Tensor, lp) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
-def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=None, data=None,
+DEFAULT_KS = (0, 100, 200, 300, 400, 500)   # the paper's Fig. 6 columns
+
+
+def figure(runs, images, ks=None, blob=None, units_blob=None, data=None,
            contrastive=False, out="saliency.png", device="cpu") -> Path:
-    """Fig. 6 for the last snapshot of each run folder."""
+    """Fig. 6 for the last snapshot of each run folder. ``ks`` (default: the paper's 0, 100, ..., 500,
+    scaled down to a blob of fewer than 500 units)."""
+    given_ks = ks
     plt = _pyplot()
     rows = []
     for run in runs:
@@ -111,6 +124,16 @@ def figure(runs, images, ks=(0, 100, 200, 300, 400, 500), blob=None, units_blob=
         net = ev.engine_test_net(tn, snaps[-1], device)
         units = units_blob or default_blob(tn.param)
         conv = blob or default_conv_blob(net)
+        for what, name in (("--blob", conv), ("the units blob", units)):
+            if name not in net.blob_shapes:
+                raise ValueError(f"{net.source}: {what} '{name}': no such blob in the test net "
+                                 f"(blobs: {', '.join(net.blob_shapes)})")
+        width = net.blob_shapes[units][1]
+        if given_ks is None:
+            step = max(1, min(DEFAULT_KS[-1], width) // (len(DEFAULT_KS) - 1))
+            ks = [i * step for i in range(len(DEFAULT_KS))]
+        if max(ks) > width:
+            raise ValueError(f"{net.source}: --k {max(ks)}: blob '{units}' has {width} units to switch off")
         x, y = _images(net, lp, list(images))
         m, probs = maps(net, {lp.top[0]: x, lp.top[1]: y}, units, conv, list(ks), score.scores, score.label,
                         contrastive)

@@ -103,9 +103,18 @@ def _download(url: str, out: Path, md5: str, what: str, progress: bool, elsewher
 
 def _from_pickles(pickles: dict[str, bytes], where: str) -> RawDataset:
     def batch(name):
-        d = _unpickle(pickles[name], f"{where}: member {name}")
-        data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)[:, ::-1]   # RGB rows -> BGR CHW
+        what = f"{where}: member {name}"
+        d = _unpickle(pickles[name], what)
+        if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+            raise ValueError(f"{what}: no data / labels: not a CIFAR-10 batch")
+        raw = np.asarray(d[b"data"], np.uint8)
+        if raw.ndim != 2 or raw.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{what}: data of shape {raw.shape}; a CIFAR-10 batch holds rows of 3072 bytes "
+                             "(32x32 pixels, R then G then B)")
+        data = raw.reshape(-1, 3, 32, 32)[:, ::-1]   # RGB rows -> BGR CHW
         labels = np.asarray(d[b"labels"], np.int64)
+        if labels.shape != (len(data),):
+            raise ValueError(f"{what}: {labels.size} labels for {len(data)} images")
         names = [f.decode() if isinstance(f, bytes) else str(f) for f in d.get(b"filenames", [])]
         return np.ascontiguousarray(data), labels, names
 

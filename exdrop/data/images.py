@@ -315,6 +315,8 @@ def read_image_list(list_file, root: str | None = None) -> tuple[list[str], np.n
             lab = int(parts[1])
         except ValueError:
             raise ValueError(f"{list_file}:{ln}: label {parts[1]!r} is not an integer") from None
+        if lab < 0:
+            raise ValueError(f"{list_file}:{ln}: label {lab} is negative (a class index: 0, 1, ...)")
         p = Path(parts[0])
         paths.append(str(p if p.is_absolute() else base / p))
         labels.append(lab)
@@ -325,8 +327,8 @@ def read_image_list(list_file, root: str | None = None) -> tuple[list[str], np.n
 
 def _read_list(path: Path, resize=None, gray=False) -> RawDataset:
     paths, labels = read_image_list(path)
-    uniq = sorted(set(labels.tolist()))
-    ds = RawDataset(classes=[str(u) for u in uniq], fmt="list")
+    # Caffe's list labels are class indices: a list using 0..8 and 99 has 100 classes, most of them empty
+    ds = RawDataset(classes=[str(u) for u in range(int(labels.max()) + 1)], fmt="list")
     base = str(path.parent.resolve()) + os.sep
     names = [os.path.abspath(p) for p in paths]
     names = [n[len(base):] if n.startswith(base) else n for n in names]
@@ -360,6 +362,17 @@ def _fingerprint(source: Path) -> dict:
             s = os.stat(os.path.join(dirpath, f))
             n, size, mtime = n + 1, size + s.st_size, max(mtime, s.st_mtime)
     return {"files": n, "size": size, "mtime": int(mtime)}
+
+
+def _check_labels(ds: RawDataset, source) -> None:
+    """Every label a class index of ``ds.classes``: refused at conversion, naming the record, not later
+    inside training."""
+    for split, part in ds.splits.items():
+        bad = np.flatnonzero((part.labels < 0) | (part.labels >= len(ds.classes)))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{source}: {split} record {part.names[i]!r} has label {int(part.labels[i])}, outside "
+                             f"0..{len(ds.classes) - 1} ({len(ds.classes)} classes); {len(bad)} such record(s)")
 
 
 def _pick_per_class(labels: np.ndarray, limit: int, rng) -> np.ndarray:
@@ -461,6 +474,7 @@ def _prepare(source, out_dir, reader: Callable[[Path], RawDataset], *, val_size,
     ds = reader(source)
     if check is not None:
         check(ds)
+    _check_labels(ds, source)
     rng = np.random.default_rng(seed)
     train = ds.splits["train"]
     test = ds.splits.get("test")

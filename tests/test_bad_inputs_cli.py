@@ -1,0 +1,97 @@
+"""Bad values on the command line and in converted data: refused at once, saying what was expected,
+naming the option, the file and the record (issue: nothing silent, no raw traceback)."""
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+
+from caffe_nets import write_tiny
+from exdrop.cli import main as exdrop_main
+from test_reliability import _cifar_archive
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    solver = write_tiny(tmp)
+    assert exdrop_main(["train", str(solver), "--out", str(tmp / "run"), "--max-iter", "2", "--device", "cpu",
+                        "--quiet"]) == 0
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["saliency", "RUN", "--k", "-5"], "argument --k: '-5': each value must be an integer >= 0"),
+    (["saliency", "RUN", "--images", "-1"], "argument --images: '-1': each value must be an integer >= 0"),
+    (["saliency", "RUN", "--images", "a,b"], "expected integers separated by commas"),
+    (["data", "ucf101", "V", "--splits", "S", "--every", "0"], "argument --every: 0: must be at least 1"),
+    (["plot", "--fig2", "f.png", "--n", "0"], "argument --n: 0: must be at least 1"),
+])
+def test_bad_numbers_on_the_command_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        exdrop_main(argv)
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_ucf101_resize_zero_is_refused(tmp_path, capsys):
+    assert exdrop_main(["data", "ucf101", str(tmp_path), "--splits", str(tmp_path), "--resize", "0"]) == 1
+    assert "--resize 0: for ucf101 the short side of the frames, a positive integer" in capsys.readouterr().err
+
+
+def test_saliency_images_beyond_the_data_k_beyond_the_units_and_unknown_blob(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "s.png")
+    assert exdrop_main(["saliency", str(tiny_run), "--images", "99999", "--k", "0,1", "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert "--images 99999: the test data of layer 'data' holds 6 images (indices 0 to 5)" in err
+    assert exdrop_main(["saliency", str(tiny_run), "--images", "0", "--k", "0,17", "--out", out]) == 1
+    assert "--k 17: blob 'ip1' has 16 units to switch off" in capsys.readouterr().err
+    assert exdrop_main(["saliency", str(tiny_run), "--images", "0", "--k", "0,1", "--blob", "nosuch",
+                        "--out", out]) == 1
+    assert "--blob 'nosuch': no such blob in the test net" in capsys.readouterr().err
+
+
+def _batch(labels, rows):
+    return pickle.dumps({b"labels": labels, b"data": rows}, protocol=2)
+
+
+def test_cifar_labels_outside_the_classes_are_refused_at_conversion(tmp_path, capsys):
+    rows = np.zeros((10, 3072), np.uint8)
+    archive = _cifar_archive(tmp_path / "c.tar.gz", _batch([0, 1, 2, 3, 42, 5, 6, 7, 8, 9], rows))
+    assert exdrop_main(["data", "cifar10", str(archive), "--out", str(tmp_path / "db")]) == 1
+    err = capsys.readouterr().err
+    assert "train record 'train_4' has label 42, outside 0..9 (10 classes)" in err and str(archive) in err
+    assert not (tmp_path / "db" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("labels, rows, fragment", [
+    (list(range(9)), np.zeros((10, 3072), np.uint8), "member data_batch_1: 9 labels for 10 images"),
+    (list(range(10)), np.zeros((10, 3000), np.uint8), "member data_batch_1: data of shape (10, 3000); a CIFAR-10 "
+                                                      "batch holds rows of 3072 bytes"),
+])
+def test_a_malformed_cifar_batch_is_named(tmp_path, capsys, labels, rows, fragment):
+    archive = _cifar_archive(tmp_path / "c.tar.gz", _batch(labels, rows))
+    assert exdrop_main(["data", "cifar10", str(archive), "--out", str(tmp_path / "db")]) == 1
+    assert fragment in capsys.readouterr().err
+
+
+def _list_file(tmp_path, labels):
+    lines = []
+    for i, lab in enumerate(labels):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((8, 8, 3), i * 20, np.uint8))
+        lines.append(f"{i}.png {lab}")
+    path = tmp_path / "list.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_list_file_label_outside_cifar10_is_refused_at_conversion(tmp_path, capsys):
+    listing = _list_file(tmp_path, [*range(9), 99])
+    assert exdrop_main(["data", "cifar10", str(listing), "--out", str(tmp_path / "db")]) == 1
+    assert "CIFAR-10 source has 100 classes" in capsys.readouterr().err
+
+
+def test_a_negative_list_label_names_the_line(tmp_path, capsys):
+    listing = _list_file(tmp_path, [0, 1, -3])
+    assert exdrop_main(["data", "images", str(listing), "--out", str(tmp_path / "db")]) == 1
+    assert f"{listing}:3: label -3 is negative" in capsys.readouterr().err
