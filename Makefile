@@ -86,10 +86,11 @@ help:
 	@echo "make table2                the paper's Table 2 and Fig. 3: every method, DATASETS=cifar10,cifar100,caltech256"
 	@echo "                           SEEDS=<n, default 5; 1 at BUDGET=cpu, 3 at cpu-200ep> BUDGET=paper|cpu|cpu-200ep"
 	@echo "                           RECIPE=paper|authors (default paper here; authors: CIFAR-10) WORKERS=<n> METHODS=<subset>"
+	@echo "                           MAX_ITER=<n: every run stopped at n iterations, a reduced budget>"
 	@echo "                           DATA= CIFAR100= CALTECH256= (raw sources); results/table2.md + the sweep folder"
 	@echo "                           results/table2_<datasets>_<budget>/ (runs, plan.txt, JSON, fig3_<dataset>.png);"
 	@echo "                           stopped and started again, finished runs are kept and snapshots resumed"
-	@echo "make answer                does ED beat Standard? CIFAR-10 at BUDGET=cpu-200ep, PHASE=A (the regime: none and"
+	@echo "make answer                does ED beat Standard? CIFAR-10 at the budget cpu-200ep, PHASE=A (the regime: none and"
 	@echo "                           Standard, seed 1, both recipes) or B (none/Standard/ED/Activation x 3 seeds under"
 	@echo "                           ANSWER_RECIPE=paper|authors, Standard/ED x 3 under the other) or C (ED's"
 	@echo "                           ablations x 3 seeds under ANSWER_RECIPE); DATA= WORKERS="
@@ -103,7 +104,7 @@ help:
 	@echo "                           + the sweep folder results/table3_ucf101_<budget>/ (GPU work at BUDGET=paper)"
 	@echo "make finetune-ucf101       one Table 3 run: NET=alexnet|vgg16|vgg19 VARIANT=ed|standard_fc6|standard_both|"
 	@echo "                           none|curriculum|activation WEIGHTS=<ImageNet .caffemodel> (default: the Model Zoo"
-	@echo "                           file in data/weights/) on data/ucf101; OUT= MAX_ITER= DEVICE= RESUME= KEEP= BACKEND="
+	@echo "                           file in data/weights/) on data/ucf101; OUT= MAX_ITER= DEVICE= RESUME= KEEP= BACKEND=engine|caffe"
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 	@echo "make prototxt              regenerate the train_val_/solver_ variants from each folder's base*.prototxt"
 	@echo "make mutation              mutation testing (mutmut) of exdrop/{solver,eb,functional}.py and layers/*.py;"
@@ -245,7 +246,7 @@ sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --recipe
 	--data cifar10=$(DATA) \
 	--data cifar100=$(if $(filter command line environment,$(origin CIFAR100)),$(CIFAR100),data/cifar-100-python.tar.gz) \
 	--data caltech256=$(CALTECH256) \
-	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) \
+	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
 	$(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
 
 sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET)$(given_suffix))
