@@ -34,12 +34,12 @@ DISPLAY  ?=
 ITERS    ?=
 
 _no_digits = $(subst 9,,$(subst 8,,$(subst 7,,$(subst 6,,$(subst 5,,$(subst 4,,$(subst 3,,$(subst 2,,$(subst 1,,$(subst 0,,$(1)))))))))))
-display_arg = $(if $(filter command line,$(origin DISPLAY)),--display $(DISPLAY),$(if $(strip $(DISPLAY)),$(if $(call _no_digits,$(strip $(DISPLAY))),,--display $(strip $(DISPLAY)))))
+display_arg = $(if $(filter command line,$(origin DISPLAY)),--display $(call q,$(DISPLAY)),$(if $(strip $(DISPLAY)),$(if $(call _no_digits,$(strip $(DISPLAY))),,--display $(strip $(DISPLAY)))))
 
-train_args = $(SOLVER) --out $(OUT) --device $(DEVICE) \
-	$(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
-	$(if $(NET),--net $(NET)) $(display_arg) $(if $(TEST_INTERVAL),--test-interval $(TEST_INTERVAL)) \
-	$(if $(KEEP),--keep-snapshots $(KEEP))
+train_args = $(call q,$(SOLVER)) --out $(call q,$(OUT)) --device $(call q,$(DEVICE)) \
+	$(if $(MAX_ITER),--max-iter $(call q,$(MAX_ITER))) $(if $(RESUME),--snapshot $(call q,$(RESUME))) \
+	$(if $(NET),--net $(call q,$(NET))) $(display_arg) $(if $(TEST_INTERVAL),--test-interval $(call q,$(TEST_INTERVAL))) \
+	$(if $(KEEP),--keep-snapshots $(call q,$(KEEP)))
 
 .PHONY: answer table2 table3 table4 table5 fig7 report report-screenshot finetune-ucf101
 .PHONY: help setup test caffe data-cifar10 data-cifar100 data-caltech256 data-ucf101 data-imagenet train-cifar10 train-wrn-cifar10 train-imagenet bench bench-table6 prototxt mutation
@@ -153,7 +153,7 @@ caffe:
 	PYTHON=$(PY) bash scripts/build_caffe.sh build/caffe
 
 data-cifar10:
-	$(PY) -m exdrop data cifar10 $(DATA) --out $(DATA_DIR)
+	$(PY) -m exdrop data cifar10 $(call q,$(DATA)) --out $(call q,$(DATA_DIR))
 
 # data-cifar100 / data-caltech256: the source (DATA=, as given on the command line, works for CIFAR-100
 # too), the output folders the prototxts read, the Caltech-256 split
@@ -163,10 +163,10 @@ CALTECH256     ?= data/256_ObjectCategories.tar
 CALTECH256_DIR ?= data/caltech256
 SPLIT          ?= 0
 data-cifar100:
-	$(PY) -m exdrop data --dataset cifar100 $(CIFAR100) --out $(CIFAR100_DIR)
+	$(PY) -m exdrop data --dataset cifar100 $(call q,$(CIFAR100)) --out $(call q,$(CIFAR100_DIR))
 
 data-caltech256:
-	$(PY) -m exdrop data --dataset caltech256 $(CALTECH256) --split $(SPLIT) --out $(CALTECH256_DIR)
+	$(PY) -m exdrop data --dataset caltech256 $(call q,$(CALTECH256)) --split $(call q,$(SPLIT)) --out $(call q,$(CALTECH256_DIR))
 
 # UCF101: UCF101=<UCF-101 video folder> SPLITS=<ucfTrainTestlist folder>, official split UCF_SPLIT=1..3
 UCF101 ?= data/UCF-101
@@ -174,7 +174,7 @@ SPLITS ?= data/ucfTrainTestlist
 UCF_SPLIT ?= 1
 EVERY ?= 5
 data-ucf101:
-	$(PY) -m exdrop data --dataset ucf101 $(UCF101) --splits $(SPLITS) --split $(UCF_SPLIT) --every $(EVERY) --out data/ucf101
+	$(PY) -m exdrop data --dataset ucf101 $(call q,$(UCF101)) --splits $(call q,$(SPLITS)) --split $(call q,$(UCF_SPLIT)) --every $(call q,$(EVERY)) --out data/ucf101
 
 # ILSVRC-2012 (Sec. 5): IMAGENET_TRAIN=<train folder of wnid folders> IMAGENET_VAL=<val folder, flat or sorted
 # into wnid folders> IMAGENET_LABELS=<the devkit's ground truth (meta.mat beside it) | Caffe's val.txt |
@@ -184,8 +184,8 @@ IMAGENET_VAL    ?= data/ILSVRC2012/val
 IMAGENET_LABELS ?=
 IMAGENET_LIMIT  ?=
 data-imagenet:
-	$(PY) -m exdrop data --dataset imagenet $(IMAGENET_TRAIN) --val $(IMAGENET_VAL) \
-	  $(if $(IMAGENET_LABELS),--val-labels $(IMAGENET_LABELS)) $(if $(IMAGENET_LIMIT),--limit-per-class $(IMAGENET_LIMIT)) \
+	$(PY) -m exdrop data --dataset imagenet $(call q,$(IMAGENET_TRAIN)) --val $(call q,$(IMAGENET_VAL)) \
+	  $(if $(IMAGENET_LABELS),--val-labels $(call q,$(IMAGENET_LABELS))) $(if $(IMAGENET_LIMIT),--limit-per-class $(call q,$(IMAGENET_LIMIT))) \
 	  --out data/ilsvrc12
 
 # AlexNet from scratch on ILSVRC-2012 (Sec. 5): VARIANT=activation|standard|none (default activation),
@@ -195,7 +195,7 @@ imagenet_variant = $(if $(filter command line environment,$(origin VARIANT)),$(V
 train-imagenet: SOLVER = prototxt/alexnet/imagenet/solver_$(imagenet_variant).prototxt
 train-imagenet: OUT = models/alexnet_imagenet_$(imagenet_variant)
 train-imagenet:
-	$(PY) -m exdrop train $(train_args) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(filter caffe,$(BACKEND)),--backend caffe)
+	$(PY) -m exdrop train $(train_args) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS))) $(if $(filter caffe,$(BACKEND)),--backend caffe)
 
 # WRN-28-10 (Sec. 5): VARIANT=activation|standard|none, the same data and knobs as train-cifar10
 train-wrn-cifar10:
@@ -204,32 +204,35 @@ train-wrn-cifar10:
 
 train-cifar10:
 ifeq ($(BACKEND),caffe)
-	$(PY) -m exdrop train --backend caffe $(train_args) --data $(DATA) --data-dir $(DATA_DIR)
+	$(PY) -m exdrop train --backend caffe $(train_args) --data $(call q,$(DATA)) --data-dir $(call q,$(DATA_DIR))
 else
-	$(PY) -m exdrop train $(train_args) --data $(DATA) --data-dir $(DATA_DIR)
+	$(PY) -m exdrop train $(train_args) --data $(call q,$(DATA)) --data-dir $(call q,$(DATA_DIR))
 endif
 
 bench:
-	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(DEVICE) --recipe $(given_recipe) \
+	$(PY) -m exdrop bench cnn2-cifar10 --iters $(or $(ITERS),20) --device $(call q,$(DEVICE)) --recipe $(given_recipe) \
 	  --json models/bench/cnn2_cifar10$(given_suffix).json
 
 # Table 6 runtimes; NETS=cnn2,vgg16  ITERS=<n> (default: 100 on CUDA, few on CPU; T6_ITERS is the
 # old name)  BATCH=50  DEVICE. DEVICE=auto is resolved here, so the JSON is named _cpu or _cuda.
 NETS ?= cnn2,vgg16
 comma := ,
+# a value as one shell word, whatever it holds (spaces, quotes, ;): every path and value a recipe passes
+q = '$(subst ','"'"',$(1))'
+
 t6_iters = $(or $(ITERS),$(T6_ITERS))
 # One process per net, so each JSON's peak_rss_mb (ru_maxrss) is that net's own; the variants
 # share one net's weights and Adam state (VGG16, batch 50, CPU: see README "Table 6 on CPU").
 bench-table6:
 	@echo "bench-table6: $(NETS) x (no dropout, Standard, ED batched, ED image by image), the JSON in models/bench/;"
 	@echo "  with the default iterations about 18 minutes on 2 idle CPU cores, a minute on a GPU (ITERS=<n> shortens it)"
-	@dev=$(DEVICE); \
+	@dev=$(call q,$(DEVICE)); \
 	if [ "$$dev" = auto ]; then \
 	  dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") || exit 1; \
 	fi; \
 	for net in $(subst $(comma), ,$(NETS)); do \
 	  cmd="$(PY) -m exdrop bench table6 --nets $$net --device $$dev $(if $(t6_iters),--iters $(t6_iters)) \
-	    $(if $(BATCH),--batch $(BATCH)) --json models/bench/table6_$${net}_$${dev%%:*}.json"; \
+	    $(if $(BATCH),--batch $(call q,$(BATCH))) --json models/bench/table6_$${net}_$${dev%%:*}.json"; \
 	  echo "$$cmd"; $$cmd || exit 1; \
 	done
 
@@ -242,23 +245,23 @@ BUDGET   ?= paper
 WORKERS  ?= 1
 METHODS  ?=
 SWEEP_OUT ?=
-sweep_args = --datasets $(DATASETS) --seeds $(SEEDS) --budget $(BUDGET) --recipe $(given_recipe) --workers $(WORKERS) --device $(DEVICE) \
-	--data cifar10=$(DATA) \
-	--data cifar100=$(if $(filter command line environment,$(origin CIFAR100)),$(CIFAR100),data/cifar-100-python.tar.gz) \
-	--data caltech256=$(CALTECH256) \
-	$(if $(METHODS),--methods $(METHODS)) $(if $(SWEEP_OUT),--out $(SWEEP_OUT)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
-	$(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
+sweep_args = --datasets $(call q,$(DATASETS)) --seeds $(call q,$(SEEDS)) --budget $(BUDGET) --recipe $(given_recipe) --workers $(call q,$(WORKERS)) --device $(call q,$(DEVICE)) \
+	--data cifar10=$(call q,$(DATA)) \
+	--data cifar100=$(call q,$(if $(filter command line environment,$(origin CIFAR100)),$(CIFAR100),data/cifar-100-python.tar.gz)) \
+	--data caltech256=$(call q,$(CALTECH256)) \
+	$(if $(METHODS),--methods $(call q,$(METHODS))) $(if $(SWEEP_OUT),--out $(call q,$(SWEEP_OUT))) $(if $(MAX_ITER),--max-iter $(call q,$(MAX_ITER))) \
+	$(if $(filter command line environment,$(origin AMP)),--amp $(call q,$(AMP)))
 
 sweep_out = $(or $(SWEEP_OUT),results/table$(1)_$(subst $(comma),_,$(DATASETS))_$(BUDGET)$(given_suffix))
 
 # the sweep's table, JSON and figures are copied to results/ (the latest sweep's)
 table2:
 	$(PY) -m exdrop sweep --table 2 $(sweep_args)
-	cp $(call sweep_out,2)/table2.md $(call sweep_out,2)/table2.json $(call sweep_out,2)/fig3_*.png results/
+	cp $(call q,$(call sweep_out,2))/table2.md $(call q,$(call sweep_out,2))/table2.json $(call q,$(call sweep_out,2))/fig3_*.png results/
 
 table4:
 	$(PY) -m exdrop sweep --table 4 $(sweep_args)
-	cp $(call sweep_out,4)/table4.md $(call sweep_out,4)/table4.json results/
+	cp $(call q,$(call sweep_out,4))/table4.md $(call q,$(call sweep_out,4))/table4.json results/
 
 # Does Excitation Dropout beat Standard Dropout? (README "Does it reproduce?") CIFAR-10 at the cpu-200ep
 # budget (200 epochs of 200 images per class, lr drop at 25%), in phases; runs already finished (their
@@ -273,9 +276,9 @@ PHASE ?= A
 ANSWER_RECIPE ?= authors
 ANSWER_OUT ?= results
 other_recipe = $(if $(filter paper,$(ANSWER_RECIPE)),authors,paper)
-answer_sweep = $(PY) -m exdrop sweep --budget cpu-200ep --datasets cifar10 --data cifar10=$(DATA) \
-	--workers $(or $(filter-out 1,$(WORKERS)),2) --threads 1 --device $(DEVICE) \
-	--recipe $(1) --methods $(2) --seeds $(3) --out $(ANSWER_OUT)/table2_cifar10_cpu-200ep$(if $(filter authors,$(1)),_authors)
+answer_sweep = $(PY) -m exdrop sweep --budget cpu-200ep --datasets cifar10 --data cifar10=$(call q,$(DATA)) \
+	--workers $(or $(filter-out 1,$(WORKERS)),2) --threads 1 --device $(call q,$(DEVICE)) \
+	--recipe $(1) --methods $(2) --seeds $(3) --out $(call q,$(ANSWER_OUT))/table2_cifar10_cpu-200ep$(if $(filter authors,$(1)),_authors)
 answer:
 ifeq ($(PHASE),A)
 	$(call answer_sweep,paper,none$(comma)standard_fc1,1)
@@ -299,12 +302,12 @@ VGG19_WEIGHTS   ?= data/weights/VGG_ILSVRC_19_layers.caffemodel
 table3_nets = $(if $(filter command line environment,$(origin NETS)),$(NETS),alexnet,vgg16,vgg19)
 table3_out  = $(or $(SWEEP_OUT),results/table3_ucf101_$(BUDGET)$(if $(MAX_ITER),-$(MAX_ITER)it))
 table3:
-	$(PY) -m exdrop sweep --table 3 --datasets ucf101 --nets $(table3_nets) --seeds $(SEEDS) --budget $(BUDGET) \
-	  --workers $(WORKERS) --device $(DEVICE) --data ucf101=$(UCF101_DIR) \
-	  --weights alexnet=$(ALEXNET_WEIGHTS),vgg16=$(VGG16_WEIGHTS),vgg19=$(VGG19_WEIGHTS) \
-	  $(if $(METHODS),--methods $(METHODS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) --out $(table3_out) \
-	  $(if $(filter command line environment,$(origin AMP)),--amp '$(AMP)')
-	cp $(table3_out)/table3.md $(table3_out)/table3.json results/
+	$(PY) -m exdrop sweep --table 3 --datasets ucf101 --nets $(call q,$(table3_nets)) --seeds $(call q,$(SEEDS)) --budget $(BUDGET) \
+	  --workers $(call q,$(WORKERS)) --device $(call q,$(DEVICE)) --data ucf101=$(call q,$(UCF101_DIR)) \
+	  --weights alexnet=$(call q,$(ALEXNET_WEIGHTS)),vgg16=$(call q,$(VGG16_WEIGHTS)),vgg19=$(call q,$(VGG19_WEIGHTS)) \
+	  $(if $(METHODS),--methods $(call q,$(METHODS))) $(if $(MAX_ITER),--max-iter $(call q,$(MAX_ITER))) --out $(call q,$(table3_out)) \
+	  $(if $(filter command line environment,$(origin AMP)),--amp $(call q,$(AMP)))
+	cp $(call q,$(table3_out))/table3.md $(call q,$(table3_out))/table3.json results/
 
 # One Table 3 run: NET=alexnet|vgg16|vgg19 (here the architecture, not a net prototxt), VARIANT=ed|
 # standard_fc6 (or standard_fc1)|standard_both|none|curriculum|activation, WEIGHTS=<ImageNet .caffemodel>
@@ -314,27 +317,27 @@ ucf_variant = $(patsubst standard,standard_fc6,$(patsubst standard_fc1,standard_
 ucf_weights = $(or $(WEIGHTS),$(if $(filter vgg16,$(ucf_net)),$(VGG16_WEIGHTS),$(if $(filter vgg19,$(ucf_net)),$(VGG19_WEIGHTS),$(ALEXNET_WEIGHTS))))
 finetune-ucf101: OUT = models/$(ucf_net)_ucf101_$(ucf_variant)
 finetune-ucf101:
-	$(PY) -m exdrop train prototxt/$(ucf_net)/ucf101/solver_$(ucf_variant).prototxt --weights $(ucf_weights) \
-	  --out $(OUT) --device $(DEVICE) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) $(if $(RESUME),--snapshot $(RESUME)) \
-	  $(display_arg) $(if $(KEEP),--keep-snapshots $(KEEP)) $(if $(filter caffe,$(BACKEND)),--backend caffe)
+	$(PY) -m exdrop train prototxt/$(ucf_net)/ucf101/solver_$(ucf_variant).prototxt --weights $(call q,$(ucf_weights)) \
+	  --out $(call q,$(OUT)) --device $(call q,$(DEVICE)) $(if $(MAX_ITER),--max-iter $(call q,$(MAX_ITER))) $(if $(RESUME),--snapshot $(call q,$(RESUME))) \
+	  $(display_arg) $(if $(KEEP),--keep-snapshots $(call q,$(KEEP))) $(if $(filter caffe,$(BACKEND)),--backend caffe)
 
 # the analysis of a sweep (exdrop analyze: each run's results are kept in RUN/analysis/ and reused)
 RUNS ?= results/table2_cifar10_cpu-200ep_authors
-analyze_args = $(RUNS) $(if $(METHODS),--methods $(METHODS)) --device $(DEVICE)
+analyze_args = $(call q,$(RUNS)) $(if $(METHODS),--methods $(call q,$(METHODS))) --device $(call q,$(DEVICE))
 
 table5:
 	$(PY) -m exdrop analyze $(analyze_args)
-	cp $(RUNS)/table5.md $(RUNS)/table5.json $(RUNS)/fig4_*.png results/
+	cp $(call q,$(RUNS))/table5.md $(call q,$(RUNS))/table5.json $(call q,$(RUNS))/fig4_*.png results/
 
 fig7:
 	$(PY) -m exdrop analyze $(analyze_args) --no-over-training
-	cp $(RUNS)/fig7_*.png $(RUNS)/reliability_*.png results/
+	cp $(call q,$(RUNS))/fig7_*.png $(call q,$(RUNS))/reliability_*.png results/
 
 report:
 	$(PY) -m exdrop analyze $(analyze_args)
-	$(PY) -m exdrop report $(RUNS) --out $(RUNS)
-	cp $(RUNS)/report.md $(RUNS)/fig*.png $(RUNS)/reliability_*.png results/
+	$(PY) -m exdrop report $(call q,$(RUNS)) --out $(call q,$(RUNS))
+	cp $(call q,$(RUNS))/report.md $(call q,$(RUNS))/fig*.png $(call q,$(RUNS))/reliability_*.png results/
 
 # a headless chromium screenshot of the report: it opens, every figure shows (installs chromium once)
 report-screenshot:
-	scripts/screenshot.sh $(RUNS)/report.html results/report_screenshot.png
+	scripts/screenshot.sh $(call q,$(RUNS))/report.html results/report_screenshot.png

@@ -24,6 +24,7 @@ from exdrop.engine.pylayer import TEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import write_tiny  # noqa: E402
+from make_dry import unquoted  # noqa: E402
 
 
 # ---------------------------------------------------------------------- metrics on hand-made values
@@ -310,6 +311,7 @@ def test_make_targets_name_the_analysis(tmp_path):
                          ("report", "exdrop report results/x")):
         out = subprocess.run(["make", "-n", "-C", str(root), target, "RUNS=results/x"], capture_output=True,
                              text=True, check=True).stdout
+        out = unquoted(out)
         assert want in out, (target, out)
 
 

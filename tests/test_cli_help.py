@@ -16,6 +16,7 @@ import exdrop.data
 import exdrop.run.train
 from exdrop.cli import build_parser, main
 from exdrop.data.cifar import CIFAR10_MD5, CIFAR10_URL, download_cifar10
+from make_dry import unquoted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVER = str(ROOT / "prototxt/cnn2/cifar10/solver_ed.prototxt")
@@ -191,8 +192,8 @@ make = shutil.which("make")
 
 
 def _make_n(*args, env=None):
-    return subprocess.run([make, "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=True, env=env).stdout
+    return unquoted(subprocess.run([make, "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True,
+                                   text=True, check=True, env=env).stdout)
 
 
 @pytest.mark.skipif(make is None, reason="no make")

@@ -24,6 +24,7 @@ from exdrop.cli import main  # noqa: E402
 from exdrop.data import (CALTECH256_MD5, CALTECH256_URL, CIFAR100_MD5, CIFAR100_URL, DatumLMDB,  # noqa: E402
                          caltech256_split, download_cifar100, md5sum, prepare_caltech256, prepare_cifar100)
 from exdrop.data.caltech import _prepare_caltech  # noqa: E402
+from make_dry import unquoted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -399,8 +400,8 @@ make = shutil.which("make")
 @pytest.mark.skipif(make is None, reason="no make")
 def test_make_data_targets():
     def n(*args):
-        return subprocess.run([make, "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return unquoted(subprocess.run([make, "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True,
+                                       text=True, check=True).stdout).strip()
     assert n("data-cifar100").endswith("-m exdrop data --dataset cifar100 data/cifar-100-python.tar.gz "
                                        "--out data/cifar100")
     assert " cifar100 a.tgz --out" in n("data-cifar100", "DATA=a.tgz")

@@ -22,6 +22,7 @@ from exdrop.data.imagenet import IMAGENET_URL, list_train, read_val_labels
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import one_iteration  # noqa: E402
+from make_dry import unquoted  # noqa: E402
 # devkit IDs in the devkit's own order, which is not the sorted one (ID 1 is the kit fox, as in meta.mat)
 IDS = {1: "n02119789", 2: "n01443537", 3: "n01484850"}
 WNIDS = sorted(IDS.values())                       # the class order: n01443537, n01484850, n02119789
@@ -246,7 +247,7 @@ def test_cli_and_make_targets(ilsvrc, tmp_path, capsys):
     def n(*args):
         out = subprocess.run([make, "-n", "--no-print-directory", *args], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout
-        return " ".join(out.replace("\\\n", " ").split())
+        return " ".join(unquoted(out.replace("\\\n", " ")).split())
     cmd = n("data-imagenet", "IMAGENET_TRAIN=/d/train", "IMAGENET_VAL=/d/val", "IMAGENET_LABELS=/d/gt.txt")
     assert cmd.endswith("-m exdrop data --dataset imagenet /d/train --val /d/val --val-labels /d/gt.txt "
                         "--out data/ilsvrc12")

@@ -2,10 +2,13 @@
 KNOB=value` prints another command than `make -n TARGET` (a knob that changes nothing would, for
 example, let `make table2 MAX_ITER=2` launch the full budget)."""
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from make_dry import unquoted
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["PY=python", "DATA=given.tgz"]   # no venv needed: make -n only prints
@@ -60,4 +63,16 @@ def test_every_listed_knob_reaches_the_command(target, knob, values):
 
 
 def test_the_table2_budget_knob_reaches_the_sweep():
-    assert "--max-iter 2" in _dry("table2", "MAX_ITER=2")
+    assert "--max-iter 2" in unquoted(_dry("table2", "MAX_ITER=2"))
+
+
+def test_values_reach_the_command_as_one_word_and_run_nothing(tmp_path):
+    """A path with spaces and non-ASCII letters stays one argument; a value holding `;` runs nothing."""
+    odd = "/x/ü n i/it's.tgz"
+    line = next(x for x in _dry("train-cifar10", f"DATA={odd}").splitlines() if " exdrop train " in x)
+    words = shlex.split(line)
+    assert words[words.index("--data") + 1] == odd
+    marker = tmp_path / "ran"
+    subprocess.run(["make", "table2", "PY=true", f"METHODS=a;touch {marker}", f"SWEEP_OUT={tmp_path}/s"],
+                   capture_output=True, text=True, cwd=ROOT)
+    assert not marker.exists(), "a make knob's value ran as a shell command"

@@ -6,13 +6,14 @@ import subprocess
 from pathlib import Path
 
 from exdrop.cli import main as exdrop_main
+from make_dry import unquoted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _default_sweep() -> str:
     make = subprocess.run(["make", "-n", "report", "PY=python"], capture_output=True, text=True, cwd=ROOT, check=True)
-    return re.search(r"-m exdrop report (\S+)", make.stdout).group(1)
+    return re.search(r"-m exdrop report (\S+)", unquoted(make.stdout)).group(1)
 
 
 def _clone_of(sweep: str, tmp_path: Path) -> Path:

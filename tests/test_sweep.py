@@ -18,6 +18,7 @@ import pytest
 
 from exdrop.proto import io as cio
 from exdrop.experiments import sweep as S
+from make_dry import unquoted  # noqa: E402
 
 TINY = S.Budget("tiny", "test budget: 10 images per class, 4 iterations", train_per_class=10, val_per_class=10,
                 max_iter=4, stepvalue=2, test_interval=2, snapshot=2, display=1)
@@ -191,7 +192,7 @@ def test_make_targets_call_the_sweep():
     assert args["--datasets"] == "cifar10,cifar100" and args["--budget"] == "cpu" and args["--seeds"] == "1"
     assert args["--workers"] == "2" and "cifar100=y.tar.gz" in cmd and "cifar10=x.tgz" in cmd
     assert ("cp results/table2_cifar10_cifar100_cpu/table2.md results/table2_cifar10_cifar100_cpu/table2.json "
-            "results/table2_cifar10_cifar100_cpu/fig3_*.png results/") in out.stdout
+            "results/table2_cifar10_cifar100_cpu/fig3_*.png results/") in unquoted(out.stdout)
     out = subprocess.run(["make", "--no-print-directory", "-n", "table4"], cwd=root, capture_output=True, text=True,
                          check=True)
     cmd = sweep_line(out.stdout)

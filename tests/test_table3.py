@@ -26,6 +26,7 @@ from exdrop.proto import caffe_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ucf101_videos import ucf  # noqa: E402,F401  (the fixture)
+from make_dry import unquoted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = S.Budget("tiny-ucf", "test budget: 2 iterations at batch 2, tests of 3 frames", max_iter=2, test_interval=0,
@@ -232,8 +233,8 @@ make = __import__("shutil").which("make")
 @pytest.mark.skipif(make is None, reason="no make")
 def test_make_table3_and_finetune_ucf101():
     def run(*args):
-        return subprocess.run([make, "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.replace("\\\n", " ")   # the recipes' continued lines
+        return unquoted(subprocess.run([make, "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True,
+                                       text=True, check=True).stdout.replace("\\\n", " "))   # continued lines
     out = run("table3", "SEEDS=5")
     cmd = shlex.split(next(line for line in out.splitlines() if " exdrop sweep " in line))
     assert cmd[1:6] == ["-m", "exdrop", "sweep", "--table", "3"]

@@ -15,6 +15,7 @@ from exdrop.engine.net import Net
 from exdrop.engine.pylayer import TEST, TRAIN
 from exdrop.engine.solver import make_solver
 from exdrop.experiments.wrn import OUT, solver, wrn_net, write_all
+from make_dry import unquoted  # noqa: E402
 
 
 def test_committed_prototxts_are_the_generated_ones(tmp_path):
@@ -65,6 +66,7 @@ def test_make_target_trains_the_generated_solver():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(["make", "-n", "-C", str(root), "train-wrn-cifar10", "VARIANT=standard", "MAX_ITER=5"],
                          capture_output=True, text=True, check=True).stdout
+    out = unquoted(out.replace("\\\n", " "))
     assert "exdrop train prototxt/wrn/cifar10/solver_standard.prototxt --out models/wrn_cifar10_standard" in out
     assert "--max-iter 5" in out
 
