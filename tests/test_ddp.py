@@ -218,8 +218,9 @@ def test_slurm_array_runs_one_plan_line_unchanged(tmp_path):
         assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
 
 
-def test_ctrl_c_stops_every_process_at_one_iteration(fixture, tmp_path):
-    """SIGINT to torchrun (which passes it to its processes): both agree on one iteration (a
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_every_process_at_one_iteration(fixture, tmp_path, signame):
+    """SIGINT or SIGTERM to torchrun (which passes it to its processes): both agree on one iteration (a
     multiple of STOP_CHECK_EVERY), rank 0 writes one snapshot there and says how to resume."""
     import json
     import signal
@@ -235,7 +236,7 @@ def test_ctrl_c_stops_every_process_at_one_iteration(fixture, tmp_path):
         if (out / "log.csv").is_file() and len((out / "log.csv").read_text().splitlines()) > 30:
             break
         time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     text = proc.communicate(timeout=120)[0]
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "interrupted" and res["processes"] == 2, text[-2000:]

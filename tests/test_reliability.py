@@ -99,13 +99,15 @@ def _latest_state(run) -> Path:
     return states[-1]
 
 
-def test_the_printed_resume_line_run_verbatim_gives_the_uninterrupted_run(tiny, tmp_path):
-    """Ctrl-C at iteration 5 of a run with its own display, test interval and snapshot period: the
-    printed line, run as printed, keeps them all (log.csv and weights equal the uninterrupted run's)."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_the_printed_resume_line_run_verbatim_gives_the_uninterrupted_run(tiny, tmp_path, signame):
+    """Ctrl-C (or SIGTERM, a scheduler's stop) at iteration 5 of a run with its own display, test
+    interval and snapshot period: a snapshot, the resume line, and that line, run as printed, keeps
+    them all (log.csv and weights equal the uninterrupted run's)."""
     solver, full = tiny
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", KILLER, "train", str(solver), "--out", str(run), *RUN],
-                          env={**os.environ, "EXDROP_TEST_KILL": "iter:5", "EXDROP_TEST_SIGNAL": "SIGINT"},
+                          env={**os.environ, "EXDROP_TEST_KILL": "iter:5", "EXDROP_TEST_SIGNAL": signame},
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert json.loads((run / "results.json").read_text())["status"] == "interrupted", proc.stderr
     line = next(x for x in proc.stderr.splitlines() if "resume with:" in x).split("resume with:", 1)[1]

@@ -173,7 +173,10 @@ class Trainer:
         status, error = "finished", None
         bar = self.bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
         stop = {"flag": False}
-        old = signal.signal(signal.SIGINT, lambda *a: stop.__setitem__("flag", True)) if _main_thread() else None
+        # Ctrl-C, and SIGTERM (a scheduler's stop; torchrun's to the survivors of a failed process): stop at
+        # the next iteration, snapshot, say how to resume
+        old = {sig: signal.signal(sig, lambda *a: stop.__setitem__("flag", True))
+               for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
         t0 = time.perf_counter() - self.elapsed
         start_iter = backend.iter
         if start_iter == 0 and self.main:
@@ -213,8 +216,8 @@ class Trainer:
         except KeyboardInterrupt:
             status = "interrupted"
         finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
             self.bar = None
