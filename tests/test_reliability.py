@@ -487,3 +487,25 @@ def test_caffe_backend_before_make_caffe_says_so(tiny, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "exdrop: error: pycaffe is not built" in proc.stderr and "run `make caffe`" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_non_finite_value_inside_excitation_backprop_is_a_divergence(tmp_path, capsys, monkeypatch):
+    """EB meets inf activations (base_lr 1e8 on CNN-2) while the clamped loss still looks finite: exit 2,
+    "status": "diverged", the iteration and the last good snapshot named, nothing non-finite written."""
+    from exdrop.engine.eb import NonFiniteError
+    solver = write_tiny(tmp_path)
+    step = train_module.EngineBackend.step
+
+    def overflowing_step(self):
+        if self.solver.iter == 5:
+            raise NonFiniteError("layer 'drop': blob 'ip1' is not finite (0 NaN, 3 inf of 64 values)")
+        return step(self)
+    monkeypatch.setattr(train_module.EngineBackend, "step", overflowing_step)
+    run = tmp_path / "run"
+    assert exdrop_main(["train", str(solver), "--out", str(run), "--max-iter", "20", "--snapshot-every", "2",
+                        "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "diverged" and res["error"] in err
+    assert "non-finite at iteration 5" in err and "blob 'ip1' is not finite" in err
+    assert f"last good snapshot: {(run / 'snapshots' / 'tiny_ed_iter_4.caffemodel').resolve()}" in err

@@ -36,6 +36,7 @@ from exdrop.engine import distributed as dist
 # the backend interface and the run configuration; re-exported: exdrop.run.train is where users find them
 from exdrop.engine.backend import (BACKENDS, INIT_WEIGHTS, Backend, TrainConfig, net_params,  # noqa: F401
                                    pick_device, prepare_solver)
+from exdrop.engine.eb import NonFiniteError
 from exdrop.engine.snapshot import (normal_file_mode, prune_snapshots, remove_unfinished_snapshots,
                                     snapshot_state_path)
 from exdrop.proto import io as cio
@@ -188,7 +189,11 @@ class Trainer:
                     self.check_finite()
                     self.test(bar, time.perf_counter() - t0)
                 rate = self._last_rate = backend.learning_rate()
-                loss, outputs = backend.step()
+                try:
+                    loss, outputs = backend.step()
+                except NonFiniteError as exc:   # EB met inf/NaN activations before the loss showed it
+                    raise TrainingDiverged(self._diverged(f"a value became non-finite at iteration {it} ({exc})")) \
+                        from None
                 self.watch.add(it, loss)
                 self.recent = (self.recent + [loss])[-max(1, sp.average_loss):]   # Caffe's smoothed loss
                 for name, v in outputs.items():
