@@ -260,6 +260,8 @@ def _auto_resume(args) -> str | None:
     out = Path(args.out)
     if status(out) == "finished":
         done = json.loads((out / "results.json").read_text()).get("iterations") or 0
+        if not isinstance(done, int):
+            raise ValueError(f"{out / 'results.json'}: 'iterations' is {done!r}, not a number of iterations")
         want = args.max_iter or read_solver_prototxt(args.solver).max_iter
         if done >= want:
             print(f"{out}: finished already (results.json); nothing to do")

@@ -1,5 +1,6 @@
 """Bad values on the command line and in converted data: refused at once, saying what was expected,
 naming the option, the file and the record (issue: nothing silent, no raw traceback)."""
+import json
 import pickle
 
 import cv2
@@ -95,3 +96,90 @@ def test_a_negative_list_label_names_the_line(tmp_path, capsys):
     listing = _list_file(tmp_path, [0, 1, -3])
     assert exdrop_main(["data", "images", str(listing), "--out", str(tmp_path / "db")]) == 1
     assert f"{listing}:3: label -3 is negative" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- images OpenCV refuses
+def _huge_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
+def _tree(tmp_path, bad_name, bad_bytes):
+    import tarfile
+    root = tmp_path / "tree" / "train"
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(root / c / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    (root / "a" / bad_name).write_bytes(bad_bytes)
+    archive = tmp_path / "tree.tgz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="train")
+    return root, archive
+
+
+@pytest.mark.parametrize("bad_name, bad_bytes, fragment", [
+    ("empty.jpg", b"", "an empty file (0 bytes)"),
+    ("huge.png", _huge_png(), "its header claims more pixels than OpenCV decodes"),
+])
+def test_images_opencv_refuses_are_named_on_every_path(tmp_path, capsys, bad_name, bad_bytes, fragment):
+    from exdrop.data.sources import load_image_list_data
+    root, archive = _tree(tmp_path, bad_name, bad_bytes)
+    assert exdrop_main(["data", "images", str(archive), "--out", str(tmp_path / "db1")]) == 1
+    assert f"cannot decode image train/a/{bad_name} in {archive}: {fragment}" in capsys.readouterr().err
+    if bad_bytes:   # a plain folder: an empty file is already named by cv2.imread's None
+        assert exdrop_main(["data", "images", str(root), "--out", str(tmp_path / "db2")]) == 1
+        assert f"{root / 'a' / bad_name}: {fragment}" in capsys.readouterr().err
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"{root / 'a' / '0.png'} 0\n{root / 'a' / bad_name} 1\n")
+        with pytest.raises(ValueError, match=rf"layer 'data', listed in {listing}.*{fragment}"):
+            load_image_list_data(listing, "", 0, 0, True, "data")
+
+
+# ---------------------------------------------------------------------- run records that are not what they say
+def test_snapshot_auto_with_a_mistyped_results_json(tiny_run, tmp_path, capsys):
+    """results.json that is not a finished run's dict (a list; iterations as text) does not say
+    "finished": --snapshot auto resumes from the newest snapshot instead of failing on it."""
+    import shutil
+    solver = str(tiny_run.parent / "solver.prototxt")
+    for damage in ("[1, 2]", "iterations"):
+        run = tmp_path / damage.strip("[], ")
+        shutil.copytree(tiny_run, run)
+        res = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(damage if damage.startswith("[") else json.dumps({**res, "iterations": "two"}))
+        assert exdrop_main(["train", solver, "--out", str(run), "--snapshot", "auto", "--max-iter", "3",
+                            "--device", "cpu", "--quiet"]) == 0
+        out = capsys.readouterr()
+        assert "resuming from tiny_ed_iter_2.solverstate" in out.out and "Traceback" not in out.err
+        assert json.loads((run / "results.json").read_text())["iterations"] == 3
+
+
+def test_an_engine_state_with_a_wrong_rng_is_named(tiny_run, tmp_path, capsys):
+    import shutil
+    import torch
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    extra = run / "snapshots" / "tiny_ed_iter_2.engine.pt"
+    state = torch.load(extra, weights_only=True)
+    state["torch_rng"] = torch.zeros(7, dtype=torch.uint8)
+    torch.save(state, extra)
+    solver = str(tiny_run.parent / "solver.prototxt")
+    assert exdrop_main(["train", solver, "--out", str(run), "--snapshot", str(extra.with_suffix("").with_suffix(
+        ".solverstate")), "--max-iter", "4", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{extra} holds an unusable RNG or data state" in err and "--inexact-resume" in err
+
+
+def test_a_non_dict_analysis_json_is_recomputed(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "analysis").mkdir(exist_ok=True)
+    (run / "analysis" / "analysis.json").write_text("[1, 2, 3]")
+    assert exdrop_main(["analyze", str(run), "--training-images", "3", "--quiet", "--no-over-training"]) == 0
+    assert isinstance(json.loads((run / "analysis" / "analysis.json").read_text()), dict)

@@ -415,6 +415,7 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
             old = json.loads(out_path.read_text())
         except ValueError:
             old = {}
+        old = old if isinstance(old, dict) else {}   # a damaged cache is recomputed
     final_done = old.get("key_final") == key_final
     over_done = old.get("key_over") == key_over
     if final_done and (over_done or not over_training):

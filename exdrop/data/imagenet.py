@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from exdrop.data.images import RawDataset, RawSplit, _finish, _imread, _is_image, _pick_per_class, _prepare, resize_short_side
+from exdrop.data.lmdb_datum import read_image
 
 __all__ = ["prepare_imagenet", "list_train", "read_val_labels", "list_val", "IMAGENET_URL"]
 
@@ -252,7 +253,7 @@ def _subset(items: list[tuple[str, int]], limit: int | None, rng) -> list[tuple[
 
 def _load_centre(path: str, side: int) -> np.ndarray:
     import cv2
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    img = read_image(path, cv2.IMREAD_COLOR, path)
     if img is None:
         raise ValueError(f"cannot read image {path}")
     img = resize_short_side(img, side)

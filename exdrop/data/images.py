@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from exdrop.data.lmdb_datum import write_datum_lmdb
+from exdrop.data.lmdb_datum import read_image, write_datum_lmdb
 
 __all__ = ["prepare_image_dataset", "open_image_source", "read_image_list", "RawDataset", "RawSplit",
            "IMAGE_EXTS", "resize_short_side"]
@@ -60,7 +60,7 @@ class RawDataset:
 # ----------------------------------------------------------------------------------------------
 def _decode(buf: bytes, what: str, resize=None, gray=False) -> np.ndarray:
     import cv2
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    img = read_image(buf, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR, what)
     if img is None:
         raise ValueError(f"cannot decode image {what}")
     return _finish(img, resize)
@@ -68,7 +68,7 @@ def _decode(buf: bytes, what: str, resize=None, gray=False) -> np.ndarray:
 
 def _imread(path: str, resize=None, gray=False) -> np.ndarray:
     import cv2
-    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    img = read_image(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR, path)
     if img is None:
         raise ValueError(f"cannot read image {path}")
     return _finish(img, resize)

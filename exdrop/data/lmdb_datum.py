@@ -27,6 +27,23 @@ class CorruptRecordError(ValueError):
     """A record of a Datum LMDB could not be decoded."""
 
 
+
+def read_image(source, flag: int, what: str):
+    """``cv2.imread`` (``source`` a path) or ``cv2.imdecode`` (bytes): the image, or None where OpenCV
+    cannot decode it. What OpenCV raises instead (an empty buffer; a header claiming more pixels than
+    its limit, CV_IO_MAX_IMAGE_PIXELS) becomes a ValueError naming ``what``."""
+    import cv2
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if not len(source):
+                raise ValueError(f"cannot decode image {what}: an empty file (0 bytes)")
+            return cv2.imdecode(np.frombuffer(source, np.uint8), flag)
+        return cv2.imread(str(source), flag)
+    except cv2.error as exc:
+        reason = ("its header claims more pixels than OpenCV decodes (CV_IO_MAX_IMAGE_PIXELS)"
+                  if "MAX_IMAGE_PIXELS" in str(exc) else f"OpenCV refused it ({str(exc).strip().splitlines()[-1]})")
+        raise ValueError(f"cannot decode image {what}: {reason}") from None
+
 def _lmdb():
     try:
         import lmdb
@@ -83,7 +100,7 @@ def datum_to_array(d, force_color: bool = False, force_gray: bool = False) -> np
         import cv2
         flag = (cv2.IMREAD_COLOR if force_color else cv2.IMREAD_GRAYSCALE if force_gray
                 else cv2.IMREAD_ANYCOLOR)
-        img = cv2.imdecode(np.frombuffer(d.data, np.uint8), flag)
+        img = read_image(d.data, flag, "of an encoded Datum")
         if img is None:
             raise ValueError("cv2.imdecode could not decode the encoded image")
         return img[None] if img.ndim == 2 else img.transpose(2, 0, 1)

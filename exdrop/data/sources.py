@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exdrop.data.lmdb_datum import close_shared, open_shared
+from exdrop.data.lmdb_datum import close_shared, open_shared, read_image
 from exdrop.proto.io import read_binaryproto_mean
 
 __all__ = ["BatchSource", "DataTransformer", "resolve_source", "load_image_list_data", "read_list_entries"]
@@ -317,7 +317,7 @@ def load_image_list_data(list_path, root_folder: str = "", new_height: int = 0, 
     flag = cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE
 
     def load(e):
-        img = cv2.imread(e[0], flag)
+        img = read_image(e[0], flag, f"{e[0]} (layer '{layer_name}', listed in {list_path})")
         if img is None:
             raise FileNotFoundError(f"layer '{layer_name}': could not load image {e[0]} (listed in {list_path})")
         if new_height > 0:

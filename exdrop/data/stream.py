@@ -24,7 +24,7 @@ import torch
 
 from exdrop.proto import caffe_pb2
 
-from exdrop.data.lmdb_datum import CorruptRecordError, close_shared, open_shared
+from exdrop.data.lmdb_datum import CorruptRecordError, close_shared, open_shared, read_image
 from exdrop.data.sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
                                  read_list_entries, resolve_source)
 
@@ -87,7 +87,7 @@ class ListRecords:
 
     def read(self, i: int) -> tuple[np.ndarray, int]:
         import cv2
-        img = cv2.imread(self.entries[i][0], cv2.IMREAD_COLOR if self.color else cv2.IMREAD_GRAYSCALE)
+        img = read_image(self.entries[i][0], cv2.IMREAD_COLOR if self.color else cv2.IMREAD_GRAYSCALE, self.name(i))
         if img is None:
             raise FileNotFoundError(f"could not load {self.name(i)}")
         if self.size[0] > 0:

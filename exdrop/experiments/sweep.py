@@ -526,7 +526,7 @@ def status(run_folder: Path) -> str:
     if res.is_file():
         try:
             r = json.loads(res.read_text())
-            if r.get("status") == "finished" and r.get("iterations") == r.get("max_iter"):
+            if isinstance(r, dict) and r.get("status") == "finished" and r.get("iterations") == r.get("max_iter"):
                 return "finished"
         except (OSError, ValueError):
             pass

@@ -204,14 +204,24 @@ class EngineBackend(Backend):
                 rng = {"torch_rng": torch.get_rng_state()}
             else:
                 rng = st["ranks"][self.world.rank]
-        torch.set_rng_state(rng["torch_rng"])
-        if rng.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda_rng"])
-        self.train_net.load_data_state(st["data"]["train"])
-        for tn, ds in zip(self.test_nets, st["data"]["test"]):
-            tn.load_data_state(ds)
-        self.elapsed = float(st.get("elapsed", 0.0))
-        self.loop_state = {k: plain_to(v, self.device) for k, v in st.get("loop", {}).items()}
+        try:
+            torch.set_rng_state(rng["torch_rng"])
+            if rng.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda_rng"])
+            self.train_net.load_data_state(st["data"]["train"])
+            for tn, ds in zip(self.test_nets, st["data"]["test"]):
+                tn.load_data_state(ds)
+            self.elapsed = float(st.get("elapsed", 0.0))
+            self.loop_state = {k: plain_to(v, self.device) for k, v in st.get("loop", {}).items()}
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            if self.cfg.inexact_resume:
+                print(f"exdrop: warning: inexact resume from {state_path}: {extra} holds an unusable RNG or data "
+                      f"state ({type(exc).__name__}: {exc}); the data order and random draws differ from the "
+                      "uninterrupted run", file=sys.stderr)
+                return
+            raise SnapshotError(f"cannot resume {state_path} exactly: {extra} holds an unusable RNG or data state "
+                                f"({type(exc).__name__}: {exc}). Resume from an earlier snapshot, or pass "
+                                "--inexact-resume to continue without it") from None
 
     def results_extra(self) -> dict:
         dev = self.device
