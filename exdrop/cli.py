@@ -330,7 +330,7 @@ def _cmd_sweep(args) -> int:
     for m in methods:
         if m not in S.METHODS:
             raise ValueError(f"--methods: unknown method {m!r} (known: {', '.join(S.METHODS)})")
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else list(S.TABLE_RATES[args.table])
+    rates = args.rates or list(S.TABLE_RATES[args.table])
     seeds = _seed_list(args.seeds)
     sources = {}
     for item in args.data or []:
@@ -464,6 +464,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
     return value
+
+
+def _rate_list(text: str) -> list[float]:
+    """``--rates 0.25,0.5``: dropout rates (the probability of dropping), each strictly between 0 and 1."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 0.25,0.5") from None
+    bad = [v for v in values if not 0.0 < v < 1.0]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: a dropout rate is strictly between 0 and 1 (No Dropout is the "
+                                         "method none)")
+    return values
 
 
 def _index_list(text: str) -> list[int]:
@@ -618,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", default="5",
                     help="N: seeds 1..N per cell (init and data order; default 5); or a list 2,3 or a range 2-5")
     sw.add_argument("--methods", help="comma-separated subset of the table's methods (default: all of them)")
-    sw.add_argument("--rates", help="comma-separated dropout rates (default: the table's)")
+    sw.add_argument("--rates", type=_rate_list, help="comma-separated dropout rates, each in (0, 1) (default: the table's)")
     sw.add_argument("--data", action="append", metavar="DATASET=PATH",
                     help="raw source of a dataset (repeatable), e.g. cifar10=../shared/data/cifar10-jpg/train.tgz "
                          "(default: data/cifar-10-python.tar.gz, data/cifar-100-python.tar.gz, "

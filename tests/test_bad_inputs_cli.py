@@ -183,3 +183,46 @@ def test_a_non_dict_analysis_json_is_recomputed(tiny_run, tmp_path):
     (run / "analysis" / "analysis.json").write_text("[1, 2, 3]")
     assert exdrop_main(["analyze", str(run), "--training-images", "3", "--quiet", "--no-over-training"]) == 0
     assert isinstance(json.loads((run / "analysis" / "analysis.json").read_text()), dict)
+
+
+# ---------------------------------------------------------------------- unlocated errors, located
+@pytest.mark.parametrize("edit, fragment", [
+    (("base_lr: 0.01", 'base_lr: 0.01\nlr_policy: "stepp"'), "lr_policy 'stepp' is not one of Caffe's"),
+    (('lr_policy: "fixed"', 'lr_policy: "step"'), "lr_policy 'step' needs stepsize > 0 (it is 0)"),
+])
+def test_a_bad_lr_policy_names_the_solver(tmp_path, capsys, edit, fragment):
+    solver = write_tiny(tmp_path)
+    text = solver.read_text().replace('lr_policy: "fixed"\n', "") if "stepp" in edit[1] else solver.read_text()
+    solver.write_text(text.replace(*edit))
+    assert exdrop_main(["train", str(solver), "--out", str(tmp_path / "r"), "--max-iter", "1", "--device", "cpu",
+                        "--quiet"]) == 1
+    assert f"{solver}: {fragment}" in capsys.readouterr().err
+
+
+def test_binary_records_are_named(tiny_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "log.csv").write_bytes(b"\xff\xfe\x00binary")
+    assert exdrop_main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 1
+    assert f"{run / 'log.csv'}: not a text log.csv" in capsys.readouterr().err
+    solver = str(tiny_run.parent / "solver.prototxt")
+    assert exdrop_main(["train", solver, "--out", str(run), "--snapshot", str(run / "snapshots" /
+                        "tiny_ed_iter_2.solverstate"), "--max-iter", "3", "--device", "cpu", "--quiet"]) == 1
+    assert f"{run / 'log.csv'}: the run's log cannot be read to resume it" in capsys.readouterr().err
+
+
+def test_a_one_column_class_index_is_located(tmp_path, capsys):
+    from exdrop.data.ucf101 import read_split_lists
+    (tmp_path / "classInd.txt").write_text("1 ApplyEyeMakeup\nApplyLipstick\n")
+    for name in ("trainlist01.txt", "testlist01.txt"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(ValueError, match=r"classInd\.txt:2: expected 'index name'"):
+        read_split_lists(tmp_path, 1)
+
+
+@pytest.mark.parametrize("rates", ["1.5", "0", "-0.5", "half"])
+def test_sweep_rates_are_checked_at_plan_time(rates, capsys):
+    with pytest.raises(SystemExit) as exc:
+        exdrop_main(["sweep", "--rates", rates])
+    assert exc.value.code == 2 and "argument --rates" in capsys.readouterr().err

@@ -51,8 +51,11 @@ def analyze_sweep(sweep, methods=TABLE5_METHODS, data=None, blob=None, over_trai
     plan = sweep / "plan.json"
     if not plan.is_file():
         raise FileNotFoundError(f"{sweep}: not a sweep folder (no plan.json; `exdrop sweep` writes one)")
-    doc = json.loads(plan.read_text())
-    runs = [r for r in doc["runs"] if r["method"] in methods]
+    try:
+        doc = json.loads(plan.read_text())
+        runs = [r for r in doc["runs"] if r["method"] in methods]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{plan}: not a sweep plan ({type(exc).__name__}: {exc}); `exdrop sweep` writes it") from None
     if not runs:
         raise ValueError(f"{sweep}: no run of the methods {', '.join(methods)} in plan.json")
     cells: dict = {}
@@ -454,7 +457,12 @@ def write_report(sweep, out=None, saliency: Path | None = None, saliency_images=
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path}: run the analysis first (make table5 RUNS={sweep}, or "
                                 f"exdrop analyze {sweep})")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text())
+    except ValueError as exc:   # UnicodeDecodeError included
+        raise ValueError(f"{summary_path}: not JSON ({exc}); run `exdrop analyze {sweep}` again") from None
+    if not isinstance(summary, dict) or "cells" not in summary:
+        raise ValueError(f"{summary_path}: not a sweep's analysis (no 'cells'); run `exdrop analyze {sweep}` again")
     figures = write_analysis_outputs(summary, out)
     table2 = collect(sweep)
     fig3 = [plot_fig3(table2, d, out / f"fig3_{d}.png") for d in sorted({c["dataset"] for c in table2["cells"]})]

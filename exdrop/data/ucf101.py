@@ -48,7 +48,10 @@ def read_split_lists(splits, split: int = 1) -> tuple[list[str], list[tuple[str,
     classes = []
     for n, line in enumerate(files["classes"].read_text().splitlines(), 1):
         if line.strip():
-            idx, name = line.split()
+            parts = line.split()
+            if len(parts) != 2 or not parts[0].isdigit():
+                raise ValueError(f"{files['classes']}:{n}: expected 'index name' (e.g. '1 ApplyEyeMakeup'), got {line!r}")
+            idx, name = parts
             if int(idx) != len(classes) + 1:
                 raise ValueError(f"{files['classes']}:{n}: class {idx} out of order (expected {len(classes) + 1})")
             classes.append(name)
@@ -64,6 +67,8 @@ def read_split_lists(splits, split: int = 1) -> tuple[list[str], list[tuple[str,
             cls = video.split("/")[0]
             if cls not in index:
                 raise ValueError(f"{path}:{n}: class folder '{cls}' is not in {files['classes'].name}")
+            if with_label and len(parts) > 1 and not parts[1].isdigit():
+                raise ValueError(f"{path}:{n}: label {parts[1]!r} is not a class number")
             if with_label and len(parts) > 1 and int(parts[1]) - 1 != index[cls]:
                 raise ValueError(f"{path}:{n}: label {parts[1]} does not match the folder '{cls}'")
             out.append((video, index[cls]))

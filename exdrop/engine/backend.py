@@ -130,6 +130,11 @@ def check_solver(sp, source: str) -> None:
     problems += [f"{key} is {getattr(sp, key)}, it must be 0 (off) or positive"
                  for key in ("test_interval", "display", "snapshot") if getattr(sp, key) < 0]
     problems += [f"test_iter is {n}, it must be 0 or positive" for n in sp.test_iter if n < 0]
+    policies = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+    if sp.lr_policy not in policies:
+        problems.append(f"lr_policy {sp.lr_policy!r} is not one of Caffe's: {', '.join(policies)}")
+    elif sp.lr_policy == "step" and sp.stepsize <= 0:
+        problems.append(f"lr_policy 'step' needs stepsize > 0 (it is {sp.stepsize})")
     problems += [f"{key} is {getattr(sp, key)}, it must be at least 1"
                  for key in ("average_loss", "iter_size") if getattr(sp, key) < 1]
     if problems:

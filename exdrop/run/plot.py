@@ -29,6 +29,13 @@ def read_log(folder) -> dict:
         raise FileNotFoundError(f"{path}: no log.csv in run folder {folder} (a run writes it at its first "
                                 "display or test point)")
     out: dict[str, list] = {"train": [], "test": []}
+    try:
+        return _read_log_rows(path, out)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text log.csv ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_log_rows(path: Path, out: dict) -> dict:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "iter" not in reader.fieldnames or "phase" not in reader.fieldnames:

@@ -34,9 +34,13 @@ class RunLog:
         path = self.out / "log.csv"
         kept = []
         if resume_iter is not None and path.exists():
-            with open(path, newline="") as f:  # keep what happened before the snapshot
-                kept = [r for r in csv.DictReader(f) if int(r["iter"]) < resume_iter or (
-                    int(r["iter"]) == resume_iter and r["phase"].startswith("test") and not retest_at_resume)]
+            try:
+                with open(path, newline="") as f:  # keep what happened before the snapshot
+                    kept = [r for r in csv.DictReader(f) if int(r["iter"]) < resume_iter or (
+                        int(r["iter"]) == resume_iter and r["phase"].startswith("test") and not retest_at_resume)]
+            except (UnicodeDecodeError, KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"{path}: the run's log cannot be read to resume it ({type(exc).__name__}: {exc}); "
+                                 "move it aside to start the log afresh") from None
             if display is not None:
                 kept = [r for r in kept if r["phase"] != "train" or (display and int(r["iter"]) % display == 0)]
         self.file = open(path, "w", newline="")
