@@ -509,3 +509,25 @@ def test_a_non_finite_value_inside_excitation_backprop_is_a_divergence(tmp_path,
     assert res["status"] == "diverged" and res["error"] in err
     assert "non-finite at iteration 5" in err and "blob 'ip1' is not finite" in err
     assert f"last good snapshot: {(run / 'snapshots' / 'tiny_ed_iter_4.caffemodel').resolve()}" in err
+
+
+def test_a_full_disk_during_a_snapshot_names_the_file_and_the_last_complete_one(tmp_path, capsys, monkeypatch):
+    import errno
+    solver = write_tiny(tmp_path)
+    snapshot = train_module.EngineBackend.snapshot
+
+    def full_disk(self, elapsed):
+        if self.solver.iter == 4:
+            path = Path(self.sp.snapshot_prefix + "_iter_4.solverstate.tmp")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return snapshot(self, elapsed)
+    monkeypatch.setattr(train_module.EngineBackend, "snapshot", full_disk)
+    run = tmp_path / "run"
+    assert exdrop_main(["train", str(solver), "--out", str(run), "--max-iter", "8", "--snapshot-every", "2",
+                        "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    snaps = (run / "snapshots").resolve()
+    assert f"{snaps / 'tiny_ed_iter_4.solverstate.tmp'}: No space left on device while writing the snapshot of " \
+           f"iteration 4; last complete snapshot: {snaps / 'tiny_ed_iter_2.caffemodel'}" in err
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "failed" and "No space left on device" in res["error"] and res["iterations"] == 4

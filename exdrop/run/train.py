@@ -56,6 +56,11 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite, or the loss sat at Caffe's clamp."""
 
 
+class SnapshotWriteError(OSError):
+    """A snapshot could not be written (a full disk, a lost mount): the file, the iteration and the last
+    complete snapshot named."""
+
+
 # ---------------------------------------------------------------------- the loop
 class DivergenceWatch:
     """Every iteration's loss, watched on its own device: :meth:`add` never syncs with the host;
@@ -171,7 +176,7 @@ class Trainer:
 
     def _run(self) -> dict:
         sp, backend = self.sp, self.backend
-        status, error = "finished", None
+        status, error, failure = "finished", None, None
         bar = self.bar = _progress(self.cfg.progress, backend.iter, sp.max_iter)
         stop = {"flag": False}
         # Ctrl-C, and SIGTERM (a scheduler's stop; torchrun's to the survivors of a failed process): stop at
@@ -218,6 +223,8 @@ class Trainer:
             self._final_train_row(start_iter, time.perf_counter() - t0, bar)
         except TrainingDiverged as exc:
             status, error = "diverged", str(exc)
+        except SnapshotWriteError as exc:
+            status, error, failure = "failed", str(exc), exc
         except KeyboardInterrupt:
             status = "interrupted"
         finally:
@@ -241,9 +248,19 @@ class Trainer:
                     self._say_how_to_resume()
         except TrainingDiverged as exc:
             status, error = "diverged", str(exc)
-        results = self._results(status, error)
+        except SnapshotWriteError as exc:
+            status, error, failure = "failed", str(exc), exc
+        try:
+            results = self._results(status, error)
+        except OSError as exc:
+            if failure is None:
+                raise
+            print(f"exdrop: warning: results.json could not be written either ({exc})", file=sys.stderr)
+            results = {"status": status, "error": error}
         if self.main:
             self._plot()
+        if failure is not None:
+            raise failure
         if error:
             raise TrainingDiverged(error)
         return results
@@ -400,7 +417,14 @@ class Trainer:
                 f"the weights of layer '{bad_layer}' are not finite (NaN or inf) at iteration {self.backend.iter}"))
         self.backend.loop_state = {"recent_losses": self.recent, "outputs_sum": self.outputs_sum,
                                    "outputs_n": self.outputs_n}
-        self.last_snapshot = self.last_good = self.backend.snapshot(elapsed)
+        try:
+            snap = self.backend.snapshot(elapsed)
+        except OSError as exc:
+            where = exc.filename or f"{self.sp.snapshot_prefix}_iter_{self.backend.iter}.*"
+            last = f"last complete snapshot: {self.last_good}" if self.last_good else "no complete snapshot before it"
+            raise SnapshotWriteError(exc.errno, f"{where}: {exc.strerror or exc} while writing the snapshot of "
+                                                f"iteration {self.backend.iter}; {last}") from exc
+        self.last_snapshot = self.last_good = snap
         if self.cfg.keep_snapshots > 0 and self.main:   # the new set is complete: the older ones may go
             prune_snapshots(self.sp.snapshot_prefix, self.backend.iter, self.cfg.keep_snapshots)
         return self.last_snapshot
