@@ -107,7 +107,8 @@ help:
 	@echo "                           file in data/weights/) on data/ucf101; OUT= MAX_ITER= DEVICE= RESUME= KEEP= BACKEND=engine|caffe"
 	@echo "make caffe                 build real pycaffe (CPU) into build/caffe"
 	@echo "make prototxt              regenerate the train_val_/solver_ variants from each folder's base*.prototxt"
-	@echo "make mutation              mutation testing (mutmut) of exdrop/{solver,eb,functional}.py and layers/*.py;"
+	@echo "make mutation              mutation testing (mutmut) of the core, layers/*.py and the modules behind the reported"
+	@echo "                           numbers ([tool.mutmut] in pyproject.toml; hours on 2 cores);"
 	@echo "                           score and survivors printed, work folder mutants/; MUTANTS='<glob>' for a subset"
 
 $(PY):
