@@ -133,3 +133,8 @@ def test_short_real_run_and_resume(solver_copy):
     said = int(re.search(r"A CNN-2 run folder under the paper's solver \(Adam\) is (\d+) MB", doc).group(1))
     measured = sum(files.values()) / 1e6
     assert abs(measured - said) <= 0.02 * said, f"docs/training.md says {said} MB, the run folder is {measured:.0f} MB"
+    # its parts, as the doc gives them: the net (init and snapshot) once each, Adam's m and v twice
+    net_mb = int(re.search(r"\(the net is (\d+) MB", doc).group(1))
+    model = files[f"snapshots/cnn2_ed_iter_{MAX_ITER}.caffemodel"] / 1e6
+    assert abs(model - net_mb) <= 0.02 * net_mb and abs(files["init.caffemodel"] / 1e6 - model) < 0.01 * model
+    assert abs(files[f"snapshots/cnn2_ed_iter_{MAX_ITER}.solverstate"] / 1e6 - 2 * model) < 0.02 * model
