@@ -26,7 +26,7 @@ BACKEND  ?= engine
 RESUME   ?=
 NET      ?=
 KEEP     ?=
-# test every N iterations (default: the solver's; a run shortened by MAX_ITER tests at least 4 times)
+# test every N iterations (default: the solver's; a run too short for it tests 4 times)
 TEST_INTERVAL ?=
 # DISPLAY: also X11's variable (e.g. ":0"); taken from the environment only when it is a number
 DISPLAY  ?=
@@ -54,7 +54,7 @@ help:
 	@echo "     RECIPE=authors|paper (default authors: their script, SGD, gaussian 0.01, raw pixels; paper: Adam, msra)"
 	@echo "     DEVICE=auto|cpu|cuda  RESUME=<.solverstate>"
 	@echo "     NET=<net prototxt replacing the solver's net>  DISPLAY=<n: log every n iterations>"
-	@echo "     TEST_INTERVAL=<n: test every n iterations> (MAX_ITER alone: at least 20 log rows and 4 tests)"
+	@echo "     TEST_INTERVAL=<n: test every n iterations> (a MAX_ITER too short for the solver's: 20 rows, 4 tests)"
 	@echo "     KEEP=<k most recent snapshots kept>  BACKEND=engine|caffe  DATA_DIR=<LMDB folder, default $(DATA_DIR)>"
 	@echo "     (without DATA: the LMDBs already converted in DATA_DIR, else the official archive is downloaded)"
 	@echo "make train-wrn-cifar10     WRN-28-10 (Sec. 5), VARIANT=activation|standard|none, the knobs of train-cifar10"

@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,10 @@ def summarize_cell(dataset, method, rate, runs) -> dict:
         for key in (*METRICS, "accuracy", "conservative"):
             ys = np.array([[next(r[key] for r in c["rows"] if r["iter"] == it) if key in c["rows"][0] else np.nan
                             for it in iters] for c in curves], dtype=float)
-            entry[key] = np.nanmean(ys, 0).tolist() if ys.size else []
-            entry[key + "_std"] = np.nanstd(ys, 0, ddof=1).tolist() if len(curves) > 1 else None
+            with warnings.catch_warnings():   # a metric the runs did not measure (no Delta): NaN, said once
+                warnings.simplefilter("ignore", RuntimeWarning)
+                entry[key] = np.nanmean(ys, 0).tolist() if ys.size else []
+                entry[key + "_std"] = np.nanstd(ys, 0, ddof=1).tolist() if len(curves) > 1 else None
         cell["over_training"] = entry
     return cell
 

@@ -109,18 +109,21 @@ def load_solver(cfg: TrainConfig):
     return sp
 
 
-# A run whose length is given on the command line (TrainConfig.dense_short_runs) gets at least this many display and test points
-# (the solver's display 100 and test_interval 1000 would leave a 60-iteration run a line and a dot).
+# A run whose length, given on the command line (TrainConfig.dense_short_runs), is too short for the solver's
+# display or test_interval gets this many display and test points (the solver's display 100 and test_interval
+# 1000 would leave a 60-iteration run a line and a dot).
 SHORT_RUN_DISPLAYS, SHORT_RUN_TESTS = 20, 4
 
 
 def _log_densely(sp, display: bool, test: bool) -> None:
-    """``--max-iter N`` without ``--display`` / ``--test-interval``: log and test often enough to draw a
-    curve (what is logged changes, not what is trained: test passes use no training randomness)."""
+    """``--max-iter N`` without ``--display`` / ``--test-interval``, too short for the solver's schedule
+    (fewer than 2 display rows, or no test point before the end): log and test often enough to draw a
+    curve. What is logged changes, not what is trained (test passes use no training randomness); a
+    schedule that already gives a curve is left as the solver says."""
     n = sp.max_iter
-    if display and sp.display and n // sp.display < SHORT_RUN_DISPLAYS:
+    if display and sp.display and n // sp.display < 2:
         sp.display = max(1, n // SHORT_RUN_DISPLAYS)
-    if test and sp.test_interval and len(sp.test_iter) and n // sp.test_interval < SHORT_RUN_TESTS:
+    if test and sp.test_interval and len(sp.test_iter) and n // sp.test_interval < 1:
         sp.test_interval = max(1, n // SHORT_RUN_TESTS)
 
 
