@@ -355,3 +355,19 @@ def test_recipe_picks_the_authors_variants(image_tree, tmp_path):
     assert "'grad_rescale': False" in drop.python_param.param_str
     assert "solver_standard_authors.prototxt" in by["standard_fc1"].solver.read_text()
     assert json.loads((tmp_path / "plan.json").read_text())["recipe"] == "authors"
+
+
+def test_a_run_stopped_by_its_own_signal_is_not_reported_done(tmp_path):
+    """A run that a scheduler's SIGTERM (or a Ctrl-C to it alone) stops exits 0 after its snapshot:
+    the sweep says it stopped and counts it as not finished, instead of "done"."""
+    import sys
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stop = ("import json, sys; open(sys.argv[1], 'w').write(json.dumps("
+            "{'status': 'interrupted', 'iterations': 3, 'max_iter': 8}))")
+    run = S.Run("cifar10", "ed", 0.5, 1, folder, command=[sys.executable, "-c", stop, str(folder / "results.json")])
+    said = []
+    out = S.execute([run], workers=1, threads=1, gpus=0, echo=said.append)
+    assert out["failed"] == [run.key]
+    assert any(line.startswith(f"sweep: stopped {run.key} before max_iter") for line in said), said
+    assert not any(line.startswith("sweep: done") for line in said)

@@ -589,13 +589,16 @@ def execute(runs: list[Run], workers: int = 1, threads: int | None = None, gpus:
                 running.remove(item)
                 log.close()
                 took = time.perf_counter() - t0
-                if proc.returncode == 0:
+                if proc.returncode == 0 and status(run.folder) != "finished":
+                    # a run stopped by a signal of its own (SIGTERM from a scheduler, Ctrl-C to it alone) exits 0
+                    # after its snapshot: not done, and not tested
+                    failed.append(run.key)
+                    echo(f"sweep: stopped {run.key} before max_iter after {took:.0f} s (interrupted; its snapshot is "
+                         "kept: the same sweep again resumes it)")
+                elif proc.returncode == 0:
                     echo(f"sweep: done  {run.key} in {took:.0f} s")
-                    if rest and status(run.folder) == "finished":
+                    if rest:
                         queue.insert(0, (run, rest))
-                    elif rest:
-                        failed.append(run.key)
-                        echo(f"sweep: {run.key} stopped before max_iter; not tested (run the sweep again)")
                 else:
                     failed.append(run.key)
                     echo(f"sweep: FAILED {run.key} (exit {proc.returncode}; see {run.folder / 'stdout.log'})")
