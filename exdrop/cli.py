@@ -466,28 +466,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number_list(text: str, kind, example: str, ok, rule: str) -> list:
+    """A comma-separated list of ``kind`` values, each passing ``ok``, else an argparse error saying ``rule``."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {noun} separated by commas, e.g. {example}") from None
+    if not values or not all(ok(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
+    return values
+
+
 def _rate_list(text: str) -> list[float]:
     """``--rates 0.25,0.5``: dropout rates (the probability of dropping), each strictly between 0 and 1."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 0.25,0.5") from None
-    bad = [v for v in values if not 0.0 < v < 1.0]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"{text!r}: a dropout rate is strictly between 0 and 1 (No Dropout is the "
-                                         "method none)")
-    return values
+    return _number_list(text, float, "0.25,0.5", lambda v: 0.0 < v < 1.0,
+                        "a dropout rate is strictly between 0 and 1 (No Dropout is the method none)")
 
 
 def _index_list(text: str) -> list[int]:
     """``0,7,100``: indices or counts, each an integer >= 0."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 0,7") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: each value must be an integer >= 0")
-    return values
+    return _number_list(text, int, "0,7", lambda v: v >= 0, "each value must be an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -230,3 +230,13 @@ def one_iteration(folder: Path, variant: str, data_prefix: str, data_dir: Path, 
 __all__ = ["ROOT", "require_pycaffe", "CNN2", "CNN2_SOLVER", "TRAIN", "TEST", "cnn2_param", "write_param", "write_cnn2",
            "write_misc", "MISC_SHAPES", "write_tiny", "fixed_input", "rel_err",
            "one_iteration"]
+
+
+def train_tiny(folder, max_iter: int) -> Path:
+    """The tiny solver in ``folder`` trained ``max_iter`` iterations on CPU; returns its run folder."""
+    from exdrop.cli import main
+    folder = Path(folder)
+    solver = write_tiny(folder)
+    assert main(["train", str(solver), "--out", str(folder / "run"), "--max-iter", str(max_iter), "--device", "cpu",
+                 "--quiet"]) == 0
+    return folder / "run"

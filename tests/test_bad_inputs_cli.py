@@ -7,18 +7,14 @@ import cv2
 import numpy as np
 import pytest
 
-from caffe_nets import write_tiny
+from caffe_nets import train_tiny, write_tiny
 from exdrop.cli import main as exdrop_main
 from test_reliability import _cifar_archive
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
-    solver = write_tiny(tmp)
-    assert exdrop_main(["train", str(solver), "--out", str(tmp / "run"), "--max-iter", "2", "--device", "cpu",
-                        "--quiet"]) == 0
-    return tmp / "run"
+    return train_tiny(tmp_path_factory.mktemp("cli"), 2)
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_nets import write_tiny
+from caffe_nets import train_tiny
 from exdrop.cli import main as exdrop_main
 from exdrop.proto import io as cio
 
@@ -12,11 +12,8 @@ from exdrop.proto import io as cio
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny solver and the weights of a 1-iteration run (every learnable layer, V2)."""
-    tmp = tmp_path_factory.mktemp("weights")
-    solver = write_tiny(tmp)
-    assert exdrop_main(["train", str(solver), "--out", str(tmp / "run"), "--max-iter", "1", "--device", "cpu",
-                        "--quiet"]) == 0
-    return solver, tmp / "run" / "snapshots" / "tiny_ed_iter_1.caffemodel"
+    run = train_tiny(tmp_path_factory.mktemp("weights"), 1)
+    return run.parent / "solver.prototxt", run / "snapshots" / "tiny_ed_iter_1.caffemodel"
 
 
 def _train(solver, weights, out, *extra):
