@@ -187,7 +187,7 @@ def _cmd_train(args) -> int:
                       test_iter=args.test_iter, display=args.display, snapshot=args.snapshot_every,
                       seed=args.seed, progress=not args.quiet, amp=args.amp, channels_last=args.channels_last,
                       inexact_resume=args.inexact_resume, net=args.net, command=_train_arguments(args),
-                      dense_short_runs=True, **extra)
+                      dense_short_runs=True, keep_init=args.keep_init, **extra)
     if fresh and world.main:
         _fresh_run_folder(cfg, args.overwrite)
     trainer = Trainer(cfg)
@@ -224,7 +224,7 @@ def _train_arguments(args) -> tuple[str, ...]:
     return tuple(out)
 
 
-RUN_RECORDS = ("log.csv", "results.json", "curves.png", "init.caffemodel", "snapshots")
+RUN_RECORDS = ("log.csv", "results.json", "curves.png", "init.json", "init.caffemodel", "snapshots")
 
 
 def _fresh_run_folder(cfg, overwrite: bool) -> None:
@@ -572,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images the utilization is measured on at each test point (default 1000)")
     t.add_argument("--keep-snapshots", type=int, metavar="K",
                    help="snapshot sets kept in the run folder: the newest K (0: all; default: the trainer's, 1)")
+    t.add_argument("--keep-init", action="store_true",
+                   help="keep the iteration-0 weights as RUN/init.caffemodel (a full copy of the net); by default "
+                        "RUN/init.json records them and the run's seed draws them again when needed")
     t.add_argument("--seed", type=int, help="random seed (default: the solver's random_seed)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed-precision training forward (EB and the test passes stay float32)")

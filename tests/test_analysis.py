@@ -161,12 +161,19 @@ def test_run_analysis_matches_sums_by_hand(tiny_run):
     want = _softmax((a * keep) @ w2.T + b2)[np.arange(6), y]
     assert comp["most"]["gt_prob"][i] == pytest.approx(want.mean(), rel=1e-4)
     assert comp["most"]["gt_prob_std_images"][i] == pytest.approx(want.std(), rel=1e-3, abs=1e-6)
-    # conservative filters: ip1's rows against init.caffemodel
+    # conservative filters: ip1's rows against the iteration-0 weights, drawn here by hand from the run's
+    # seed (3) as the trainer drew them; the run folder holds only their record (init.json)
     def ip1(path):
         layer = next(l for l in cio.read_caffemodel(path).layer if l.name == "ip1")
         return np.asarray(layer.blobs[0].data, np.float64).reshape(16, -1)
-    moved = np.linalg.norm(ip1(tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel") - ip1(tiny_run / "init.caffemodel"),
-                           axis=1)
+    from exdrop.engine.pylayer import TRAIN
+    from exdrop.run.train import net_params
+    assert not (tiny_run / "init.caffemodel").exists() and (tiny_run / "init.json").is_file()
+    torch.manual_seed(3)
+    (train_param, src), _ = net_params(cio.read_solver_prototxt(tiny_run / "solver.prototxt"), str(tiny_run / "solver.prototxt"))
+    w0 = Net(train_param, TRAIN, torch.device("cpu"), src).layer("ip1").blobs[0].detach().double().numpy()
+    moved = np.linalg.norm(ip1(tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel") - w0, axis=1)
+    assert f["init_weights"].startswith(f"drawn again from {tiny_run / 'init.json'}")
     assert f["conservative"] == int((moved < 0.05).sum()) and f["delta"] == 0.05
     assert f["moved_median"] == pytest.approx(np.median(moved), rel=1e-4)
     # over training: init (0) and both snapshots, on the first 3 images; nothing moved at iteration 0
@@ -228,7 +235,7 @@ def test_analysis_errors_name_the_problem(tiny_run, tmp_path):
         A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", blob="label")
     with pytest.raises(ValueError, match="not written by an InnerProduct or Convolution"):
         A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", blob="data",
-                  init_weights=tiny_run / "init.caffemodel", compression=False)
+                  init_weights=tiny_run / "snapshots" / "tiny_ed_iter_2.caffemodel", compression=False)
 
 
 # ---------------------------------------------------------------------- a sweep: Table 5, figures, report

@@ -74,8 +74,10 @@ def test_engine_run_folder(tmp_path):
     (train_param, src), _ = net_params(sp, str(solver))
     fresh = {l.name: [b.detach().numpy() for b in l.blobs] for l in Net(train_param, TRAIN, torch.device("cpu"), src).layer_list
              if len(l.blobs)}
-    init = {l.name: [np.array(b.data).reshape(b.shape.dim) for b in l.blobs] for l in cio.read_caffemodel(out / "init.caffemodel").layer
-            if len(l.blobs)}
+    from exdrop.run.init_weights import iteration0_weights
+    with iteration0_weights(out) as path:   # drawn again from init.json, checked against its SHA-256
+        init = {l.name: [np.array(b.data).reshape(b.shape.dim) for b in l.blobs] for l in cio.read_caffemodel(path).layer
+                if len(l.blobs)}
     assert set(init) == set(fresh) == {"conv1", "ip1", "ip2"}
     for name in fresh:
         for a, b in zip(init[name], fresh[name]):
@@ -157,7 +159,7 @@ def test_loop_schedule_over_a_stub_backend(tmp_path):
     snaps = [it for kind, it in backend.events if kind == "snapshot"]
     assert tests == [0, 5, 10]       # test_initialization, every test_interval, and the final test
     assert snaps == [8, 10]          # every `snapshot`, and snapshot_after_train
-    assert backend.events[0] == ("init weights", 0) and (tmp_path / "run" / "init.caffemodel").is_file()
+    assert backend.events[0] == ("init weights", 0) and (tmp_path / "run" / "init.json").is_file()
     rows = _rows(tmp_path / "run" / "log.csv")
     train = [r for r in rows if r["phase"] == "train"]
     assert [int(r["iter"]) for r in train] == [0, 4, 8, 9]   # 9: the last iteration, off the display schedule

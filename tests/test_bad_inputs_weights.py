@@ -92,6 +92,8 @@ def test_legacy_4d_blobs_are_checked_as_caffe_does(tiny, tmp_path, capsys):
     cio.write_caffemodel(param, right)
     assert _train(solver, right, tmp_path / "r2") == 0
     capsys.readouterr()
-    init = cio.read_caffemodel(tmp_path / "r2" / "init.caffemodel")
+    from exdrop.run.init_weights import iteration0_weights
+    with iteration0_weights(tmp_path / "r2") as path:   # drawn again: fillers, then the --weights file
+        init = cio.read_caffemodel(path)
     loaded = next(lp for lp in init.layer if lp.name == "ip2").blobs[0]
     np.testing.assert_array_equal(np.asarray(loaded.data, np.float32), values)

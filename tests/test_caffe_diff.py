@@ -727,16 +727,23 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
         print(f"[caffe-diff] tiny run, {backend}: losses {[r['loss'] for r in rows[backend]]}")
     for it in (2, 4, 6):
         assert (runs["caffe"] / "snapshots" / f"tiny_ed_iter_{it}.solverstate").is_file()
-    # both keep the iteration-0 weights: every learnable layer, the shapes of the last snapshot, other values
+    # both record the iteration-0 weights (init.json, no second copy of the net) and draw them again, each
+    # through its own backend, byte for byte: every learnable layer, the shapes of the last snapshot, other values
+    from exdrop.run.init_weights import iteration0_weights
     for backend, out in runs.items():
-        init, last = (cio.read_caffemodel(p) for p in (out / "init.caffemodel", out / "snapshots" / "tiny_ed_iter_6.caffemodel"))
+        record = json.loads((out / "init.json").read_text())
+        assert record["backend"] == backend and record["random_seed"] == 5 and not record["kept"], record
+        assert not (out / "init.caffemodel").exists(), backend
+        with iteration0_weights(out) as path:
+            init = cio.read_caffemodel(path)
+        last = cio.read_caffemodel(out / "snapshots" / "tiny_ed_iter_6.caffemodel")
         blobs = {b: {l.name: [np.array(x.data) for x in l.blobs] for l in m.layer if len(l.blobs)} for b, m in
                  (("init", init), ("last", last))}
         assert set(blobs["init"]) == set(blobs["last"]) == {"conv1", "ip1", "ip2"}, backend
         for name, arrays in blobs["init"].items():
             assert [a.shape for a in arrays] == [a.shape for a in blobs["last"][name]]
             assert not np.allclose(arrays[0], blobs["last"][name][0]), (backend, name)
-    init_written = (runs["caffe"] / "init.caffemodel").stat().st_mtime_ns
+    init_written = (runs["caffe"] / "init.json").stat().st_mtime_ns
 
     # Caffe's own resume (solver.restore): on to max_iter, the rows before the snapshot kept
     state = runs["caffe"] / "snapshots" / "tiny_ed_iter_4.solverstate"
@@ -745,15 +752,16 @@ def test_both_backends_write_the_same_run_folder(caffe, tmp_path):
     assert [(r["iter"], r["phase"]) for r in resumed] == steps["caffe"]
     assert resumed[:3] == rows["caffe"][:3]
     assert json.loads((runs["caffe"] / "results.json").read_text())["iterations"] == 6
-    assert (runs["caffe"] / "init.caffemodel").stat().st_mtime_ns == init_written   # a resume keeps it
+    assert (runs["caffe"] / "init.json").stat().st_mtime_ns == init_written   # a resume keeps it
 
-    # the analysis reads a Caffe run as an engine run: its snapshots and init.caffemodel are pycaffe's
+    # the analysis reads a Caffe run as an engine run: its snapshots and iteration-0 weights are pycaffe's
     from exdrop.analysis.analyze import analyze_run
     res = analyze_run(runs["caffe"], delta=0.05, training_images=3, echo=lambda *a: None)
     f = res["final"]
     assert res["iteration"] == 6 and f["images"] == 6 and 0 < f["peb_mass"] <= 1 + 1e-5   # lost where Z = 0
     rows = res["over_training"]["rows"]
     assert 0 <= f["conservative"] <= 16 and rows[0]["iter"] == 0 and rows[-1]["iter"] == 6
+    assert f["init_weights"].startswith(f"drawn again from {runs['caffe'] / 'init.json'}"), f["init_weights"]
 
 
 def test_caffe_backend_net_without_loss_names_the_layer(caffe, tmp_path):

@@ -119,8 +119,11 @@ def test_two_processes_follow_one_process_without_dropout(fixture, tmp_path):
                                    err_msg=f"{phase} {key}")
     assert len(_series(one, "train", "loss")) == 12
     # the training moved the weights, identically
-    w0, w1, w2 = (_weights(p) for p in (tmp_path / "one/init.caffemodel", tmp_path / "one/snapshots/tiny_iter_12.caffemodel",
-                                         tmp_path / "two/snapshots/tiny_iter_12.caffemodel"))
+    from exdrop.run.init_weights import iteration0_weights
+    with iteration0_weights(tmp_path / "one") as init:   # the many-process run's, drawn again in this process
+        w0 = _weights(init)
+    w1, w2 = (_weights(p) for p in (tmp_path / "one/snapshots/tiny_iter_12.caffemodel",
+                                    tmp_path / "two/snapshots/tiny_iter_12.caffemodel"))
     assert np.abs(w1["ip1"][0] - w0["ip1"][0]).max() > 1e-3
     for name in w1:
         for a, b in zip(w2[name], w1[name]):

@@ -157,7 +157,9 @@ def test_one_run_end_to_end_into_table3(converted, weights, tmp_path):
     res = json.loads((run.folder / "results.json").read_text())
     assert res["status"] == "finished" and res["iterations"] == 2, log
     # the ImageNet weights were loaded: conv1 at iteration 0 is the file's
-    init = {lp.name: lp for lp in cio.read_caffemodel(run.folder / "init.caffemodel").layer}
+    from exdrop.run.init_weights import iteration0_weights
+    with iteration0_weights(run.folder) as path:
+        init = {lp.name: lp for lp in cio.read_caffemodel(path).layer}
     tiny = cio.read_caffemodel(weights["alexnet"]).layer[0]
     assert np.array_equal(cio.blob_to_array(init["conv1"].blobs[0]), cio.blob_to_array(tiny.blobs[0]))
     test = S.final_test(run.folder)

@@ -126,15 +126,20 @@ def test_short_real_run_and_resume(solver_copy):
     files = {p.relative_to(run).as_posix(): p.stat().st_size for p in run.rglob("*") if p.is_file()}
     doc = (ROOT / "docs/training.md").read_text()
     listed = re.search(r"A run folder holds (.*?)for an exact resume", doc, re.S).group(1)
-    for name in ("solver.prototxt", "log.csv", "results.json", "curves.png", "init.caffemodel", "snapshots/"):
+    for name in ("solver.prototxt", "log.csv", "results.json", "curves.png", "init.json", "snapshots/"):
         assert f"`{name}`" in listed, f"docs/training.md does not list {name} in a run folder"
     assert {f.split("/")[0] for f in files} <= {"solver.prototxt", "log.csv", "results.json", "curves.png",
-                                                "init.caffemodel", "snapshots"}, sorted(files)
+                                                "init.json", "snapshots"}, sorted(files)
     said = int(re.search(r"A CNN-2 run folder under the paper's solver \(Adam\) is (\d+) MB", doc).group(1))
     measured = sum(files.values()) / 1e6
     assert abs(measured - said) <= 0.02 * said, f"docs/training.md says {said} MB, the run folder is {measured:.0f} MB"
-    # its parts, as the doc gives them: the net (init and snapshot) once each, Adam's m and v twice
+    assert measured < 180, f"a {MAX_ITER}-iteration run folder is {measured:.0f} MB: it holds a second copy of the net"
+    # its parts, as the doc gives them: the net (the snapshot) once, Adam's m and v twice; the iteration-0
+    # weights only as their record, drawn again here from the run's seed, byte for byte as recorded
     net_mb = int(re.search(r"\(the net is (\d+) MB", doc).group(1))
     model = files[f"snapshots/cnn2_ed_iter_{MAX_ITER}.caffemodel"] / 1e6
-    assert abs(model - net_mb) <= 0.02 * net_mb and abs(files["init.caffemodel"] / 1e6 - model) < 0.01 * model
+    assert abs(model - net_mb) <= 0.02 * net_mb and files["init.json"] < 2000
+    from exdrop.run.init_weights import iteration0_weights
+    with iteration0_weights(run) as init:
+        assert abs(init.stat().st_size / 1e6 - model) < 0.01 * model
     assert abs(files[f"snapshots/cnn2_ed_iter_{MAX_ITER}.solverstate"] / 1e6 - 2 * model) < 0.02 * model

@@ -15,7 +15,7 @@ convolution blob's units are its channels, summed over space as for dropout at a
 each averaged over the images (0 ln 0 = 0; an image whose activations or p_EB are all zero
 has entropy 0). Conservative filters (Ma et al. 2017): units whose incoming weight vector
 (the producing InnerProduct / Convolution layer's row or filter, without the bias) moved less
-than ``delta`` in L2 norm from the run's iteration-0 weights (``RUN/init.caffemodel``);
+than ``delta`` in L2 norm from the run's iteration-0 weights (:mod:`exdrop.run.init_weights`);
 ``delta`` per data set as in Table 5 (:data:`DELTA`).
 
 Compression (Fig. 7): units of the blob are switched off (set to 0) at test time and the
@@ -44,6 +44,7 @@ figures of :mod:`exdrop.analysis.report`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -55,11 +56,12 @@ import numpy as np
 import torch
 
 from exdrop.analysis import evaluate as ev
-from exdrop.engine.backend import INIT_WEIGHTS
 from exdrop.engine.functional import unit_saliency
 from exdrop.engine.graph import last_writer
 from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's defaults)
 from exdrop.proto import io as cio
+from exdrop.engine.backend import INIT_WEIGHTS
+from exdrop.run.init_weights import INIT_RECORD, InitWeightsError, init_identity, iteration0_weights
 from exdrop.run.runlog import plan_run_folder
 # the per-image metrics and the meter of the training runs' test passes; re-exported here
 from exdrop.engine.utilization import (METRICS, UtilizationMeter, default_blob, entropy, neurons_on, peak,  # noqa: F401
@@ -342,13 +344,13 @@ class NoSnapshots(FileNotFoundError):
 
 def run_snapshots_trained(run) -> bool:
     """Whether ``run`` holds a trained snapshot (``snapshots/*.caffemodel``)."""
-    return any(p.parent.name == "snapshots" for _, p in run_snapshots(run))
+    return bool(run_snapshots(run))
 
 
 def run_snapshots(run) -> list[tuple[int, Path]]:
-    """(iteration, .caffemodel) of a run: ``init.caffemodel`` as 0, then every snapshot kept."""
+    """(iteration, .caffemodel) of every snapshot a run kept, by iteration."""
     run = Path(run)
-    found = [(0, run / INIT_WEIGHTS)] if (run / INIT_WEIGHTS).is_file() else []
+    found = []
     for path in (run / "snapshots").glob("*.caffemodel"):
         m = _ITER.search(path.name)
         if m:
@@ -385,8 +387,7 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
     solver = run / "solver.prototxt"
     if not solver.is_file():
         raise FileNotFoundError(f"{run}: not a run folder (no solver.prototxt; `exdrop train` writes one)")
-    snaps = run_snapshots(run)
-    trained = [(it, p) for it, p in snaps if p.parent.name == "snapshots"]
+    trained = run_snapshots(run)
     out_path = run / ANALYSIS / "analysis.json"
     if not trained and out_path.is_file() and not force:
         # a run committed without its snapshots (a sweep's small files): its analysis as it was made
@@ -402,13 +403,15 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
     info = run_info(run)
     if delta is None:
         delta = DELTA.get(info.get("dataset") or _dataset_of(run) or "")
-    init = next((p for it, p in snaps if it == 0 and p.parent == run), None)
+    try:
+        init_id, init_note = init_identity(run), None
+    except InitWeightsError as exc:
+        init_id, init_note = None, str(exc)
     common = {"format": FORMAT, "data": str(data) if data else None, "blob": blob, "delta": delta}
     last_it, last = trained[-1]
-    key_final = {**common, "weights": [str(last), last.stat().st_mtime_ns],
-                 "init": [str(init), init.stat().st_mtime_ns] if init else None}
-    key_over = {**common, "snapshots": [[it, str(p), p.stat().st_mtime_ns] for it, p in snaps],
-                "images": training_images}
+    key_final = {**common, "weights": [str(last), last.stat().st_mtime_ns], "init": init_id}
+    key_over = {**common, "snapshots": [[0, "iteration 0", init_id]] * bool(init_id)
+                + [[it, str(p), p.stat().st_mtime_ns] for it, p in trained], "images": training_images}
     old = {}
     if out_path.is_file() and not force:
         try:
@@ -421,29 +424,42 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
     if final_done and (over_done or not over_training):
         return old
     result = {"run": str(run), **info, "iteration": last_it}
-    if final_done:
-        result.update(key_final=key_final, final=old["final"])
-    else:
-        echo(f"analyze: {run}: iteration {last_it}, every test image")
-        final = analyze(solver, last, data, blob, init, delta, device=device, progress=progress)
-        if init is None:
-            final["conservative_note"] = (f"{run} has no init.caffemodel (runs from before it was kept): no "
-                                          "conservative filters")
-        elif delta is None:
-            final["conservative_note"] = ("no conservative filters: Table 5's Delta is per data set "
-                                          f"({', '.join(f'{d} {v:g}' for d, v in DELTA.items())}) and this run's "
-                                          "data set is not known: give --delta")
-        result.update(key_final=key_final, final=final)
-    if over_done:
-        result.update(key_over=key_over, over_training=old["over_training"])
-    elif over_training:
-        echo(f"analyze: {run}: {len(snaps)} snapshots over training, {training_images} images each")
-        rows = []
-        for it, path in snaps:
-            r = analyze(solver, path, data, blob, init, delta, images=training_images, compression=False,
-                        device=device)
-            rows.append({"iter": it, **{k: r.get(k) for k in (*METRICS, "accuracy", "nll", "ece", "conservative")}})
-        result.update(key_over=key_over, over_training={"images": training_images, "rows": rows})
+    with contextlib.ExitStack() as stack:
+        init = None
+        if init_id is not None:   # the kept init.caffemodel, or one drawn again from init.json
+            try:
+                init = stack.enter_context(iteration0_weights(run))
+            except InitWeightsError as exc:
+                init_note = str(exc)
+                key_final["init"] = None   # tried again next time
+        snaps = [(0, init)] * bool(init) + trained
+        if final_done:
+            result.update(key_final=key_final, final=old["final"])
+        else:
+            echo(f"analyze: {run}: iteration {last_it}, every test image")
+            final = analyze(solver, last, data, blob, init, delta, device=device, progress=progress)
+            if init is None:
+                final["conservative_note"] = (f"no conservative filters: {init_note}" if init_note else
+                                              f"{run} has neither init.json nor init.caffemodel (runs from before "
+                                              "the iteration-0 weights were recorded): no conservative filters")
+            else:
+                final["init_weights"] = str(run / INIT_WEIGHTS) if init.parent == run else \
+                    f"drawn again from {run / INIT_RECORD} (sha256 {init_id[:12]}...)"
+                if delta is None:
+                    final["conservative_note"] = ("no conservative filters: Table 5's Delta is per data set "
+                                                  f"({', '.join(f'{d} {v:g}' for d, v in DELTA.items())}) and this "
+                                                  "run's data set is not known: give --delta")
+            result.update(key_final=key_final, final=final)
+        if over_done:
+            result.update(key_over=key_over, over_training=old["over_training"])
+        elif over_training:
+            echo(f"analyze: {run}: {len(snaps)} snapshots over training, {training_images} images each")
+            rows = []
+            for it, path in snaps:
+                r = analyze(solver, path, data, blob, init, delta, images=training_images, compression=False,
+                            device=device)
+                rows.append({"iter": it, **{k: r.get(k) for k in (*METRICS, "accuracy", "nll", "ece", "conservative")}})
+            result.update(key_over=key_over, over_training={"images": training_images, "rows": rows})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))

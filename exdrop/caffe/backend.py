@@ -148,7 +148,8 @@ class CaffeBackend(Backend):
                 raise FileNotFoundError(f"{path} not found")
         if cfg.weights and str(cfg.weights).endswith((".pth", ".pt")):
             raise ValueError(f"--weights {cfg.weights}: the Caffe backend reads .caffemodel files only; train on the "
-                             "engine, or save the engine's converted weights (a run's init.caffemodel) and pass that")
+                             "engine, or pass the engine's converted weights (RUN/init.caffemodel of an engine run "
+                             "trained with --keep-init)")
         caffe = load_caffe()
         self.cfg = cfg
         sp, self.out = prepare_solver(cfg, solver_mode=CPU)

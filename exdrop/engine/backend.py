@@ -42,6 +42,7 @@ class TrainConfig:
     inexact_resume: bool = False       # resume even without the engine state (other data order and RNG)
     net: str | None = None             # a net prototxt replacing the solver's net (train and test phases)
     keep_snapshots: int = 1            # snapshot sets kept: the newest N (0: all)
+    keep_init: bool = False            # init.caffemodel too, not only init.json (the seed redraws it)
     # Table 5's metrics at a blob at each test point (log.csv columns): "auto" the first fc of a test
     # net with a SoftmaxWithLoss, a blob name, or None (off); on the first utilization_images images
     utilization: str | None = "auto"

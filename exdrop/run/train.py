@@ -37,11 +37,12 @@ from exdrop.engine import distributed as dist
 from exdrop.engine.backend import (BACKENDS, INIT_WEIGHTS, Backend, TrainConfig, net_params,  # noqa: F401
                                    pick_device, prepare_solver)
 from exdrop.engine.eb import NonFiniteError
-from exdrop.engine.snapshot import (normal_file_mode, prune_snapshots, remove_unfinished_snapshots,
+from exdrop.engine.snapshot import (prune_snapshots, remove_unfinished_snapshots,
                                     snapshot_state_path)
 from exdrop.proto import io as cio
 from exdrop.run import lock as run_lock
 from exdrop.run.backends import EngineBackend, make_backend  # noqa: F401 (EngineBackend re-exported)
+from exdrop.run.init_weights import INIT_RECORD, record_init
 from exdrop.run.plot import plot_run
 from exdrop.run.runlog import RunLog, budget, format_row
 
@@ -104,7 +105,7 @@ def discard_unstarted_run_folder(cfg: TrainConfig) -> None:
         out = prepare_solver(cfg, write=False)[1]
     except Exception:   # the solver itself did not parse: nothing was written
         return
-    if any((out / name).exists() for name in ("log.csv", "results.json", INIT_WEIGHTS)):
+    if any((out / name).exists() for name in ("log.csv", "results.json", INIT_WEIGHTS, INIT_RECORD)):
         return
     snapshots = out / "snapshots"
     if snapshots.is_dir() and not any(snapshots.iterdir()):
@@ -276,14 +277,10 @@ class Trainer:
         stop["flag"] = dist.any_over(self.world, stop["flag"])
         return stop["flag"]
 
-    def save_init_weights(self) -> Path:
-        """``RUN/init.caffemodel``: the weights at iteration 0 (written complete or not at all)."""
-        path = self.out / INIT_WEIGHTS
-        tmp = path.with_name(path.name + ".tmp")
-        self.backend.save_weights(tmp)
-        normal_file_mode(tmp)
-        os.replace(tmp, path)
-        return path
+    def save_init_weights(self) -> dict:
+        """``RUN/init.json``: the record of the weights at iteration 0 (and ``init.caffemodel`` where
+        they cannot be drawn again, or with ``--keep-init``): :mod:`exdrop.run.init_weights`."""
+        return record_init(self.backend, self.out, self.cfg, keep=self.cfg.keep_init)
 
     def _smoothed_loss(self) -> float:
         """Caffe's smoothed loss: the mean of the last ``average_loss`` losses (one host sync)."""
