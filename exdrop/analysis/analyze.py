@@ -62,7 +62,7 @@ from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's d
 from exdrop.proto import io as cio
 from exdrop.engine.backend import INIT_WEIGHTS
 from exdrop.run.init_weights import INIT_RECORD, InitWeightsError, init_identity, iteration0_weights
-from exdrop.run.runlog import plan_run_folder
+from exdrop.run.runlog import plan_run_folder, read_results
 # the per-image metrics and the meter of the training runs' test passes; re-exported here
 from exdrop.engine.utilization import (METRICS, UtilizationMeter, default_blob, entropy, neurons_on, peak,  # noqa: F401
                                        utilization)
@@ -330,11 +330,7 @@ _ITER = re.compile(r"_iter_(\d+)\.caffemodel$")
 def _dataset_of(run) -> str | None:
     """A run outside a sweep: the data set its net's path names (``prototxt/cnn2/cifar10/...``), if one
     with a Table 5 Delta."""
-    try:
-        res = json.loads((Path(run) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    parts = Path(str(res.get("net") or "")).parts if isinstance(res, dict) else ()
+    parts = Path(str(read_results(run).get("net") or "")).parts
     return next((p for p in reversed(parts) if p in DELTA), None)
 
 

@@ -32,7 +32,7 @@ from exdrop.experiments.sweep import METHOD_LABELS, METHODS, collect, table_mark
 from exdrop.experiments.sweep import plot_fig3
 from exdrop.run.plot import _pyplot
 from exdrop.run.plot import read_log
-from exdrop.run.runlog import plan_run_folder
+from exdrop.run.runlog import plan_run_folder, read_results
 
 # Table 5 and Fig. 7 compare these (the paper: Standard, Curriculum, Excitation; the issue adds none)
 TABLE5_METHODS = ("none", "standard_fc1", "curriculum", "ed")
@@ -287,11 +287,7 @@ def run_variant(run) -> str:
     method = run_info(run).get("method")
     if method:
         return method
-    try:
-        res = json.loads((Path(run) / "results.json").read_text())
-    except (OSError, ValueError):
-        res = {}
-    res = res if isinstance(res, dict) else {}
+    res = read_results(run)
     for key, prefix in (("net", "train_val_"), ("solver", "solver_")):
         stem = Path(str(res.get(key) or "")).stem
         if stem.startswith(prefix):
@@ -520,11 +516,7 @@ def write_run_report(run, out=None) -> tuple[Path, Path]:
     method = a.get("method") or run.name
     budget = a.get("budget")
     if not (isinstance(budget, dict) and "name" in budget and "description" in budget):
-        try:
-            res = json.loads((run / "results.json").read_text())
-        except (OSError, ValueError):
-            res = {}
-        told = str(res.get("budget", "")) if isinstance(res, dict) else ""
+        told = str(read_results(run).get("budget", ""))
         budget = {"name": run.name, "reduced": not told.startswith("full"),
                   "description": f"one run, iteration {a.get('iteration')}" + (f", {told}" if told else "")}
     summary = {"budget": budget, "reduced": budget.get("reduced", True), "sweep": str(run), "methods": [method],

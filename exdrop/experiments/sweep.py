@@ -68,7 +68,7 @@ from exdrop.experiments.variants import information_kl_weight
 from exdrop.paper import paper_figure
 from exdrop.paths import REPO_ROOT
 from exdrop.proto import io as cio
-from exdrop.run.runlog import plan_run_folder as run_folder
+from exdrop.run.runlog import plan_run_folder as run_folder, read_results
 
 ROOT = REPO_ROOT   # the checkout: prototxt/, layers/ (exdrop.paths)
 PROTO = ROOT / "prototxt"
@@ -522,14 +522,9 @@ def _kept_runs(out: Path, budget: dict, recipe: str, planned: set) -> list[dict]
 
 def status(run_folder: Path) -> str:
     """``finished``, ``started`` (a snapshot or a log to resume from) or ``new``."""
-    res = run_folder / "results.json"
-    if res.is_file():
-        try:
-            r = json.loads(res.read_text())
-            if isinstance(r, dict) and r.get("status") == "finished" and r.get("iterations") == r.get("max_iter"):
-                return "finished"
-        except (OSError, ValueError):
-            pass
+    r = read_results(run_folder)
+    if r.get("status") == "finished" and r.get("iterations") == r.get("max_iter"):
+        return "finished"
     return "started" if any((run_folder / "snapshots").glob("*.solverstate")) else "new"
 
 
@@ -537,10 +532,12 @@ def final_test(run_folder: Path) -> dict | None:
     """A finished run's ``final_test/test.json`` when it is of the run's last snapshot, else None."""
     try:
         test = json.loads((Path(run_folder) / FINAL_TEST / "test.json").read_text())
-        res = json.loads((Path(run_folder) / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    return test if str(test.get("weights", "")).endswith(f"_iter_{res.get('max_iter')}.caffemodel") else None
+    if not isinstance(test, dict):
+        return None
+    return test if str(test.get("weights", "")).endswith(f"_iter_{read_results(run_folder).get('max_iter')}.caffemodel") \
+        else None
 
 
 def _steps(run: Run) -> list[list]:
@@ -652,9 +649,7 @@ def collect(out: Path) -> dict:
         folder = run_folder(out, r)
         acc, loss, curve = _final_test(folder)
         st = status(folder)
-        res = {}
-        if (folder / "results.json").is_file():
-            res = json.loads((folder / "results.json").read_text())
+        res = read_results(folder)
         entry = {"seed": r["seed"], "status": st, "accuracy": acc if st == "finished" else None,
                  "last_accuracy": acc, "loss": loss, "curve": curve, "iterations": res.get("iterations"),
                  "seconds": res.get("seconds"), "folder": str(folder)}

@@ -94,3 +94,13 @@ def plan_run_folder(sweep, entry: dict) -> Path:
     sweep committed on one machine and read on another), else the absolute path the plan recorded."""
     inside = Path(sweep) / entry["in_sweep"] if entry.get("in_sweep") else None
     return inside if inside is not None and inside.is_dir() else Path(entry.get("folder", ""))
+
+
+def read_results(run_folder) -> dict:
+    """A run folder's ``results.json`` as a dict; ``{}`` where it is missing, unreadable or not an
+    object (a run that has not finished, or a damaged file: its numbers are then left out)."""
+    try:
+        res = json.loads((Path(run_folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return res if isinstance(res, dict) else {}
