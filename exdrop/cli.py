@@ -299,9 +299,11 @@ def _cmd_sweep(args) -> int:
     from exdrop.experiments import sweep as S
     budget = S.BUDGETS[args.budget]
     import dataclasses
-    if args.amp is not None:
+    if args.amp is not None and (args.amp or None) != budget.amp:
+        # another precision is another protocol: its own budget name, so its runs get their own sweep folder
+        # and are never pooled with (or taken for finished runs of) the budget's own
         bf16 = ", bf16 autocast of the training forward"
-        budget = dataclasses.replace(budget, amp=args.amp or None,
+        budget = dataclasses.replace(budget, amp=args.amp or None, name=f"{budget.name}-{args.amp or 'fp32'}",
                                      description=budget.description.replace(bf16, "")
                                      + (bf16 if args.amp else ", float32"))
     if args.max_iter is not None:
@@ -343,6 +345,11 @@ def _cmd_sweep(args) -> int:
     runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend,
                   nets=nets, weights=weights, recipe=args.recipe)
     print(f"sweep: {len(runs)} runs planned in {out} (plan.txt: one command per run)")
+    if budget.amp and args.backend == "engine" and _runs_on_cpu(args.device):
+        from exdrop.engine.step import slow_cpu_autocast_warning
+        slow = slow_cpu_autocast_warning(budget.amp)
+        if slow:
+            print(f"sweep: warning: {slow}", file=sys.stderr, flush=True)
     if not args.plan_only:
         try:
             report = S.execute(runs, workers=args.workers, threads=args.threads)
@@ -355,6 +362,12 @@ def _cmd_sweep(args) -> int:
         print(f"wrote {path}")
     print((out / f"table{args.table}.md").read_text())
     return 0 if args.plan_only or not report["failed"] else 1
+
+
+def _runs_on_cpu(device: str | None) -> bool:
+    """Whether runs given ``--device`` train on the CPU here (``auto``: where torch sees no CUDA)."""
+    import torch
+    return str(device or "auto").startswith("cpu") or (str(device or "auto") == "auto" and not torch.cuda.is_available())
 
 
 def _cmd_test(args) -> int:

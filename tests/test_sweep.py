@@ -178,6 +178,42 @@ def test_cli_sweep_plan_only(image_tree, tmp_path, monkeypatch, capsys):
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
 
 
+def test_another_precision_is_another_sweep_folder(image_tree, tmp_path, monkeypatch, capsys):
+    """``--amp ''`` on a bf16 budget (a CPU without native bf16, where bf16 autocast is many times slower)
+    is another protocol: its own budget name and folder, never the bf16 runs' folder; the budget's own
+    precision given again changes nothing."""
+    import dataclasses
+
+    from exdrop import cli
+    monkeypatch.setitem(S.BUDGETS, "cpu", dataclasses.replace(TINY, name="cpu", amp="bf16",
+                                                              description=TINY.description + ", bf16 autocast of the training forward"))
+    monkeypatch.chdir(tmp_path)
+    for amp, folder, precision in (("", "results/table2_cifar10_cpu-fp32", "float32"),
+                                   ("bf16", "results/table2_cifar10_cpu", "bf16 autocast")):
+        assert cli.main(["sweep", "--budget", "cpu", "--seeds", "1", "--methods", "none", "--amp", amp,
+                         "--data", f"cifar10={image_tree}", "--plan-only"]) == 0, capsys.readouterr().err
+        plan = json.loads((tmp_path / folder / "plan.json").read_text())
+        assert plan["budget"]["name"] == Path(folder).name.removeprefix("table2_cifar10_")
+        assert plan["budget"]["description"].endswith(precision + (" of the training forward" if amp else ""))
+        command = (tmp_path / folder / "plan.txt").read_text()
+        assert ("--amp bf16" in command) == bool(amp), command
+
+
+def test_a_bf16_sweep_on_a_slow_cpu_is_warned(image_tree, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from exdrop import cli
+    from exdrop.engine import step
+    monkeypatch.setattr(step, "cpu_autocast_slowdown", lambda dtype=None, repeats=3: 25.0)
+    monkeypatch.setitem(S.BUDGETS, "cpu", dataclasses.replace(TINY, name="cpu", amp="bf16"))
+    for amp, warned in (("bf16", True), ("", False)):
+        assert cli.main(["sweep", "--budget", "cpu", "--seeds", "1", "--methods", "none", "--amp", amp, "--device",
+                         "cpu", "--out", str(tmp_path / f"sw{amp}"), "--data", f"cifar10={image_tree}",
+                         "--plan-only"]) == 0
+        err = capsys.readouterr().err
+        assert ("sweep: warning: bf16 autocast is 25x slower than float32 on this CPU" in err) == warned, err
+
+
 def test_make_targets_call_the_sweep():
     root = Path(__file__).resolve().parents[1]
     def sweep_line(stdout):   # under `make test` make may also print "Entering directory" lines

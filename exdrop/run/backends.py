@@ -26,7 +26,7 @@ from exdrop.engine.pylayer import TEST, TRAIN
 from exdrop.engine.snapshot import (SnapshotError, engine_state_path, load_weights, plain_state, plain_to,
                                     normal_file_mode, read_engine_state, save_weights, snapshot_model_path)
 from exdrop.engine.solver import make_solver
-from exdrop.engine.step import training_step
+from exdrop.engine.step import slow_cpu_autocast_warning, training_step
 from exdrop.engine.utilization import METRICS, UtilizationMeter, utilization_target
 
 
@@ -63,6 +63,10 @@ class EngineBackend(Backend):
             raise ValueError(f"--amp must be bf16 or fp16, got {cfg.amp!r}")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)) \
             if cfg.amp else contextlib.nullcontext
+        if cfg.amp and self.device.type == "cpu" and world.main:
+            slow = slow_cpu_autocast_warning(cfg.amp)
+            if slow:   # shown under --quiet too: a sweep's stdout.log keeps it
+                print(f"exdrop: warning: {slow}", file=sys.stderr, flush=True)
         if cfg.weights:   # Caffe's --weights: by layer name; a torchvision .pth by order, conv1 converted
             torch_file = str(cfg.weights).endswith((".pth", ".pt"))
             got = load_pretrained(self.train_net, cfg.weights, input_transform(train_param) if torch_file else None)
