@@ -56,11 +56,11 @@ import numpy as np
 import torch
 
 from exdrop.analysis import evaluate as ev
+from exdrop.engine.backend import INIT_WEIGHTS
 from exdrop.engine.functional import unit_saliency
 from exdrop.engine.graph import last_writer
 from exdrop.paper import DELTA, P_C  # noqa: F401 (re-exported: the analysis's defaults)
 from exdrop.proto import io as cio
-from exdrop.engine.backend import INIT_WEIGHTS
 from exdrop.run.init_weights import INIT_RECORD, InitWeightsError, init_identity, iteration0_weights
 from exdrop.run.runlog import plan_run_folder, read_results
 # the per-image metrics and the meter of the training runs' test passes; re-exported here
@@ -428,6 +428,7 @@ def analyze_run(run, data=None, blob: str | None = None, delta: float | None = N
             except InitWeightsError as exc:
                 init_note = str(exc)
                 key_final["init"] = None   # tried again next time
+                key_over["snapshots"] = key_over["snapshots"][1:]
         snaps = [(0, init)] * bool(init) + trained
         if final_done:
             result.update(key_final=key_final, final=old["final"])
