@@ -93,7 +93,8 @@ help:
 	@echo "make answer                does ED beat Standard? CIFAR-10 at the budget cpu-200ep, PHASE=A (the regime: none and"
 	@echo "                           Standard, seed 1, both recipes) or B (none/Standard/ED/Activation x 3 seeds under"
 	@echo "                           ANSWER_RECIPE=paper|authors, Standard/ED x 3 under the other) or C (ED's"
-	@echo "                           ablations x 3 seeds under ANSWER_RECIPE); DATA= WORKERS="
+	@echo "                           ablations x 3 seeds under ANSWER_RECIPE); DATA= WORKERS= PRECISION=fp32 (float32, for"
+	@echo "                           a CPU without native bf16: another protocol, in results/..._cpu-200ep-fp32*/)"
 	@echo "make table4                the paper's Table 4: Standard first fc / both fcs and Excitation at rates"
 	@echo "                           0.25 / 0.5 / 0.75, same knobs; results/table4.md"
 	@echo "make table3                the paper's Table 3: No, Standard first fc / both fcs, Curriculum and Excitation"
@@ -273,14 +274,21 @@ table4:
 #   PHASE=C  if ED trails: its ablations under ANSWER_RECIPE x seeds 1-3 (no rescale, the other
 #            gradient, ratio 0.25, N = the alive units: exdrop.experiments.sweep.ABLATIONS)
 # Both sweeps write results/table2_cifar10_cpu-200ep[_authors]/ (ANSWER_OUT=<folder> for elsewhere).
+# PRECISION=fp32: float32 instead of the budget's bf16 autocast (a CPU without native bf16, where bf16
+# is ~29x slower): another protocol, so its own folders (..._cpu-200ep-fp32[_authors]/), never pooled.
 PHASE ?= A
 ANSWER_RECIPE ?= authors
 ANSWER_OUT ?= results
+PRECISION ?=
 other_recipe = $(if $(filter paper,$(ANSWER_RECIPE)),authors,paper)
-answer_sweep = $(PY) -m exdrop sweep --budget cpu-200ep --datasets cifar10 --data cifar10=$(call q,$(DATA)) \
+answer_sweep = $(PY) -m exdrop sweep --budget cpu-200ep$(if $(PRECISION), --amp '') --datasets cifar10 --data cifar10=$(call q,$(DATA)) \
 	--workers $(or $(filter-out 1,$(WORKERS)),2) --threads 1 --device $(call q,$(DEVICE)) \
-	--recipe $(1) --methods $(2) --seeds $(3) --out $(call q,$(ANSWER_OUT))/table2_cifar10_cpu-200ep$(if $(filter authors,$(1)),_authors)
+	--recipe $(1) --methods $(2) --seeds $(3) \
+	--out $(call q,$(ANSWER_OUT))/table2_cifar10_cpu-200ep$(if $(PRECISION),-fp32)$(if $(filter authors,$(1)),_authors)
 answer:
+ifneq ($(filter-out fp32,$(PRECISION)),)
+	$(error PRECISION=$(PRECISION): fp32, or empty for the budget's bf16 autocast)
+endif
 ifeq ($(PHASE),A)
 	$(call answer_sweep,paper,none$(comma)standard_fc1,1)
 	$(call answer_sweep,authors,none$(comma)standard_fc1,1)
