@@ -345,7 +345,8 @@ def _cmd_sweep(args) -> int:
     runs = S.plan(out, datasets, methods, rates, seeds, budget, sources, device=args.device, backend=args.backend,
                   nets=nets, weights=weights, recipe=args.recipe)
     print(f"sweep: {len(runs)} runs planned in {out} (plan.txt: one command per run)")
-    if budget.amp and args.backend == "engine" and _runs_on_cpu(args.device):
+    from exdrop.engine.backend import pick_device
+    if budget.amp and args.backend == "engine" and pick_device(args.device).type == "cpu":
         from exdrop.engine.step import slow_cpu_autocast_warning
         slow = slow_cpu_autocast_warning(budget.amp)
         if slow:
@@ -362,12 +363,6 @@ def _cmd_sweep(args) -> int:
         print(f"wrote {path}")
     print((out / f"table{args.table}.md").read_text())
     return 0 if args.plan_only or not report["failed"] else 1
-
-
-def _runs_on_cpu(device: str | None) -> bool:
-    """Whether runs given ``--device`` train on the CPU here (``auto``: where torch sees no CUDA)."""
-    import torch
-    return str(device or "auto").startswith("cpu") or (str(device or "auto") == "auto" and not torch.cuda.is_available())
 
 
 def _cmd_test(args) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from exdrop.engine.backend import INIT_WEIGHTS, TrainConfig
 from exdrop.engine.snapshot import normal_file_mode
+from exdrop.proto import io as cio
 from exdrop.run.backends import make_backend
 
 INIT_RECORD = "init.json"
@@ -62,11 +63,8 @@ def record_init(backend, out: Path, cfg: TrainConfig, keep: bool = False) -> dic
         os.replace(tmp, out / INIT_WEIGHTS)
     else:
         tmp.unlink()
-    path = out / INIT_RECORD
-    part = path.with_name(path.name + ".tmp")
-    part.write_text(json.dumps(record, indent=1) + "\n")
-    normal_file_mode(part)
-    os.replace(part, path)
+    cio.atomic_write(out / INIT_RECORD, (json.dumps(record, indent=1) + "\n").encode())
+    normal_file_mode(out / INIT_RECORD)
     return record
 
 
