@@ -102,8 +102,6 @@ def _rebuild(run: Path, rec: dict, dest: Path) -> None:
                           weights=rec["weights"], progress=False, utilization=None)
         try:
             make_backend(cfg).save_weights(dest)
-        except InitWeightsError:
-            raise
         except Exception as exc:   # the net, its data or pycaffe is not there as it was at training time
             raise InitWeightsError(f"{run}: its iteration-0 weights could not be rebuilt from solver.prototxt "
                                    f"({type(exc).__name__}: {exc})") from exc
