@@ -347,3 +347,22 @@ def test_budget_is_full_at_the_solvers_max_iter():
     assert budget(20, 20).startswith("full")
     assert budget(30, 20).startswith("full")
     assert budget(19, 20).startswith("reduced") and "19 of the solver's 20" in budget(19, 20)
+
+
+def test_summary_of_a_log_without_train_rows_has_no_train_loss(tmp_path):
+    """A run that only tested (``exdrop test``-like rows, or a resume past its last display) reports
+    ``train_loss`` None instead of failing on an empty list."""
+    from exdrop.run.runlog import RunLog
+    log = RunLog(tmp_path, ["loss", "accuracy"], write=False)
+    assert log.summary() == {"test_accuracy": None, "test_loss": None, "best_test_accuracy": None, "train_loss": None}
+    log.add({"iter": 0, "phase": "test", "lr": 0.1, "elapsed_s": 0.0, "loss": 2.0, "accuracy": 0.25})
+    assert log.summary() == {"test_accuracy": 0.25, "test_loss": 2.0, "best_test_accuracy": 0.25, "train_loss": None}
+
+
+def test_the_printed_row_shows_the_float_outputs_only():
+    """The progress line: phase and iteration, then each float output to 4 decimals, one space apart;
+    the schedule's own columns (lr, elapsed_s) and non-float values are not repeated."""
+    from exdrop.run.runlog import format_row
+    row = {"iter": 3, "phase": "test", "lr": 0.01, "elapsed_s": 2.5, "accuracy": 0.5, "loss": 1.25, "images": 7}
+    assert format_row(row) == "[test @ 3] accuracy=0.5000 loss=1.2500"
+    assert format_row({"iter": 0, "phase": "train", "lr": 0.1, "elapsed_s": 0.1}) == "[train @ 0] "
