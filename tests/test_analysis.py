@@ -336,3 +336,20 @@ def test_analyze_one_run_writes_its_report_and_says_why_no_conservative(tiny_run
     assert (run / "report.html").is_file() and "fig7" in (run / "report.md").read_text()
     assert exdrop_main(["analyze", str(run), "--training-images", "3", "--quiet", "--delta", "0.5", "--force"]) == 0
     assert "Conservative" in capsys.readouterr().out
+
+
+def test_a_run_without_snapshots_reuses_its_kept_analysis_or_names_the_missing_folder(tmp_path):
+    """A committed run (small files only): its analysis.json is returned as kept when it holds a final
+    analysis; otherwise the error names the run's snapshots folder."""
+    from exdrop.analysis.analyze import NoSnapshots, analyze_run
+    run = tmp_path / "run"
+    (run / "analysis").mkdir(parents=True)
+    (run / "solver.prototxt").write_text('net: "net.prototxt"\n')
+    kept = {"final": {"accuracy": 0.5}, "over_training": []}
+    (run / "analysis" / "analysis.json").write_text(json.dumps(kept))
+    said = []
+    assert analyze_run(run, echo=said.append) == kept
+    assert said and "no snapshots here" in said[0]
+    (run / "analysis" / "analysis.json").write_text(json.dumps({"over_training": []}))
+    with pytest.raises(NoSnapshots, match=re.escape(f"no snapshot in {run / 'snapshots'} to analyse")):
+        analyze_run(run, echo=said.append)

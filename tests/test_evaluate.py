@@ -329,3 +329,44 @@ def test_caffe_backend_gives_the_engines_numbers(run, sharp):
     save_weights(Net(cio.read_net_prototxt(wide), TRAIN, "cpu", "wide"), tmp / "widec.caffemodel")
     with pytest.raises(ValueError, match=r"layer 'ip2' blob 0 has shape \(4, 16\)"):   # not Caffe's abort
         ev.evaluate(solver, tmp / "widec.caffemodel", backend="caffe")
+
+
+def test_set_data_source_turns_an_image_list_into_a_datum_lmdb_source():
+    from exdrop.proto import caffe_pb2
+    lp = caffe_pb2.LayerParameter(name="data", type="ImageData")
+    lp.image_data_param.source = "list.txt"
+    lp.image_data_param.batch_size = 7
+    lp.transform_param.mean_value.append(104.0)
+    ev.set_data_source(lp, "/tmp/db")
+    assert lp.type == "Data" and not lp.HasField("image_data_param")
+    assert lp.data_param.batch_size == 7 and lp.data_param.source == "/tmp/db"
+    assert lp.data_param.backend == caffe_pb2.DataParameter.LMDB and list(lp.transform_param.mean_value) == [104.0]
+    data = caffe_pb2.LayerParameter(name="data", type="Data")
+    data.data_param.batch_size = 5
+    data.data_param.source = "old"
+    ev.set_data_source(data, "/tmp/db2")
+    assert data.type == "Data" and data.data_param.batch_size == 5 and data.data_param.source == "/tmp/db2"
+
+
+def test_format_table_of_many_classes_shows_the_lowest_and_the_highest():
+    accs = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.05, 0.95, 0.15]
+    names = [f"c{i}" for i in range(len(accs))]
+    result = {"net": "n", "weights": "w", "data": "d", "images": 120, "iterations": 2, "batch_size": 60,
+              "reading": "once", "accuracy": 0.5, "loss": 1.0, "backend": "engine", "device": "cpu",
+              "classes": names, "per_class_images": [10] * len(accs), "per_class_accuracy": accs}
+    lines = ev.format_table(result, max_rows=8).splitlines()
+    rows = lines[lines.index("  class  images  accuracy") + 1:]
+    assert [r.split()[0] for r in rows] == ["c9", "c1", "...", "c2", "c10"]   # 2 lowest, 2 highest, in order
+    assert rows[0] == "  c9         10  0.0500"
+
+
+@pytest.mark.parametrize("k, named", [(40, True), (41, False)])
+def test_confusion_figure_labels_every_class_up_to_40(k, named):
+    fig = ev.confusion_figure(np.eye(k) * 3 + 1, classes=[f"class{i}" for i in range(k)])
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert (labels == [f"class{i}" for i in range(k)]) is named   # above 40: matplotlib's numeric ticks
+    assert len(ax.texts) == k * k   # every non-zero cell has its fraction, centred on the cell
+    assert {(t.get_ha(), t.get_va()) for t in ax.texts} == {("center", "center")}
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -392,3 +392,28 @@ def test_retain_probability_clamps_shares_and_keeps_nan(dtype):
     out = Fx.guided_dropout(torch.ones(2, 4), share, 0.5, rescale=False, generator=g)
     assert out[0, 0] == 1.0 and out[0, 3] == 1.0 and out[1, 2] == 1.0 and out[1, 3] == 1.0
     assert out[1, 0] == 0.0 and out[1, 1] == 0.0
+
+
+def test_activation_share_of_an_all_zero_image_has_a_zero_gradient_not_nan():
+    """An image whose activations are all 0 gets shares of 0, and the gradient through them is 0:
+    the division's denominator is replaced before dividing, so no 0/0 reaches autograd."""
+    from exdrop.engine.functional import activation_share
+    x = torch.zeros(2, 4)
+    x[1] = torch.tensor([1.0, 2.0, 0.0, 1.0])
+    x.requires_grad_(True)
+    share = activation_share(x)
+    assert share[0].eq(0).all() and torch.allclose(share[1], torch.tensor([0.25, 0.5, 0.0, 0.25]))
+    share.pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0].eq(0).all()
+
+
+def test_information_dropout_noise_comes_from_the_given_generator():
+    from exdrop.engine.functional import information_dropout
+    f = torch.rand(3, 5) + 0.5
+    w, b = torch.full((5, 5), 0.1), torch.zeros(5)
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)   # the global RNG differs; the layer's own generator does not
+        outs.append(information_dropout(f, None, w, b, generator=torch.Generator().manual_seed(7))[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert not torch.equal(outs[0], f)

@@ -21,7 +21,7 @@ from test_layers_numpy import layers_mod  # noqa: E402,F401  (the fixture)
 GOOD = {
     "ExcitationDropout": [("dropout_ratio", 0.0), ("dropout_ratio", 0.25), ("dropout_ratio", 0), ("signal", "gt"),
                           ("signal", "pred"), ("signal", 0), ("signal", 7), ("logits", "ip3"), ("label", "lbl"),
-                          ("rescale", False), ("grad_rescale", False)],
+                          ("rescale", False), ("grad_rescale", False), ("count", "all"), ("count", "alive")],
     "ActivationDropout": [("dropout_ratio", 0.75), ("rescale", True), ("grad_rescale", False)],
     "StandardDropout": [("dropout_ratio", 0.5), ("per_image", False)],
 }
@@ -38,6 +38,8 @@ BAD = [  # (layer, key, value, what the message says it must be)
     ("ExcitationDropout", "grad_rescale", 0, "True or False"),
     ("ExcitationDropout", "logits", "", "a blob name (a string)"),
     ("ExcitationDropout", "label", 3, "a blob name (a string)"),
+    ("ExcitationDropout", "count", "some", "'all' (N of Eqn 3 is the layer's width) or 'alive'"),
+    ("ExcitationDropout", "count", "", "'all' (N of Eqn 3 is the layer's width) or 'alive'"),
     ("ActivationDropout", "rescale", 1, "True or False"),
     ("ActivationDropout", "dropout_ratio", None, "in [0, 1) (a number)"),
     ("StandardDropout", "per_image", "yes", "True or False"),

@@ -185,3 +185,49 @@ def test_a_source_dropped_mid_prefetch_closes_quietly(tmp_path, monkeypatch):
         gc.collect()
         time.sleep(0.05)
     assert str((tmp_path / "db").resolve()) not in L._OPEN and not errors, errors
+
+
+def test_stream_rand_skip_starts_at_a_seeded_record_below_the_skip(lmdb):
+    """Caffe's rand_skip: the first batch starts at a record drawn in [0, rand_skip), the same for
+    the same seed, and not always the first."""
+    path, images, _ = lmdb
+    mean = np.array([10, 20, 30], np.float32)[:, None, None]
+    starts = {}
+    for seed in list(range(10)) + [3]:
+        lp = _lp("Data", str(path), mirror=False)
+        lp.data_param.rand_skip = 7
+        src = make_source(lp, 1, seed=seed, stream=True)   # TEST: centre crop, the records themselves
+        x = src.next_batch()[0].numpy()
+        src.close()
+        start = [s for s in range(13) if np.array_equal(
+            x, images[(s + np.arange(5)) % 13, :, 1:7, 1:7].astype(np.float32) - mean)]
+        assert len(start) == 1 and starts.setdefault(seed, start[0]) == start[0]
+    assert all(0 <= s < 7 for s in starts.values()) and len(set(starts.values())) > 2
+
+
+def test_stream_resumed_on_another_device_kind_reseeds_from_its_seed(lmdb):
+    """A state saved on one device kind (its crop/mirror generator cannot be set on another) is
+    resumed with a generator seeded from the saved seed and position: the same for every resume."""
+    path, _, _ = lmdb
+    a = make_source(_lp("Data", str(path)), 0, seed=3, stream=True)
+    a.next_batch()
+    state = a.state_dict()
+    state["rng_device"] = "elsewhere"
+    resumed = []
+    for _ in range(2):
+        b = make_source(_lp("Data", str(path)), 0, seed=99, stream=True)
+        b.load_state_dict(state)
+        resumed.append([b.next_batch()[0] for _ in range(3)])
+        b.close()
+    for x1, x2 in zip(*resumed):
+        torch.testing.assert_close(x2, x1, rtol=0, atol=0)
+    a.close()
+
+
+def test_stream_decodes_in_the_records_dtype(lmdb):
+    """The batch decoded ahead keeps the records' uint8 (a quarter of float32's host memory and copy)."""
+    path, _, _ = lmdb
+    src = make_source(_lp("Data", str(path)), 0, seed=1, stream=True)
+    data, _ = src._load(np.arange(5))
+    assert data.dtype == torch.uint8 and tuple(data.shape) == (5, 3, 9, 8)
+    src.close()

@@ -341,13 +341,23 @@ def test_regime_check_and_paired_table_on_hand_made_runs(tmp_path):
     pairs = {(p["a"], p["b"]): p for p in summary["paired"]["cifar10"]}
     assert pairs[("ed", "standard_fc1")]["mean"] == pytest.approx(-0.5)
     md = (tmp_path / "table2.md").read_text()
+    assert md.startswith("# Table 2: CNN-2, cifar10\n")        # trained from scratch: not "fine-tuned"
+    assert "| Dataset (CNN-2) | No Dropout | Standard first fc | Excitation |" in md
     assert "Recipe: the authors' recipe" in md and "**passes**" in md
+    assert "- No Dropout fits its training subset (train accuracy >= 0.95): yes" in md
+    assert "- its held-out loss rises (last >= 1.05 x its minimum): yes" in md
     assert "- Excitation - Standard first fc: -0.50 +- 2.12 [95% CI -19.56, +18.56], seeds 1,2" in md
     # a No Dropout run that does not fit its training data fails the check, whatever Standard does
     _plan_of(tmp_path, {("none", 1): ([0.6, 0.7, 0.7], [(2, 0.5, 1.2), (4, 0.5, 1.1)]),
                         ("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)])})
     check = S.regime(S.collect(tmp_path))
     assert check["overfits"] is False and check["held_out_loss_rises"] is False
+    # each part is its own verdict: fitting the training data with a flat held-out loss
+    _plan_of(tmp_path, {("none", 1): ([0.99, 1.0, 1.0], [(2, 0.5, 1.2), (4, 0.5, 1.21)]),
+                        ("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)])})
+    check = S.regime(S.collect(tmp_path))
+    assert check["overfits"] is True and check["held_out_loss_rises"] is False and check["ok"] is False
+    assert "- its held-out loss rises (last >= 1.05 x its minimum): **no**" in S.regime_markdown(check)
     assert check["dropout_helps"] is True and check["ok"] is False   # one seed: 10 points > the 1.9 noise
 
 

@@ -826,8 +826,8 @@ def _row_label(dataset: str, net: str) -> str:
 def table_markdown(summary: dict, table: str) -> str:
     """Table 2 (methods as columns, datasets as rows), Table 3 (methods as columns, the fine-tuned
     nets as rows, then the same for the video accuracy) or Table 4 (rates as columns)."""
-    cells = {(c["dataset"], c.get("net", "cnn2"), c["method"], c["rate"]): c for c in summary["cells"]}
-    rows = sorted({(c["dataset"], c.get("net", "cnn2")) for c in summary["cells"]},
+    cells = {(c["dataset"], c["net"], c["method"], c["rate"]): c for c in summary["cells"]}
+    rows = sorted({(c["dataset"], c["net"]) for c in summary["cells"]},
                   key=lambda dn: (list(DATASETS).index(dn[0]), list(NETS).index(dn[1])))
     scratch = all(n == "cnn2" for _, n in rows)
     lines = [_budget_line(summary), ""]
@@ -869,7 +869,7 @@ def table_markdown(summary: dict, table: str) -> str:
         lines += [f"| {first} | Dropout scheme | " + " | ".join(f"{r:g}" for r in rates) + " |",
                   "|---|---|" + "---|" * len(rates)]
         for d, n in rows:
-            for m in methods_of(lambda c: c["dataset"] == d and c.get("net", "cnn2") == n):
+            for m in methods_of(lambda c: c["dataset"] == d and c["net"] == n):
                 lines.append(f"| {_row_label(d, n)} | {METHOD_LABELS[m]} | "
                              + " | ".join(_cell(cells.get((d, n, m, r))) for r in rates) + " |")
     return "\n".join(lines) + "\n"
@@ -893,7 +893,7 @@ def plot_fig3(summary: dict, dataset: str, path: Path, rate: float = 0.5) -> Pat
             continue
         ys = np.array([[cv[i] for i in iters] for cv in curves]) * 100
         mean, std = ys.mean(0), ys.std(0)
-        net = c.get("net", "cnn2")
+        net = c["net"]
         nets += [net] if net not in nets else []
         label = METHOD_LABELS[c["method"]] + ("" if net == "cnn2" else f", {NET_LABELS[net]}")
         line, = ax.plot(iters, mean, label=f"{label} (n={len(curves)})", lw=2.2 if c["method"] == "ed" else 1.4)
@@ -921,14 +921,14 @@ def write_outputs(out: Path, table: str) -> list[Path]:
     out = Path(out)
     summary = collect(out)
     md = out / f"table{table}.md"
-    nets = [NET_LABELS[n] for n in NETS if any(c.get("net", "cnn2") == n for c in summary["cells"])] or ["CNN-2"]
-    tuned = " fine-tuned from ImageNet" if any(c.get("net", "cnn2") != "cnn2" for c in summary["cells"]) else ""
+    nets = [NET_LABELS[n] for n in NETS if any(c["net"] == n for c in summary["cells"])] or ["CNN-2"]
+    tuned = " fine-tuned from ImageNet" if any(c["net"] != "cnn2" for c in summary["cells"]) else ""
     md.write_text(f"# Table {table}: {', '.join(nets)}{tuned}, "
                   f"{', '.join(sorted({c['dataset'] for c in summary['cells']}))}\n\n"
                   + table_markdown(summary, table))
     js = out / f"table{table}.json"
     written = [md, js]
-    if table == "2" and all(c.get("net", "cnn2") == "cnn2" for c in summary["cells"]):
+    if table == "2" and all(c["net"] == "cnn2" for c in summary["cells"]):
         extra = []
         for d in sorted({c["dataset"] for c in summary["cells"]}):
             summary.setdefault("paired", {})[d] = pairs = paired(summary, d)
