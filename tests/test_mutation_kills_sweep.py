@@ -1,0 +1,231 @@
+"""Contracts of the sweep's data, weights and run commands that mutants of the source used to survive:
+CIFAR-100's 100 classes in the held-back subset, the progress flag reaching the converter, each
+Caltech-256 seed's own split and training order, the UCF101 branch of prepare_data, the
+``--weights NET=FILE`` override and the Model Zoo default path, the training-set count behind
+Information Dropout's KL weight, the final-test command of a Table 3 run (the snapshot the trainer
+writes, a command `exdrop test` accepts, quiet), and a torchvision .pth saved on a GPU loading on
+the CPU. Each test is small: converters are replaced by fakes where only their arguments matter."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exdrop import data as D
+from exdrop.data import DatumLMDB, write_datum_lmdb
+from exdrop.experiments import sweep as S
+from exdrop.proto import io as cio
+
+SUBSET = S.Budget("subset", "test budget: 10 train + 7 held-back images per class", train_per_class=10,
+                  val_per_class=7, max_iter=4, stepvalue=2, test_interval=2, snapshot=2, display=1)
+UCF_TINY = S.Budget("tiny-ucf", "test budget: 2 iterations at batch 2", max_iter=2, test_interval=0, snapshot=0,
+                    display=1, batch_size=2, test_batch_size=3, test_iter=1)
+
+
+def _fake_converter(calls: list, folder: Path):
+    """A stand-in for prepare_cifar10/100: records its keyword arguments, converts nothing."""
+    def convert(source, out_dir, **kw):
+        calls.append(kw)
+        return {"train": str(folder / "train_lmdb"), "val": str(folder / "val_lmdb"), "counts": {"train": 1}}
+    return convert
+
+
+@pytest.fixture
+def no_conversion(monkeypatch, tmp_path):
+    """CIFAR converters and the per-seed LMDB copy replaced: prepare_data's calls are what is checked."""
+    calls = []
+    monkeypatch.setattr(D, "official_source", lambda source, dataset="cifar10": source)
+    monkeypatch.setattr(D, "prepare_cifar10", _fake_converter(calls, tmp_path))
+    monkeypatch.setattr(D, "prepare_cifar100", _fake_converter(calls, tmp_path))
+    monkeypatch.setattr(S, "_seeded_order", lambda src, dst, seed: str(dst))
+    return calls
+
+
+# ---------------------------------------------------------------------- prepare_data
+def test_cifar100_subset_holds_back_val_per_class_of_its_100_classes(no_conversion, tmp_path):
+    """CIFAR-100 has 100 classes: a budget of 7 held-back images per class holds back 700 images, and
+    each class contributes train + held-back = 17 images."""
+    S.prepare_data("cifar100", "src", SUBSET, tmp_path / "data", [1], progress=False)
+    (kw,) = no_conversion
+    assert kw["val_size"] == 7 * 100
+    assert kw["limit_per_class"] == 17
+
+
+@pytest.mark.parametrize("budget", [SUBSET, S.BUDGETS["paper"]], ids=["subset", "whole"])
+def test_progress_flag_reaches_the_converter(no_conversion, tmp_path, budget):
+    """`exdrop sweep` shows the conversion's progress unless told to be quiet, on a subset budget
+    and on the whole split alike."""
+    S.prepare_data("cifar10", "src", budget, tmp_path / "a", [1], progress=True)
+    S.prepare_data("cifar10", "src", budget, tmp_path / "b", [1], progress=False)
+    assert [bool(kw["progress"]) for kw in no_conversion] == [True, False]
+
+
+def _lmdb(path: Path, n: int, first_label: int) -> str:
+    """A tiny Datum LMDB whose labels (first_label, first_label + 1, ...) identify each record."""
+    images = np.arange(n * 3 * 2 * 2, dtype=np.uint8).reshape(n, 3, 2, 2)
+    write_datum_lmdb(path, images, np.arange(first_label, first_label + n))
+    return str(path)
+
+
+def test_caltech256_seed_trains_on_its_split_in_its_own_order(monkeypatch, tmp_path):
+    """Seed k trains on the paper's split (k - 1) mod 5, in an order drawn from k, written to
+    data/caltech256_<budget>/train_seed<k>_lmdb: seeds 1 and 6 share split 0 but not the order."""
+    splits = []
+
+    def fake_caltech(source, out_dir, split=0, progress=True, **kw):
+        splits.append(split)
+        out_dir = Path(out_dir)
+        return {"train": _lmdb(out_dir / "train_lmdb", 12, 100 * split),
+                "test": str(out_dir / "test_lmdb"), "counts": {"train": 12}}
+
+    monkeypatch.setattr(D, "prepare_caltech256", fake_caltech)
+    folder = tmp_path / "data" / "caltech256_paper"
+    info = S.prepare_data("caltech256", "src", S.BUDGETS["paper"], tmp_path / "data", [1, 2, 6], progress=False)
+    assert splits == [0, 1, 0]
+    assert info["train"] == {s: str(folder / f"train_seed{s}_lmdb") for s in (1, 2, 6)}
+    assert info["val"] == {s: str(folder / f"split{(s - 1) % 5}" / "test_lmdb") for s in (1, 2, 6)}
+    assert info["counts"] == {"train": 12}
+    orders = {}
+    for s in (1, 2, 6):
+        with DatumLMDB(info["train"][s]) as db:
+            _, labels = db.read_all()
+        split = (s - 1) % 5
+        expected = 100 * split + np.random.default_rng(s).permutation(12)
+        assert labels.tolist() == expected.tolist(), s
+        orders[s] = labels.tolist()
+    assert orders[1] != orders[6] and sorted(orders[1]) == sorted(orders[6])
+
+
+def _converted_ucf101(src: Path) -> Path:
+    """The layout `make data-ucf101` writes (train.txt, frames/, test_lmdb/, test_videos.json, meta.json),
+    without any real frames: prepare_data only reads train.txt and meta.json."""
+    (src / "frames").mkdir(parents=True)
+    (src / "test_lmdb").mkdir()
+    (src / "test_lmdb" / "data.mdb").write_bytes(b"")
+    (src / "test_videos.json").write_text("{}")
+    (src / "meta.json").write_text(json.dumps({"counts": {"train": 9}}))
+    (src / "train.txt").write_text("".join(f"frames/v{i}/0001.jpg {i % 3}\n" for i in range(9)))
+    return src
+
+
+def test_ucf101_data_is_the_converted_folder_with_a_list_order_per_seed(tmp_path):
+    """UCF101 uses the converted folder as it is: each seed its own order of train.txt, the test LMDB,
+    the folder as the ImageData root and as the final test's data."""
+    src = _converted_ucf101(tmp_path / "ucf101_conv")
+    info = S.prepare_data("ucf101", str(src), S.BUDGETS["paper"], tmp_path / "data", [1, 2], progress=False)
+    lists = {s: tmp_path / "data" / "ucf101" / f"train_seed{s}.txt" for s in (1, 2)}
+    assert info["train"] == {s: str(p.resolve()) for s, p in lists.items()}
+    assert info["val"] == {1: str(src / "test_lmdb"), 2: str(src / "test_lmdb")}
+    assert info["root"] == str(src.resolve()) + "/" and info["evaluate"] == str(src.resolve())
+    assert info["counts"] == {"train": 9}
+    every = (src / "train.txt").read_text().splitlines()
+    one, two = (lists[s].read_text().splitlines() for s in (1, 2))
+    assert one != two and sorted(one) == sorted(two) == sorted(every)
+
+
+# ---------------------------------------------------------------------- pretrained_weights
+def test_weights_override_is_the_file_given(monkeypatch, tmp_path):
+    """`--weights vgg16=FILE` fine-tunes from FILE, whether or not the Model Zoo file is there."""
+    monkeypatch.setattr(S, "WEIGHTS_DIR", str(tmp_path / "zoo_is_empty"))
+    mine = tmp_path / "my_vgg16.caffemodel"
+    mine.write_bytes(b"weights")
+    assert S.pretrained_weights("vgg16", {"vgg16": str(mine)}) == str(mine.resolve())
+    zoo = tmp_path / "zoo"
+    (zoo / "VGG_ILSVRC_16_layers.caffemodel").parent.mkdir()
+    (zoo / "VGG_ILSVRC_16_layers.caffemodel").write_bytes(b"zoo")
+    monkeypatch.setattr(S, "WEIGHTS_DIR", str(zoo))
+    assert S.pretrained_weights("vgg16", {"vgg16": str(mine)}) == str(mine.resolve())
+
+
+def test_weights_default_to_the_model_zoo_file(monkeypatch, tmp_path):
+    """Without an override for the net, its Model Zoo file in WEIGHTS_DIR; a net trained from scratch
+    has none."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "bvlc_alexnet.caffemodel").write_bytes(b"zoo")
+    monkeypatch.setattr(S, "WEIGHTS_DIR", str(zoo))
+    expected = str((zoo / "bvlc_alexnet.caffemodel").resolve())
+    assert S.pretrained_weights("alexnet") == expected
+    assert S.pretrained_weights("alexnet", {"vgg16": str(tmp_path / "other.caffemodel")}) == expected
+    assert S.pretrained_weights("cnn2", {"cnn2": "x"}) is None
+
+
+# ---------------------------------------------------------------------- write_run
+def test_information_kl_weight_is_set_from_the_training_set_count(tmp_path):
+    """Information Dropout's KL term weighs beta / N_train with N_train the sweep's training images
+    (the data's counts), not the prototxt's 50,000."""
+    from exdrop.experiments.variants import information_kl_weight
+    data = {"train": {1: str(tmp_path / "train_lmdb")}, "val": {1: str(tmp_path / "val_lmdb")},
+            "counts": {"train": 1000, "val_per_class": [7] * 10}}
+    run = S.write_run(S.Run("cifar10", "information", 0.5, 1, tmp_path / "r"), SUBSET, data)
+    net = cio.read_net_prototxt(run.folder / "net.prototxt")
+    (lp,) = [lp for lp in net.layer if lp.type == "Python" and lp.python_param.layer == "InformationDropout"]
+    assert list(lp.loss_weight) == [0, pytest.approx(information_kl_weight(1000))]
+    assert information_kl_weight(1000) != pytest.approx(information_kl_weight(50000))
+
+
+def test_table3_final_test_command_is_a_quiet_exdrop_test_of_the_last_snapshot(tmp_path):
+    """A fine-tuned run's second command: `python -m exdrop test SOLVER --weights <the final snapshot,
+    named from the solver's snapshot_prefix as the trainer names it> --data <converted folder> --quiet`,
+    a command line that `exdrop test` accepts."""
+    from exdrop import cli
+    conv = tmp_path / "ucf101_conv"
+    data = {"train": {1: str(tmp_path / "train_seed1.txt")}, "val": {1: str(conv / "test_lmdb")},
+            "root": str(conv) + "/", "evaluate": str(conv)}
+    run = S.write_run(S.Run("ucf101", "ed", 0.5, 1, tmp_path / "r", net="alexnet"), UCF_TINY, data,
+                      python="python3", device="cpu")
+    sp = cio.read_solver_prototxt(run.solver)
+    assert Path(sp.snapshot_prefix).name == "alexnet_ed" and sp.max_iter == 2
+    ev = run.evaluate
+    assert ev[:3] == ["python3", "-m", "exdrop"]
+    args = cli.build_parser().parse_args(ev[3:])
+    assert args.fn is cli._cmd_test
+    assert args.quiet is True
+    assert args.net == str(run.solver.resolve())
+    assert args.weights == str(run.folder.resolve() / "snapshots" / "alexnet_ed_iter_2.caffemodel")
+    assert args.data == str(conv) and args.out == str(run.folder.resolve() / S.FINAL_TEST)
+
+
+# ---------------------------------------------------------------------- a torchvision .pth from a GPU
+def _as_if_saved_on_gpu(path: Path) -> None:
+    """Rewrite a torch.save zip so that its storages say they were saved on cuda:0 (as a .pth
+    written on a GPU machine does); the tensor data is unchanged."""
+    with zipfile.ZipFile(path) as z:
+        items = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    cpu, gpu = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"   # protocol-2 BINUNICODE strings
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, blob in items:
+            if name.endswith("data.pkl"):
+                assert cpu in blob
+                blob = blob.replace(cpu, gpu)
+            z.writestr(name, blob)
+
+
+def test_torchvision_pth_saved_on_a_gpu_loads_onto_the_cpu(tmp_path):
+    """A torchvision-style state dict saved on another device (a GPU) loads into a CPU net: its
+    storages are mapped to the CPU, not restored where they were saved."""
+    from exdrop.engine.net import Net
+    from exdrop.engine.pretrained import input_transform, load_pretrained
+    from exdrop.engine.pylayer import TEST
+    from exdrop.experiments.bench import with_input_layer
+    param = cio.read_net_prototxt(S.ROOT / "prototxt/cnn2/cifar10/train_val_ed.prototxt")
+    net = Net(with_input_layer(param, TEST, 1, (3, 32, 32)), TEST, torch.device("cpu"), "cnn2")
+    g = torch.Generator().manual_seed(0)
+    state, names = {}, []
+    for kind, prefix in (("Convolution", "features"), ("InnerProduct", "classifier")):
+        for i, layer in enumerate(lp for lp in net.layer_list if lp.type == kind and len(lp.blobs)):
+            state[f"{prefix}.{i}.weight"] = torch.randn(tuple(layer.blobs[0].shape), generator=g)
+            state[f"{prefix}.{i}.bias"] = torch.randn(tuple(layer.blobs[1].shape), generator=g)
+            names.append(layer.name)
+    pth = tmp_path / "cnn2_from_gpu.pth"
+    torch.save(state, pth)
+    _as_if_saved_on_gpu(pth)
+    report = load_pretrained(net, pth, input_transform(param))
+    assert report["format"] == "torchvision state dict" and report["loaded"] == names
+    second = next(lp for lp in net.layer_list if lp.name == names[1])
+    assert second.blobs[0].device.type == "cpu"
+    assert torch.equal(second.blobs[0].detach(), state["features.1.weight"])
