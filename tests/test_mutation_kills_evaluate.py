@@ -1,0 +1,105 @@
+"""Contracts of `exdrop test` (exdrop/analysis/evaluate.py) and the sweep summary
+(exdrop/experiments/sweep.py) that mutants of the source used to survive: a label outside the
+net's classes is refused by name, the count of scored images next to the images read, UCF101's
+video accuracy as the per-video mean of frame softmaxes, a final test row without a loss, and a
+run's iteration count taken from its results.json. Each test is small (tiny nets and data)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import exdrop.analysis.evaluate as ev
+from exdrop.experiments import sweep as S
+from exdrop.proto import io as cio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffe_nets import write_tiny  # noqa: E402
+from test_sweep import _plan_of  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """write_tiny's net and LMDBs (6 validation images, 2 per class a, b, c) with seeded random
+    weights: (folder, net prototxt, weights)."""
+    from exdrop.engine.net import Net
+    from exdrop.engine.pylayer import TRAIN
+    from exdrop.engine.snapshot import save_weights
+    tmp = tmp_path_factory.mktemp("eval_kills")
+    write_tiny(tmp / "tiny")
+    net = tmp / "tiny" / "tiny_ed.prototxt"
+    torch.manual_seed(0)
+    weights = tmp / "w.caffemodel"
+    save_weights(Net(cio.read_net_prototxt(net), TRAIN, "cpu", "tiny"), weights)
+    return tmp, net, weights
+
+
+# ---------------------------------------------------------------------- labels and scored images
+@pytest.mark.parametrize("bad", [3, -1])
+def test_a_label_outside_the_nets_classes_is_refused_by_name(tiny, monkeypatch, bad):
+    """A backend that hands back a label >= the number of classes (3 here) or < 0 (real Caffe's
+    layers do not check): `exdrop test` refuses it with the label and the class count named,
+    instead of a confusion matrix of the wrong shape or numpy's bincount error."""
+    _, net, weights = tiny
+
+    def fake_engine(tn, lp, score, w, sizes, device, progress):
+        n = sum(sizes)
+        probs = np.full((n, 3), 1 / 3, dtype=np.float32)
+        labels = np.array([0, 1, 2, 0, 1, bad][:n], dtype=np.int64)
+        return {"accuracy": 0.5, "loss": 1.0}, {"loss": 1.0}, probs, labels, 3, "cpu"
+    monkeypatch.setattr(ev, "_run_engine", fake_engine)
+    with pytest.raises(ValueError, match=rf"label {bad} is outside the 3 classes of 'ip2'"):
+        ev.evaluate(net, weights)
+
+
+def test_scored_images_leave_out_the_ignored_label(tiny):
+    """With the Accuracy and loss layers' ignore_label 2, the 2 images of class c are read but not
+    scored: the result counts 6 images and 4 scored images, and the confusion holds those 4."""
+    tmp, net, weights = tiny
+    text = net.read_text()
+    for old, new in (('top: "accuracy" }', 'top: "accuracy" accuracy_param { ignore_label: 2 } }'),
+                     ('top: "loss" }', 'top: "loss" loss_param { ignore_label: 2 } }')):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    ignoring = tmp / "ignore2.prototxt"
+    ignoring.write_text(text)
+    res = ev.evaluate(ignoring, weights)
+    assert res["images"] == 6 and res["each_image_once"] is True
+    assert res["scored_images"] == 4
+    assert np.array(res["confusion"]).sum() == 4 and res["per_class_images"] == [2, 2, 0]
+
+
+# ---------------------------------------------------------------------- UCF101's video accuracy
+def test_video_accuracy_averages_each_videos_frame_softmaxes(tmp_path):
+    """Three videos of 1, 3 and 2 frames (labels 0, 1, 2) listed in test_videos.json beside the LMDB:
+    each video's frame softmaxes are averaged and the mean's argmax scored. By hand: video 0 mean
+    [.9 .05 .05] -> 0 right; video 1 mean [.267 .733 0] -> 1 right; video 2 mean [.6 0 .4] -> 0
+    wrong: 2/3, while the frames score 3/6 and the argmax of all frames together (class 0) would
+    give 1/3."""
+    lmdb = tmp_path / "test_lmdb"
+    lmdb.mkdir()
+    videos = [{"frames": 1, "label": 0}, {"frames": 3, "label": 1}, {"frames": 2, "label": 2}]
+    (tmp_path / "test_videos.json").write_text(json.dumps({"videos": videos}))
+    probs = np.array([[0.9, 0.05, 0.05],
+                      [0.1, 0.9, 0.0], [0.1, 0.9, 0.0], [0.6, 0.4, 0.0],
+                      [0.6, 0.0, 0.4], [0.6, 0.0, 0.4]], dtype=np.float32)
+    labels = np.array([0, 1, 1, 1, 2, 2])
+    assert (probs.argmax(1) == labels).mean() == 0.5   # the frame accuracy differs from the video one
+    res = ev.video_accuracy(lmdb, probs, labels, True)
+    assert res == {"video_accuracy": pytest.approx(2 / 3), "videos": 3}
+
+
+# ---------------------------------------------------------------------- the sweep summary
+def test_sweep_summary_has_results_iterations_and_no_loss_for_an_empty_loss_cell(tmp_path):
+    """A run whose last test row logs an empty loss ("") has loss None in the summary (not a crash on
+    float("")), its accuracy still from that row; each run's "iterations" is results.json's."""
+    _plan_of(tmp_path, {("ed", 1): ([0.7], [(2, 0.40, 1.3), (4, 0.55, "")])})
+    assert S._final_test(tmp_path / "cifar10" / "ed" / "seed1") == (0.55, None, [(2, 0.40), (4, 0.55)])
+    cells = S.collect(tmp_path)["cells"]
+    (run,) = cells[0]["runs"]
+    assert run["loss"] is None and run["accuracy"] == 0.55
+    assert run["iterations"] == 4   # _plan_of's results.json: {"iterations": 4, "max_iter": 4}
