@@ -155,7 +155,7 @@ mutation:
 	  print(f'mutation score: {k}/{n} killed ({100 * k / max(n, 1):.1f}%), {s[\"survived\"]} survived, {s[\"no_tests\"]} without tests')"
 
 # The score estimated from a random sample (scripts/mutation_sample.py): the extended selection has
-# about 9,000 mutants, a night's work on 2 cores; SAMPLE=300 takes about an hour.
+# about 9,000 mutants, a night's work on 2 cores; SAMPLE=300 took about 2 hours with one busy worker.
 SAMPLE ?= 300
 SEED ?= 1
 SAMPLE_OUT ?= docs/mutation-sample.json
