@@ -28,14 +28,15 @@ from pathlib import Path
 KILLED = ("killed", "timeout", "segfault")
 
 
-def mutant_names(root: Path = Path("mutants")) -> dict[str, str]:
-    """Every generated mutant's name -> the source file it mutates (from mutmut's .meta files)."""
-    names = {}
+def _metas(root: Path):
+    """(source file, {mutant name: exit code or None}) for each of mutmut's .meta files."""
     for meta in sorted(root.rglob("*.py.meta")):
-        source = str(meta.relative_to(root))[: -len(".meta")]
-        for name in json.loads(meta.read_text())["exit_code_by_key"]:
-            names[name] = source
-    return names
+        yield str(meta.relative_to(root))[: -len(".meta")], json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def mutant_names(root: Path = Path("mutants")) -> dict[str, str]:
+    """Every generated mutant's name -> the source file it mutates."""
+    return {name: source for source, codes in _metas(root) for name in codes}
 
 
 def draw(names, n: int, seed: int, only: str | None = None) -> list[str]:
@@ -88,9 +89,7 @@ def generate() -> None:
 
 def statuses_of(names, root: Path = Path("mutants")) -> dict[str, str]:
     from mutmut.stats import status_by_exit_code
-    codes = {}
-    for meta in root.rglob("*.py.meta"):
-        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    codes = {name: code for _, by_name in _metas(root) for name, code in by_name.items()}
     return {n: status_by_exit_code[codes.get(n)] for n in names}
 
 
