@@ -154,7 +154,7 @@ mutation:
 	  k = s['killed'] + s['timeout'] + s['segfault']; n = s['total'] - s['skipped'] - s['no_tests']; \
 	  print(f'mutation score: {k}/{n} killed ({100 * k / max(n, 1):.1f}%), {s[\"survived\"]} survived, {s[\"no_tests\"]} without tests')"
 
-# The score estimated from a random sample (scripts/mutation_sample.py): the extended selection has
+# The score estimated from a random sample (tests/mutation_sample.py): the extended selection has
 # about 9,000 mutants, a night's work on 2 cores; SAMPLE=300 took about 2 hours with one busy worker.
 SAMPLE ?= 300
 SEED ?= 1
@@ -162,7 +162,7 @@ SAMPLE_OUT ?= docs/mutation-sample.json
 mutation-sample:
 	$(PY) -m pip install -q "$(MUTMUT_SPEC)"
 	rm -rf mutants
-	EXDROP_CAFFE_DIR=$(CURDIR)/build/caffe $(PY) scripts/mutation_sample.py --n $(call q,$(SAMPLE)) --seed $(call q,$(SEED)) \
+	EXDROP_CAFFE_DIR=$(CURDIR)/build/caffe $(PY) tests/mutation_sample.py --n $(call q,$(SAMPLE)) --seed $(call q,$(SEED)) \
 	  --max-children $$(nproc) $(if $(MUTANTS),--only $(call q,$(MUTANTS))) --out $(call q,$(SAMPLE_OUT))
 
 caffe:

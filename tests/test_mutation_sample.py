@@ -1,15 +1,10 @@
-"""scripts/mutation_sample.py: the sample is uniform, reproducible and filtered as asked, and the
+"""tests/mutation_sample.py (the tool behind `make mutation-sample`): the sample is uniform, reproducible and filtered as asked, and the
 score counts what mutmut's exit codes mean (a timeout kills; "no tests" does not)."""
-import importlib.util
 import json
 from pathlib import Path
 
+import mutation_sample as ms
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("mutation_sample", ROOT / "scripts" / "mutation_sample.py")
-ms = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ms)
 
 
 def _metas(root: Path) -> dict:

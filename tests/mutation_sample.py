@@ -6,7 +6,7 @@ drawn with a fixed seed from the sorted list of every mutant mutmut generates, g
 with a binomial (Wilson) 95% interval, per file and overall, and names each survivor so a test can
 kill it. Run from the repository root (``make mutation-sample SAMPLE=300 SEED=1``):
 
-    python scripts/mutation_sample.py --n 300 --seed 1 --out docs/mutation-sample.json
+    python tests/mutation_sample.py --n 300 --seed 1 --out docs/mutation-sample.json
 
 Steps: generate the mutants (mutmut's own generator, incremental), list their names from
 ``mutants/**/*.meta``, draw the sample, ``mutmut run`` those names, read their exit codes back.
