@@ -72,7 +72,8 @@ def score(statuses: dict[str, str], source_of: dict[str, str]) -> dict:
         by_file.setdefault(source, []).append(key)
     return {"overall": block(list(statuses)),
             "by_file": {f: block(sorted(k)) for f, k in sorted(by_file.items())},
-            "not_killed": {k: statuses[k] for k in sorted(statuses) if statuses[k] not in KILLED}}
+            "not_killed": {k: statuses[k] for k in sorted(statuses) if statuses[k] not in KILLED},
+            "statuses": dict(sorted(statuses.items()))}
 
 
 def generate() -> None:

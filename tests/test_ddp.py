@@ -249,3 +249,44 @@ def test_ctrl_c_stops_every_process_at_one_iteration(fixture, tmp_path, signame)
         [f"tiny_iter_{it}.{ext}" for ext in ("caffemodel", "engine.pt", "solverstate")]
     assert text.count(f"interrupted at iteration {it}") == 1
     assert "resume with: torchrun --nproc_per_node=2 -m exdrop train" in text
+
+
+def test_host_collectives_call_torch_distributed_as_rank_0_sends(monkeypatch):
+    """broadcast / gather / any_over / barrier of an active world, with torch.distributed's
+    collectives stood in for (the torchrun tests above run them for real, in subprocesses): each
+    names rank 0 as the source and the host group, and returns what the collective delivered."""
+    import torch.distributed as tdist
+    calls = []
+    marker = object()
+    monkeypatch.setattr(dist, "_host_group", marker)
+
+    def broadcast_object_list(box, src, group):
+        calls.append(("broadcast", src, group))
+        box[0] = "rank 0's object"
+
+    def all_gather_object(out, obj, group):
+        calls.append(("gather", group))
+        out[:] = [f"from {r}" for r in range(len(out))]
+
+    def all_reduce(t, op, group):
+        calls.append(("all_reduce", op, group))
+        t.fill_(1)
+
+    def barrier(group):
+        calls.append(("barrier", group))
+
+    for name, fake in (("broadcast_object_list", broadcast_object_list), ("all_gather_object", all_gather_object),
+                       ("all_reduce", all_reduce), ("barrier", barrier)):
+        monkeypatch.setattr(tdist, name, fake)
+    world = dist.World(rank=1, size=3, local_rank=1)
+    assert dist.broadcast(world, "rank 1's object") == "rank 0's object"
+    assert dist.gather(world, "mine") == ["from 0", "from 1", "from 2"]
+    assert dist.any_over(world, False) is True
+    dist.barrier(world)
+    assert calls == [("broadcast", 0, marker), ("gather", marker), ("all_reduce", tdist.ReduceOp.MAX, marker),
+                     ("barrier", marker)]
+    calls.clear()
+    assert dist.broadcast(dist.ONE, "mine") == "mine" and dist.gather(dist.ONE, "mine") == ["mine"]
+    assert dist.any_over(dist.ONE, True) is True and dist.any_over(dist.ONE, False) is False
+    dist.barrier(dist.ONE)
+    assert calls == []

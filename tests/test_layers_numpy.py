@@ -21,7 +21,8 @@ from exdrop.engine.pylayer import TEST, TRAIN, set_saliency_hook
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import require_pycaffe  # noqa: E402
 
-LAYER_MODULES = ("_guided", "excitation_dropout", "activation_dropout", "standard_dropout")
+LAYER_MODULES = ("_guided", "excitation_dropout", "activation_dropout", "standard_dropout", "curriculum_dropout",
+                 "adaptive_dropout", "information_dropout")
 
 
 class Blob:
@@ -56,7 +57,10 @@ def layers_mod():
             spec.loader.exec_module(mod)
         classes = {"ExcitationDropout": sys.modules["excitation_dropout"].ExcitationDropout,
                    "ActivationDropout": sys.modules["activation_dropout"].ActivationDropout,
-                   "StandardDropout": sys.modules["standard_dropout"].StandardDropout}
+                   "StandardDropout": sys.modules["standard_dropout"].StandardDropout,
+                   "CurriculumDropout": sys.modules["curriculum_dropout"].CurriculumDropout,
+                   "AdaptiveDropout": sys.modules["adaptive_dropout"].AdaptiveDropout,
+                   "InformationDropout": sys.modules["information_dropout"].InformationDropout}
         assert all(issubclass(c, pylayer._STAND_IN.Layer) for c in classes.values())
         yield classes
     finally:
@@ -315,3 +319,35 @@ def test_excitation_dropout_count_alive_on_the_caffe_path(layers_mod):
         set_saliency_hook(layer, lambda lay: p)
         y, _ = run(layer, x)
         np.testing.assert_array_equal(y, want)
+
+
+# Each layer's torch_module factory: what the prototxt engine runs in its place. Every param_str key
+# reaches the module, checked at the defaults and at values away from them (so a dropped, swapped
+# or None-ed argument shows either way). The module's attribute for each key:
+FACTORY_CASES = {
+    "ExcitationDropout": ("{'dropout_ratio': 0.3, 'rescale': False, 'grad_rescale': False, 'signal': 'pred', "
+                          "'count': 'alive'}",
+                          {"dropout_ratio": "p", "rescale": "rescale", "grad_rescale": "grad_rescale",
+                           "signal": "signal", "count": "count"}),
+    "ActivationDropout": ("{'dropout_ratio': 0.3, 'rescale': False, 'grad_rescale': False}",
+                          {"dropout_ratio": "p", "rescale": "rescale", "grad_rescale": "grad_rescale"}),
+    "StandardDropout": ("{'dropout_ratio': 0.3, 'per_image': False}", {"dropout_ratio": "p", "per_image": "per_image"}),
+    "CurriculumDropout": ("{'dropout_ratio': 0.3, 'gamma': 0.002}", {"dropout_ratio": "p", "gamma": "gamma"}),
+    "AdaptiveDropout": ("{'alpha': 2.5, 'beta': -1.5}", {"alpha": "alpha", "beta": "beta"}),
+    "InformationDropout": ("{'max_alpha': 0.4, 'weight_std': 0.02, 'bias': 0.25}",
+                           {"max_alpha": "max_alpha", "weight_std": "weight_std", "bias": "init_bias"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORY_CASES))
+def test_torch_module_factory_passes_every_param_str_key(layers_mod, name):
+    from exdrop import nn as drop_in
+    cls = layers_mod[name]
+    param_str, attribute = FACTORY_CASES[name]
+    assert set(attribute) == set(cls.parse("")) - {"logits", "label"}   # every key of the layer is checked
+    for given in ("", param_str):
+        params = cls.parse(given)
+        module = cls.torch_module(params, TRAIN)
+        assert type(module) is getattr(drop_in, name)
+        assert {k: getattr(module, a) for k, a in attribute.items()} == {k: params[k] for k in attribute}, given
+    assert cls.parse(param_str) != cls.parse("")

@@ -229,3 +229,27 @@ def test_torchvision_pth_saved_on_a_gpu_loads_onto_the_cpu(tmp_path):
     second = next(lp for lp in net.layer_list if lp.name == names[1])
     assert second.blobs[0].device.type == "cpu"
     assert torch.equal(second.blobs[0].detach(), state["features.1.weight"])
+
+
+def test_execute_counts_finished_runs_and_gives_each_worker_its_threads(tmp_path):
+    """The first line counts the runs already finished; each worker process gets the thread count
+    in both OMP_NUM_THREADS and MKL_NUM_THREADS (torch's CPU kernels read either)."""
+    import sys
+    done = [tmp_path / "done1", tmp_path / "done2"]
+    for folder in done:
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"status": "finished", "iterations": 8, "max_iter": 8}))
+    todo = tmp_path / "todo"
+    todo.mkdir()
+    record = ("import json, os, sys; folder = sys.argv[1]; "
+              "open(folder + '/env.json', 'w').write(json.dumps({k: os.environ.get(k) for k in "
+              "('OMP_NUM_THREADS', 'MKL_NUM_THREADS')})); "
+              "open(folder + '/results.json', 'w').write(json.dumps({'status': 'finished', 'iterations': 8, "
+              "'max_iter': 8}))")
+    runs = [S.Run("cifar10", "none", 0.5, seed, folder, command=[sys.executable, "-c", "raise SystemExit(3)"])
+            for seed, folder in enumerate(done, 1)]
+    runs += [S.Run("cifar10", "ed", 0.5, 1, todo, command=[sys.executable, "-c", record, str(todo)])]
+    said = []
+    assert S.execute(runs, workers=1, threads=3, gpus=0, echo=said.append) == {"runs": 3, "ran": 1, "failed": []}
+    assert said[0] == "sweep: 3 runs, 2 finished, 1 to run with 1 worker(s), 3 thread(s) each"
+    assert json.loads((todo / "env.json").read_text()) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}

@@ -56,6 +56,7 @@ def test_score_counts_timeouts_as_killed_and_no_tests_as_not(tmp_path):
     assert 0.1 < lo < 0.5 < hi < 0.9
     assert s["by_file"]["a.py"]["killed"] == 2 and s["by_file"]["a.py"]["score"] == pytest.approx(2 / 3)
     assert s["not_killed"] == {"m3": "survived", "m4": "no tests", "m5": "skipped", "m7": "suspicious"}
+    assert s["statuses"] == dict(sorted(statuses.items()))   # every sampled mutant, so a later verdict can rescore
 
 
 def test_wilson_interval_matches_the_formula():

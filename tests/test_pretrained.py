@@ -187,3 +187,41 @@ def test_pretrained_errors_name_the_file(tmp_path):
     torch.save({"features.0.weight": torch.zeros(4, 3, 3, 3)}, alexnet_like)
     with pytest.raises(ValueError, match="1 convolution weights, the net has 3 Convolution layers"):
         load_pretrained(net, alexnet_like, input_transform(param))
+
+
+def test_fetch_downloads_through_a_part_file_and_checks_the_sha1(tmp_path, monkeypatch):
+    """fetch (in this process, the download stood in for): a known name is fetched to
+    folder/name through name.part, checked against its sha1, and not fetched again once there; a
+    failed download names the file and the URL; an unknown name or a wrong digest is refused."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    from exdrop.engine import pretrained as P
+    payload = b"weights of a small net"
+    url = "http://example.org/small.caffemodel"
+    monkeypatch.setitem(P.MODEL_ZOO, "small.caffemodel", (url, hashlib.sha1(payload).hexdigest()))
+    fetched = []
+
+    def urlretrieve(u, target):
+        fetched.append((u, Path(target).name))
+        Path(target).write_bytes(payload)
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", urlretrieve)
+    path = P.fetch("small.caffemodel", tmp_path / "weights")
+    assert path == tmp_path / "weights" / "small.caffemodel" and path.read_bytes() == payload
+    assert fetched == [(url, "small.caffemodel.part")] and not (tmp_path / "weights" / "small.caffemodel.part").exists()
+    assert P.fetch("small.caffemodel", tmp_path / "weights") == path and len(fetched) == 1   # already here
+    path.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"small.caffemodel: sha1 [0-9a-f]{40} is not the Model Zoo file's"):
+        P.fetch("small.caffemodel", tmp_path / "weights")
+    with pytest.raises(ValueError, match="nosuch.caffemodel: not a known Model Zoo file"):
+        P.fetch("nosuch.caffemodel", tmp_path / "weights")
+
+    def offline(u, target):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(FileNotFoundError, match=r"elsewhere.small.caffemodel: not here and the download failed "
+                                                r"\(<urlopen error no network>\); fetch http://example.org/small"):
+        P.fetch("small.caffemodel", tmp_path / "elsewhere")

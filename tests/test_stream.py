@@ -231,3 +231,45 @@ def test_stream_decodes_in_the_records_dtype(lmdb):
     data, _ = src._load(np.arange(5))
     assert data.dtype == torch.uint8 and tuple(data.shape) == (5, 3, 9, 8)
     src.close()
+
+
+def test_stream_force_gray_and_force_color_reach_the_records(tmp_path):
+    """An encoded (PNG) LMDB read with transform_param force_gray is one channel, streamed as
+    resident; without it, the colour records stay three channels."""
+    import cv2
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (6, 3, 8, 8), dtype=np.uint8)
+    pngs = [cv2.imencode(".png", im.transpose(1, 2, 0))[1].tobytes() for im in images]
+    write_datum_lmdb(tmp_path / "db", pngs, [k % 2 for k in range(6)], encoded=True)
+    for gray, channels in ((True, 1), (False, 3)):
+        lp = _lp("Data", str(tmp_path / "db"), batch=3, crop=0, mirror=False)
+        del lp.transform_param.mean_value[:]
+        lp.transform_param.force_gray = gray
+        streamed = make_source(lp, 1, seed=2, stream=True)
+        resident = make_source(lp, 1, seed=2, stream=False)
+        assert isinstance(streamed, S.StreamSource)
+        assert streamed.top_shapes()[0] == (3, channels, 8, 8)
+        for _ in range(3):
+            torch.testing.assert_close(streamed.next_batch()[0], resident.next_batch()[0], rtol=0, atol=0)
+        streamed.close()
+
+
+def test_stream_moved_to_another_device_reseeds_from_its_own_generator(lmdb):
+    """`to(device)` (here "cpu:0", a device that is not "cpu" to torch) re-creates the crop/mirror
+    generator on the new device from a draw of the old one: the same source moved twice gives the
+    same batches, another seed other batches, and moving to the device it is on changes nothing."""
+    path, _, _ = lmdb
+    runs = {}
+    for key, seed in (("a", 3), ("a again", 3), ("b", 4)):
+        src = make_source(_lp("Data", str(path)), 0, seed=seed, stream=True)
+        src.next_batch()
+        old = src.gen
+        assert src.to("cpu") is src and src.device == torch.device("cpu") and src.gen is old
+        assert src.to("cpu:0") is src and src.device == torch.device("cpu:0") and src.gen is not old
+        runs[key] = [src.next_batch() for _ in range(4)]
+        assert all(y.device.type == "cpu" for _, y in runs[key])
+        src.close()
+    for (x1, y1), (x2, y2) in zip(runs["a"], runs["a again"]):
+        torch.testing.assert_close(x2, x1, rtol=0, atol=0)
+        torch.testing.assert_close(y2, y1)
+    assert any(not torch.equal(x1, x2) for (x1, _), (x2, _) in zip(runs["a"], runs["b"]))
