@@ -113,7 +113,8 @@ help:
 	@echo "                           score and survivors printed, work folder mutants/; MUTANTS='<glob>' for a subset"
 	@echo "make mutation-sample       the same selection's score estimated from SAMPLE=<n> mutants drawn at random with"
 	@echo "                           SEED=<n> (default 300, 1), with its 95% interval and the survivors named;"
-	@echo "                           MUTANTS='<glob>' draws from a subset; SAMPLE_OUT=<json> (default docs/mutation-sample.json)"
+	@echo "                           MUTANTS='<glob>' draws from a subset; SAMPLE_OUT=<json> (default docs/mutation-sample.json);"
+	@echo "                           VERDICTS=<md> leaves the mutants its table marks equivalent out of the score"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -163,7 +164,8 @@ mutation-sample:
 	$(PY) -m pip install -q "$(MUTMUT_SPEC)"
 	rm -rf mutants
 	EXDROP_CAFFE_DIR=$(CURDIR)/build/caffe $(PY) tests/mutation_sample.py --n $(call q,$(SAMPLE)) --seed $(call q,$(SEED)) \
-	  --max-children $$(nproc) $(if $(MUTANTS),--only $(call q,$(MUTANTS))) --out $(call q,$(SAMPLE_OUT))
+	  --max-children $$(nproc) $(if $(MUTANTS),--only $(call q,$(MUTANTS))) --out $(call q,$(SAMPLE_OUT)) \
+	  $(if $(VERDICTS),--verdicts $(call q,$(VERDICTS)))
 
 caffe:
 	PYTHON=$(PY) bash scripts/build_caffe.sh build/caffe

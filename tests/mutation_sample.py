@@ -12,6 +12,11 @@ Steps: generate the mutants (mutmut's own generator, incremental), list their na
 ``mutants/**/*.meta``, draw the sample, ``mutmut run`` those names, read their exit codes back.
 A mutant whose function no test reaches ("no tests") counts as not killed in ``score``;
 ``score_tested`` leaves those out as ``make mutation`` does.
+
+A survivor judged equivalent (no behaviour a user can observe changes) is left out of the
+denominator, as mutation testing defines its score, once a verdicts file says so: a markdown table
+whose rows read ``| `name` | status | equivalent: why |`` (``docs/mutation-survivors*.md``).
+``--rescore SAMPLE.json --verdicts FILE`` scores a finished sample again with them.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import fnmatch
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -39,6 +45,11 @@ def mutant_names(root: Path = Path("mutants")) -> dict[str, str]:
     return {name: source for source, codes in _metas(root) for name in codes}
 
 
+def source_file(name: str) -> str:
+    """The file a mutant name mutates: ``pkg.mod.x_f__mutmut_3`` -> ``pkg/mod.py``."""
+    return name.rsplit(".", 1)[0].replace(".", "/") + ".py"
+
+
 def draw(names, n: int, seed: int, only: str | None = None) -> list[str]:
     """n names drawn uniformly without replacement, the same for the same list, n, seed and filter."""
     pool = sorted(x for x in names if only is None or fnmatch.fnmatch(x, only))
@@ -56,12 +67,23 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return (float(ci.low), float(ci.high))
 
 
-def score(statuses: dict[str, str], source_of: dict[str, str]) -> dict:
-    """The sample's statuses (mutmut's words) -> overall and per-file counts, scores, intervals."""
+VERDICT_ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|[^|]*\|\s*equivalent\b", re.M)
+
+
+def equivalent_in(verdicts: list[Path]) -> set[str]:
+    """The mutant names that the verdict tables mark equivalent."""
+    return {m.group(1) for path in verdicts for m in VERDICT_ROW.finditer(Path(path).read_text())}
+
+
+def score(statuses: dict[str, str], source_of: dict[str, str], equivalent: set[str] = frozenset()) -> dict:
+    """The sample's statuses (mutmut's words) -> overall and per-file counts, scores, intervals.
+    A mutant in ``equivalent`` that was not killed counts as "equivalent", outside the denominator."""
+    statuses = {k: ("equivalent" if k in equivalent and v not in KILLED else v) for k, v in statuses.items()}
+
     def block(keys):
         c = Counter(statuses[k] for k in keys)
         killed = sum(c[s] for s in KILLED)
-        counted = len(keys) - c["skipped"] - c["caught by type check"]
+        counted = len(keys) - c["skipped"] - c["caught by type check"] - c["equivalent"]
         tested = counted - c["no tests"]
         lo, hi = wilson(killed, counted)
         return {"sampled": len(keys), "killed": killed, "counts": dict(sorted(c.items())),
@@ -101,20 +123,34 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="an fnmatch pattern over mutant names, e.g. 'exdrop.run.runlog.*'")
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", type=Path, help="write the result here as JSON")
+    ap.add_argument("--verdicts", type=Path, action="append", default=[],
+                    help="a markdown table of verdicts; its rows marked `equivalent` leave the denominator")
+    ap.add_argument("--rescore", type=Path, metavar="SAMPLE_JSON",
+                    help="score a finished sample's statuses again with --verdicts (runs no mutant)")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error(f"--n must be at least 1, not {args.n}")
-    generate()
-    source_of = mutant_names()
-    sample = draw(source_of, args.n, args.seed, args.only)
-    print(f"mutation_sample: {len(sample)} of {len(source_of)} mutants, seed {args.seed}", flush=True)
-    rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *sample])
-    if rc != 0:
-        print(f"mutation_sample: mutmut run exited {rc}", file=sys.stderr)
-        return rc
-    statuses = statuses_of(sample)
-    result = {"seed": args.seed, "n": args.n, "only": args.only, "population": len(source_of),
-              **score(statuses, {k: source_of[k] for k in sample})}
+    equivalent = equivalent_in(args.verdicts)
+    if args.rescore:
+        before = json.loads(args.rescore.read_text())
+        source_of = {k: source_file(k) for k in before["statuses"]}
+        result = {**{k: before[k] for k in ("seed", "n", "only", "population")},
+                  **score(before["statuses"], source_of, equivalent), "source_of": source_of,
+                  "verdicts": [str(v) for v in args.verdicts]}
+    else:
+        generate()
+        names = mutant_names()
+        sample = draw(names, args.n, args.seed, args.only)
+        print(f"mutation_sample: {len(sample)} of {len(names)} mutants, seed {args.seed}", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
+                              *sample])
+        if rc != 0:
+            print(f"mutation_sample: mutmut run exited {rc}", file=sys.stderr)
+            return rc
+        source_of = {k: names[k] for k in sample}
+        result = {"seed": args.seed, "n": args.n, "only": args.only, "population": len(names),
+                  **score(statuses_of(sample), source_of, equivalent), "source_of": source_of,
+                  "verdicts": [str(v) for v in args.verdicts]}
     o = result["overall"]
     print(f"mutation score (sample): {o['killed']}/{o['sampled']} = {100 * (o['score'] or 0):.1f}% "
           f"[95% {100 * o['interval95'][0]:.1f}, {100 * o['interval95'][1]:.1f}]; not killed:")

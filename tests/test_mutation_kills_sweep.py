@@ -125,6 +125,11 @@ def test_ucf101_data_is_the_converted_folder_with_a_list_order_per_seed(tmp_path
     every = (src / "train.txt").read_text().splitlines()
     one, two = (lists[s].read_text().splitlines() for s in (1, 2))
     assert one != two and sorted(one) == sorted(two) == sorted(every)
+    # a validation LMDB of its own beside the test LMDB (not the converter's link to it) is the one held out
+    (src / "val_lmdb").mkdir()
+    (src / "val_lmdb" / "data.mdb").write_bytes(b"")
+    info = S.prepare_data("ucf101", str(src), S.BUDGETS["paper"], tmp_path / "data", [1], progress=False)
+    assert info["val"] == {1: str(src / "val_lmdb")}
 
 
 # ---------------------------------------------------------------------- pretrained_weights

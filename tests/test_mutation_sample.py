@@ -67,3 +67,28 @@ def test_wilson_interval_matches_the_formula():
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     lo, hi = ms.wilson(k, n)
     assert lo == pytest.approx(centre - half, abs=1e-9) and hi == pytest.approx(centre + half, abs=1e-9)
+
+
+def test_equivalent_verdicts_leave_the_denominator_and_a_sample_rescores(tmp_path):
+    verdicts = tmp_path / "verdicts.md"
+    verdicts.write_text("| mutant | status | fate |\n|---|---|---|\n"
+                        "| `pkg.a.x_f__mutmut_3` | survived | equivalent: a thread's name |\n"
+                        "| `pkg.a.x_f__mutmut_4` | survived | killed by test_x |\n"
+                        "| `pkg.a.x_f__mutmut_1` | killed | equivalent: a killed mutant stays killed |\n")
+    assert ms.equivalent_in([verdicts]) == {"pkg.a.x_f__mutmut_3", "pkg.a.x_f__mutmut_1"}
+    statuses = {"pkg.a.x_f__mutmut_1": "killed", "pkg.a.x_f__mutmut_2": "killed", "pkg.a.x_f__mutmut_3": "survived",
+                "pkg.a.x_f__mutmut_4": "survived", "pkg.sub.b.xǁCǁg__mutmut_1": "killed"}
+    assert ms.source_file("pkg.sub.b.xǁCǁg__mutmut_1") == "pkg/sub/b.py"
+    source = {k: ms.source_file(k) for k in statuses}
+    plain = ms.score(statuses, source)["overall"]
+    assert plain["score"] == pytest.approx(3 / 5)
+    judged = ms.score(statuses, source, ms.equivalent_in([verdicts]))
+    assert judged["overall"]["score"] == pytest.approx(3 / 4) and judged["overall"]["counts"]["equivalent"] == 1
+    assert judged["by_file"]["pkg/a.py"]["score"] == pytest.approx(2 / 3)
+    sample = tmp_path / "sample.json"
+    sample.write_text(json.dumps({"seed": 2, "n": 5, "only": None, "population": 99, **ms.score(statuses, source)}))
+    out = tmp_path / "rescored.json"
+    assert ms.main(["--rescore", str(sample), "--verdicts", str(verdicts), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["overall"]["score"] == pytest.approx(3 / 4) and again["seed"] == 2 and again["population"] == 99
+    assert again["verdicts"] == [str(verdicts)]
