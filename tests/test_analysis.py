@@ -189,6 +189,9 @@ def test_run_analysis_matches_sums_by_hand(tiny_run):
     # saved, and reused while nothing changed
     saved = json.loads((tiny_run / "analysis" / "analysis.json").read_text())
     assert saved["final"]["entropy_peb"] == f["entropy_peb"]
+    # the over-training cache names the iteration-0 weights its first row was computed from
+    from exdrop.run.init_weights import init_identity
+    assert saved["key_over"]["snapshots"][0] == [0, "iteration 0", init_identity(tiny_run)]
     calls = []
     again = A.analyze_run(tiny_run, delta=0.05, training_images=3, echo=calls.append)
     assert calls == [] and again["final"] == saved["final"]
@@ -353,3 +356,27 @@ def test_a_run_without_snapshots_reuses_its_kept_analysis_or_names_the_missing_f
     (run / "analysis" / "analysis.json").write_text(json.dumps({"over_training": []}))
     with pytest.raises(NoSnapshots, match=re.escape(f"no snapshot in {run / 'snapshots'} to analyse")):
         analyze_run(run, echo=said.append)
+
+
+def test_run_analysis_cache_keeps_what_it_reused_and_the_blob_reaches_every_part(tiny_run, tmp_path):
+    """The final analysis reused while the over-training curve is added is still reused next time; a
+    blob given is the blob of the final analysis and of every over-training row."""
+    import shutil
+    from exdrop.run.init_weights import init_identity
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    quiet = lambda *a: None   # noqa: E731
+    first = A.analyze_run(run, delta=0.05, over_training=False, force=True, echo=quiet)
+    assert first["final"]["init_weights"] == (f"drawn again from {run / 'init.json'} "
+                                              f"(sha256 {init_identity(run)[:12]}...)")
+    said = []
+    A.analyze_run(run, delta=0.05, over_training=True, training_images=3, echo=said.append)
+    assert len(said) == 1 and "snapshots over training" in said[0]   # the final analysis reused
+    said.clear()
+    A.analyze_run(run, delta=0.05, over_training=True, training_images=3, echo=said.append)
+    assert said == []
+    res = A.analyze_run(run, blob="conv1", delta=0.05, over_training=True, training_images=3, force=True, echo=quiet)
+    assert res["final"]["blob"] == "conv1"
+    direct = A.analyze(run / "solver.prototxt", run / "snapshots" / "tiny_ed_iter_4.caffemodel", None, "conv1", None,
+                       0.05, images=3, compression=False)
+    assert res["over_training"]["rows"][-1]["neurons_on"] == pytest.approx(direct["neurons_on"])

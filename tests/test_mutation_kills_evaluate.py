@@ -103,3 +103,72 @@ def test_sweep_summary_has_results_iterations_and_no_loss_for_an_empty_loss_cell
     (run,) = cells[0]["runs"]
     assert run["loss"] is None and run["accuracy"] == 0.55
     assert run["iterations"] == 4   # _plan_of's results.json: {"iterations": 4, "max_iter": 4}
+
+
+# ---------------------------------------------------------------------- seed-2 sample survivors
+def _result(**over):
+    result = {"net": "n.prototxt", "weights": "w_iter_8.caffemodel", "data": "data/ucf101", "data_split": "test_lmdb",
+              "images": 9, "iterations": 3, "batch_size": 3, "reading": "each image once", "accuracy": 2 / 3,
+              "loss": 0.87654, "backend": "engine", "device": "cpu", "video_accuracy": 0.5, "videos": 2,
+              "classes": ["walk", "run", "jump"], "per_class_images": [3, 3, 3],
+              "per_class_accuracy": [1.0, 1 / 3, None], "num_classes": 3, "confusion": [[3, 0, 0], [1, 1, 1], [0, 0, 0]]}
+    return {**result, **over}
+
+
+def test_format_table_prints_every_field_it_is_given():
+    lines = ev.format_table(_result()).splitlines()
+    assert lines == ["net:      n.prototxt", "weights:  w_iter_8.caffemodel",
+                     "data:     data/ucf101 (test_lmdb): 9 images (3 batches of 3; each image once)",
+                     "accuracy: 0.6667   loss: 0.8765   [engine, cpu]",
+                     "video accuracy: 0.5000 over 2 videos (each video's frame softmax averaged)",
+                     "  class  images  accuracy", "  walk        3  1.0000", "  run         3  0.3333",
+                     "  jump        3  -"]
+    bare = ev.format_table(_result(loss=None, video_accuracy=None, data_split=None, classes=None)).splitlines()
+    assert bare[2] == "data:     data/ucf101: 9 images (3 batches of 3; each image once)"
+    assert bare[3] == "accuracy: 0.6667   loss: n/a   [engine, cpu]"
+    assert not any(line.startswith("video accuracy") for line in bare) and bare[5] == "  0           3  1.0000"
+
+
+def test_write_report_writes_again_into_its_folder_with_the_class_names(tmp_path, monkeypatch):
+    seen = []
+    real = ev.confusion_figure
+    monkeypatch.setattr(ev, "confusion_figure", lambda c, classes, title: seen.append((classes, title)) or real(c, classes, title))
+    for _ in range(2):   # a second test of the same snapshot replaces the first report
+        paths = ev.write_report(_result(), tmp_path / "final_test")
+    assert json.loads(paths["json"].read_text())["accuracy"] == pytest.approx(2 / 3) and paths["png"].is_file()
+    assert seen[-1] == (["walk", "run", "jump"], "w_iter_8.caffemodel on ucf101: accuracy 0.6667, 9 images")
+
+
+def test_resolve_data_names_what_it_was_given(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes.txt: a file, not a converted LMDB or dataset folder"):
+        ev.resolve_data(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r": a folder without data.mdb, test_lmdb/ or val_lmdb/, not a converted"):
+        ev.resolve_data(tmp_path)
+
+
+@pytest.mark.parametrize("device, allowed", [(None, True), ("", True), ("auto", True), ("cpu", True),
+                                             ("cuda", False), ("cuda:0", False)])
+def test_caffe_backend_takes_only_cpu_devices(monkeypatch, device, allowed):
+    class Reached(Exception):
+        pass
+
+    def load_caffe():
+        raise Reached
+
+    monkeypatch.setattr(ev, "load_caffe", load_caffe)
+    with pytest.raises(Reached if allowed else ValueError, match=None if allowed else "runs on CPU only"):
+        ev._run_caffe(None, None, None, None, [], device, False)
+
+
+def test_standout_keep_probability_defaults_to_sigmoid_of_z():
+    from exdrop.engine import functional as Fx
+    z = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(Fx.standout_keep_probability(z), torch.sigmoid(z))
+    torch.testing.assert_close(Fx.standout_keep_probability(z, 2.0, -1.0), torch.sigmoid(2 * z - 1))
+
+
+def test_confusion_figure_writes_dark_cells_in_white():
+    fig = ev.confusion_figure(np.array([[9, 1], [4, 6]]), ["a", "b"], "t")
+    colours = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
+    assert colours == {"0.90": "white", "0.10": "black", "0.40": "black", "0.60": "white"}

@@ -8,6 +8,7 @@ the CPU. Each test is small: converters are replaced by fakes where only their a
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from exdrop import data as D
 from exdrop.data import DatumLMDB, write_datum_lmdb
 from exdrop.experiments import sweep as S
 from exdrop.proto import io as cio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_sweep import _plan_of  # noqa: E402
 
 SUBSET = S.Budget("subset", "test budget: 10 train + 7 held-back images per class", train_per_class=10,
                   val_per_class=7, max_iter=4, stepvalue=2, test_interval=2, snapshot=2, display=1)
@@ -258,3 +262,49 @@ def test_execute_counts_finished_runs_and_gives_each_worker_its_threads(tmp_path
     assert S.execute(runs, workers=1, threads=3, gpus=0, echo=said.append) == {"runs": 3, "ran": 1, "failed": []}
     assert said[0] == "sweep: 3 runs, 2 finished, 1 to run with 1 worker(s), 3 thread(s) each"
     assert json.loads((todo / "env.json").read_text()) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+
+
+def test_regime_thresholds_are_inclusive(tmp_path):
+    """A No Dropout run exactly at the thresholds (train accuracy 0.95, last held-out loss 1.05 x its
+    minimum) fits and rises, as the check's text says (">=")."""
+    assert S.REGIME_TRAIN_ACCURACY == 0.95 and (1 + S.REGIME_LOSS_RISE) * 2.0 == 2.1
+    _plan_of(tmp_path, {("none", 1): ([0.95], [(2, 0.5, 2.0), (4, 0.5, 2.1)]),
+                        ("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)])})
+    check = S.regime(S.collect(tmp_path))
+    assert check["overfits"] is True and check["held_out_loss_rises"] is True and check["ok"] is True
+
+
+def test_closing_a_record_reader_twice_is_harmless(tmp_path):
+    from exdrop.data.stream import LMDBRecords
+    write_datum_lmdb(tmp_path / "db", np.zeros((2, 1, 2, 2), np.uint8), [0, 1])
+    records = LMDBRecords(tmp_path / "db")
+    assert len(records) == 2
+    records.close()
+    records.close()
+    assert records.db is None
+
+
+def _figure_of(monkeypatch, draw):
+    """The matplotlib figure that ``draw()`` saves and closes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    closed, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig) or close(fig))
+    draw()
+    return closed[-1]
+
+
+def test_fig3_draws_excitation_thicker_and_says_when_there_is_nothing(tmp_path, monkeypatch):
+    _plan_of(tmp_path, {("none", 1): ([0.9], [(2, 0.40, 1.2), (4, 0.50, 1.3)]),
+                        ("ed", 1): ([0.8], [(2, 0.45, 1.1), (4, 0.55, 1.0)]),
+                        ("ed", 2): ([0.8], [(2, 0.43, 1.1), (4, 0.57, 1.0)])})
+    summary = S.collect(tmp_path)
+    fig = _figure_of(monkeypatch, lambda: S.plot_fig3(summary, "cifar10", tmp_path / "fig3.png"))
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    assert set(lines) == {"No Dropout (n=1)", "Excitation (n=2)"}
+    assert lines["Excitation (n=2)"].get_linewidth() == 2.2 and lines["No Dropout (n=1)"].get_linewidth() == 1.4
+    assert list(lines["Excitation (n=2)"].get_ydata()) == pytest.approx([44.0, 56.0])
+    empty = _figure_of(monkeypatch, lambda: S.plot_fig3(summary, "cifar100", tmp_path / "none.png"))
+    (note,) = empty.axes[0].texts
+    assert note.get_text() == "no test results yet" and (note.get_ha(), note.get_va()) == ("center", "center")
