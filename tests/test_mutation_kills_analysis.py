@@ -49,9 +49,11 @@ def wide(tmp_path_factory):
     return nets
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def full(wide):
-    """One full analysis (compression included) of the wide net at batch 3."""
+    """One full analysis (compression included) of the wide net at batch 3. Made for each test (0.7 s):
+    mutation testing runs, for a mutant, only the tests during which the mutated function ran, and a
+    module-scoped fixture runs during the first test only."""
     return A.analyze(wide["b3"], wide["weights"])
 
 
@@ -76,6 +78,35 @@ def test_analysis_header_keys_and_timing(full):
     assert list(full)[:8] == ["weights", "net", "data", "blob", "units", "images", "seconds", "device"]
     assert len({k.lower() for k in full}) == len(full)
     assert isinstance(full["seconds"], float) and full["seconds"] >= 0
+
+
+def test_analysis_seconds_are_the_pass_rounded_to_hundredths(wide):
+    import time
+    t0 = time.perf_counter()
+    r = A.analyze(wide["b3"], wide["weights"], images=3, compression=False)
+    took = time.perf_counter() - t0
+    assert isinstance(r["seconds"], float) and 0 <= r["seconds"] <= took + 0.01
+    assert r["seconds"] == round(r["seconds"], 2)
+
+
+def test_analysis_shows_its_progress_when_asked(wide, capsys):
+    A.analyze(wide["b3"], wide["weights"], images=3, compression=False, progress=True)
+    assert "test" in capsys.readouterr().err
+    A.analyze(wide["b3"], wide["weights"], images=3, compression=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_analysis_reads_a_data_layer_from_its_first_record_whatever_its_rand_skip(wide, tmp_path):
+    """Caffe's rand_skip skips a random number of records at the start of training; an analysis of
+    the test set starts at record 0, so it reads the same images with or without it."""
+    text = wide["b3"].read_text()
+    skipped = tmp_path / "skip.prototxt"
+    skipped.write_text(text.replace("batch_size: 3 backend: LMDB", "batch_size: 3 backend: LMDB rand_skip: 5"))
+    assert skipped.read_text().count("rand_skip: 5") == 1   # the TEST layer
+    plain = A.analyze(wide["b3"], wide["weights"], images=3, compression=False)
+    other = A.analyze(skipped, wide["weights"], images=3, compression=False)
+    for key in ("neurons_on", "peak_peb", "entropy_act", "accuracy", "nll"):
+        assert other[key] == pytest.approx(plain[key], rel=1e-6), key
 
 
 def test_analysis_runs_on_the_device_asked_for(wide):
