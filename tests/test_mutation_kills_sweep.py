@@ -308,3 +308,21 @@ def test_fig3_draws_excitation_thicker_and_says_when_there_is_nothing(tmp_path, 
     empty = _figure_of(monkeypatch, lambda: S.plot_fig3(summary, "cifar100", tmp_path / "none.png"))
     (note,) = empty.axes[0].texts
     assert note.get_text() == "no test results yet" and (note.get_ha(), note.get_va()) == ("center", "center")
+
+
+def test_table_of_the_authors_recipe_keeps_its_budget_line(tmp_path):
+    _plan_of(tmp_path, {("none", 1): ([0.9], [(4, 0.50, 1.3)]), ("ed", 1): ([0.8], [(4, 0.55, 1.0)])})
+    summary = {**S.collect(tmp_path), "recipe": "authors"}
+    lines = S.table_markdown(summary, "2").splitlines()
+    assert lines[0] == S._budget_line(summary) and lines[0]
+    assert lines[2] == f"Recipe: {S.RECIPE_LABELS['authors']}."
+
+
+def test_ucf101_at_a_reduced_budget_says_how_to_run_it(tmp_path):
+    src = _converted_ucf101(tmp_path / "ucf101_conv")
+    reduced = next(b for b in S.BUDGETS.values() if b.train_per_class is not None)
+    with pytest.raises(ValueError, match=rf"budget '{reduced.name}' subsets the training images per class, which is "
+                                         r"defined for CNN-2 only; fine-tune on UCF101 at BUDGET=paper \(a GPU's "
+                                         r"work\), or stop the runs early with --max-iter N \(MAX_ITER=N\): a reduced "
+                                         r"budget, labelled so$"):
+        S.prepare_data("ucf101", str(src), reduced, tmp_path / "data", [1], progress=False)

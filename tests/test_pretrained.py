@@ -187,6 +187,18 @@ def test_pretrained_errors_name_the_file(tmp_path):
     torch.save({"features.0.weight": torch.zeros(4, 3, 3, 3)}, alexnet_like)
     with pytest.raises(ValueError, match="1 convolution weights, the net has 3 Convolution layers"):
         load_pretrained(net, alexnet_like, input_transform(param))
+    three_convs = tmp_path / "three_convs.pth"
+    torch.save({**{f"features.{i}.weight": torch.zeros(4, 3, 3, 3) for i in (0, 3, 6)},
+                "classifier.0.weight": torch.zeros(10, 4)}, three_convs)
+    with pytest.raises(ValueError, match=r"three_convs.pth: 1 linear weights, the net has 3 InnerProduct layers: not "
+                                         r"the same architecture"):
+        load_pretrained(net, three_convs, input_transform(param))
+    no_mean = caffe_pb2.NetParameter(name="bare")
+    no_mean.layer.add(name="data", type="Data")
+    with pytest.raises(ValueError, match=r"^net 'bare': no data layer with 1 or 3 transform_param mean_value, which the "
+                                         r"conversion of a torchvision first convolution needs \(a mean_file is not "
+                                         r"supported\)$"):
+        input_transform(no_mean)
 
 
 def test_fetch_downloads_through_a_part_file_and_checks_the_sha1(tmp_path, monkeypatch):

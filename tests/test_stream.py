@@ -273,3 +273,17 @@ def test_stream_moved_to_another_device_reseeds_from_its_own_generator(lmdb):
         torch.testing.assert_close(x2, x1, rtol=0, atol=0)
         torch.testing.assert_close(y2, y1)
     assert any(not torch.equal(x1, x2) for (x1, _), (x2, _) in zip(runs["a"], runs["b"]))
+
+
+def test_image_list_stream_errors_name_the_image_and_its_line(tmp_path):
+    import cv2
+    rng = np.random.default_rng(3)
+    for k in range(4):
+        size = 9 if k == 2 else 8
+        cv2.imwrite(str(tmp_path / f"{k}.png"), rng.integers(0, 256, (size, 8, 3), dtype=np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"{k}.png {k % 2}\n" for k in range(4)))
+    lp = _lp("ImageData", str(tmp_path / "list.txt"), batch=4, crop=0, mirror=False, root=str(tmp_path) + "/")
+    src = make_source(lp, 1, stream=True)
+    with pytest.raises(ValueError, match=r"layer 'data': image .*2.png \(line 3 of list .*list.txt\) is 9x8, the first record is 8x8"):
+        src.next_batch()
+    src.close()
