@@ -316,6 +316,7 @@ def test_table_of_the_authors_recipe_keeps_its_budget_line(tmp_path):
     lines = S.table_markdown(summary, "2").splitlines()
     assert lines[0] == S._budget_line(summary) and lines[0]
     assert lines[2] == f"Recipe: {S.RECIPE_LABELS['authors']}."
+    assert "| cifar10 | 50.00 (n=1) [76.91] | 55.00 (n=1) [81.94] |" in lines
 
 
 def test_ucf101_at_a_reduced_budget_says_how_to_run_it(tmp_path):
@@ -326,3 +327,23 @@ def test_ucf101_at_a_reduced_budget_says_how_to_run_it(tmp_path):
                                          r"work\), or stop the runs early with --max-iter N \(MAX_ITER=N\): a reduced "
                                          r"budget, labelled so$"):
         S.prepare_data("ucf101", str(src), reduced, tmp_path / "data", [1], progress=False)
+
+
+def test_seeded_order_is_written_again_only_when_its_source_seed_or_size_changed(tmp_path):
+    src = Path(_lmdb(tmp_path / "src", 12, 0))
+    dst = tmp_path / "ordered"
+
+    def labels():
+        with DatumLMDB(dst) as db:
+            return db.read_all()[1].tolist()
+
+    S._seeded_order(src, dst, 1)
+    first, stamp = labels(), (dst / "data.mdb").stat().st_mtime_ns
+    assert json.loads((dst / "order.json").read_text()) == {"source": str(src.resolve()), "seed": 1, "records": 12}
+    S._seeded_order(src, dst, 1)
+    assert (dst / "data.mdb").stat().st_mtime_ns == stamp                        # kept
+    S._seeded_order(src, dst, 2)
+    assert sorted(labels()) == sorted(first) and labels() != first               # another seed: another order
+    _lmdb(src, 13, 0)                                                            # the source converted again
+    S._seeded_order(src, dst, 2)
+    assert sorted(labels()) == list(range(13))

@@ -288,15 +288,17 @@ def _ucf101_lists(src: Path, budget: Budget, out: Path, seeds) -> dict:
 
 
 def _seeded_order(src: Path, dst: Path, seed: int) -> str:
-    """``dst``: the records of LMDB ``src`` in an order drawn from ``seed`` (written once)."""
+    """``dst``: the records of LMDB ``src`` in an order drawn from ``seed`` (written again only when
+    the source, the seed or the record count differs from the one it was written from)."""
     done = dst / "order.json"
-    if done.is_file() and json.loads(done.read_text()).get("source") == str(src.resolve()):
-        return str(dst)
     with DatumLMDB(src) as db:
+        stamp = {"source": str(src.resolve()), "seed": seed, "records": len(db)}
+        if done.is_file() and json.loads(done.read_text()) == stamp:
+            return str(dst)
         images, labels = db.read_all()
     order = np.random.default_rng(seed).permutation(len(labels))
     write_datum_lmdb(dst, images[order], labels[order])
-    done.write_text(json.dumps({"source": str(src.resolve()), "seed": seed, "records": int(len(labels))}))
+    done.write_text(json.dumps(stamp))
     return str(dst)
 
 
