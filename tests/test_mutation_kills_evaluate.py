@@ -172,3 +172,18 @@ def test_confusion_figure_writes_dark_cells_in_white():
     fig = ev.confusion_figure(np.array([[9, 1], [4, 6]]), ["a", "b"], "t")
     colours = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
     assert colours == {"0.90": "white", "0.10": "black", "0.40": "black", "0.60": "white"}
+
+
+@pytest.mark.parametrize("test_iter, refused", [(0, True), (1, False)])
+def test_a_solver_whose_test_iter_is_zero_is_refused(tiny, tmp_path, test_iter, refused):
+    """`exdrop test SOLVER` reads test_iter batches; a solver with test_iter 0 would score no image."""
+    _, net, weights = tiny
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}"\ntest_iter: {test_iter}\ntest_interval: 10\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                      'max_iter: 10\n')
+    if refused:
+        with pytest.raises(ValueError, match=r"tiny_ed.prototxt \(test net of .*solver.prototxt\): the solver's "
+                                             r"test_iter is 0; give --iterations"):
+            ev.evaluate(solver, weights)
+    else:
+        assert ev.evaluate(solver, weights)["iterations"] == 1
