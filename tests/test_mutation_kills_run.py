@@ -366,3 +366,20 @@ def test_the_printed_row_shows_the_float_outputs_only():
     row = {"iter": 3, "phase": "test", "lr": 0.01, "elapsed_s": 2.5, "accuracy": 0.5, "loss": 1.25, "images": 7}
     assert format_row(row) == "[test @ 3] accuracy=0.5000 loss=1.2500"
     assert format_row({"iter": 0, "phase": "train", "lr": 0.1, "elapsed_s": 0.1}) == "[train @ 0] "
+
+
+def test_run_log_keeps_its_columns_when_a_row_or_an_old_log_has_more(tmp_path):
+    """A row with a key outside the log's columns (an output the log was not opened with, or a column of
+    the log being resumed that this net does not have) is written without it, not refused mid-run."""
+    from exdrop.run.runlog import BASE_COLUMNS, RunLog
+    with open(tmp_path / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BASE_COLUMNS + ["accuracy", "kl"])
+        w.writeheader()
+        w.writerow({"iter": 0, "phase": "test", "lr": 0.1, "elapsed_s": 1.0, "accuracy": 0.1, "kl": 3.0})
+    log = RunLog(tmp_path, ["accuracy"], resume_iter=1)
+    log.add({"iter": 1, "phase": "train", "lr": 0.1, "elapsed_s": 2.0, "loss": 0.5, "accuracy": 0.5, "extra": 1})
+    log.finish({"status": "finished"})
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == BASE_COLUMNS + ["accuracy"]
+    assert [(r["iter"], r["phase"], r["accuracy"]) for r in rows] == [("0", "test", "0.1"), ("1", "train", "0.5")]
