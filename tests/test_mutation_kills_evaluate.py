@@ -187,3 +187,15 @@ def test_a_solver_whose_test_iter_is_zero_is_refused(tiny, tmp_path, test_iter, 
             ev.evaluate(solver, weights)
     else:
         assert ev.evaluate(solver, weights)["iterations"] == 1
+
+
+def test_load_test_net_says_what_a_file_is_not(tmp_path):
+    empty = tmp_path / "empty.prototxt"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match=r"empty.prototxt: a net prototxt without layers$"):
+        ev.load_test_net(empty)
+    garbage = tmp_path / "garbage.prototxt"
+    garbage.write_text("this is { not a prototxt\n")
+    with pytest.raises(ValueError, match=r"garbage.prototxt: neither a net nor a solver prototxt \(as a net: .+; "
+                                         r"as a solver: .+\)"):
+        ev.load_test_net(garbage)
