@@ -256,3 +256,12 @@ def test_restore_names_the_history_blob_of_the_wrong_size(tmp_path):
     with pytest.raises(ValueError) as ei:
         make_solver(sp, [ParamEntry(w, 1, 1)]).restore_solverstate(tmp_path / "s")
     assert str(ei.value) == f"{tmp_path / 's'}: history blob 0 has 3 values, expected 2"
+
+
+def test_signal_classes_names_the_layer_and_the_label_shape_it_was_given():
+    from exdrop.engine.eb import signal_classes
+    logits = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"^drop: 6 label\(s\) of shape \(2, 3\) for a batch of 4: give one class "
+                                         r"index per image, shape \(4,\)$"):
+        signal_classes("gt", logits, torch.zeros(2, 3), where="drop")
+    assert signal_classes("gt", logits, torch.tensor([[0], [2], [1], [1]])).tolist() == [0, 2, 1, 1]
