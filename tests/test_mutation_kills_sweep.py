@@ -347,3 +347,19 @@ def test_seeded_order_is_written_again_only_when_its_source_seed_or_size_changed
     _lmdb(src, 13, 0)                                                            # the source converted again
     S._seeded_order(src, dst, 2)
     assert sorted(labels()) == list(range(13))
+
+
+def test_plan_txt_is_one_command_line_per_run(no_conversion, tmp_path):
+    runs = S.plan(tmp_path / "sweep", ["cifar10"], ["none", "ed"], [0.5], [1, 2], S.BUDGETS["paper"], {"cifar10": "src"},
+                  progress=False)
+    lines = (tmp_path / "sweep" / "plan.txt").read_text().splitlines(keepends=True)
+    assert len(runs) == 4 and lines == [S._plan_line(r) for r in runs]
+    assert all(line.startswith("cd ") and " -m exdrop train " in line for line in lines)
+
+
+def test_caltech256_at_a_reduced_budget_says_why_not(tmp_path):
+    reduced = next(b for b in S.BUDGETS.values() if b.train_per_class is not None)
+    with pytest.raises(ValueError, match=r"^the caltech256 data of the paper is already 50 train / 20 test images per "
+                                         r"class; run it at BUDGET=paper \(no CPU budget is defined for 128x128 "
+                                         r"CNN-2\)$"):
+        S.prepare_data("caltech256", "src", reduced, tmp_path / "data", [1], progress=False)
