@@ -33,7 +33,7 @@ UCF_TINY = S.Budget("tiny-ucf", "test budget: 2 iterations at batch 2", max_iter
 def _fake_converter(calls: list, folder: Path):
     """A stand-in for prepare_cifar10/100: records its keyword arguments, converts nothing."""
     def convert(source, out_dir, **kw):
-        calls.append(kw)
+        calls.append({**kw, "out_dir": out_dir})
         return {"train": str(folder / "train_lmdb"), "val": str(folder / "val_lmdb"), "counts": {"train": 1}}
     return convert
 
@@ -363,3 +363,8 @@ def test_caltech256_at_a_reduced_budget_says_why_not(tmp_path):
                                          r"class; run it at BUDGET=paper \(no CPU budget is defined for 128x128 "
                                          r"CNN-2\)$"):
         S.prepare_data("caltech256", "src", reduced, tmp_path / "data", [1], progress=False)
+
+
+def test_cifar100_converts_into_the_budgets_split_folder(no_conversion, tmp_path):
+    S.prepare_data("cifar100", "src", SUBSET, tmp_path / "data", [1], progress=False)
+    assert [Path(kw["out_dir"]) for kw in no_conversion] == [tmp_path / "data" / f"cifar100_{SUBSET.name}" / "split"]
