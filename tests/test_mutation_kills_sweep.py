@@ -368,3 +368,8 @@ def test_caltech256_at_a_reduced_budget_says_why_not(tmp_path):
 def test_cifar100_converts_into_the_budgets_split_folder(no_conversion, tmp_path):
     S.prepare_data("cifar100", "src", SUBSET, tmp_path / "data", [1], progress=False)
     assert [Path(kw["out_dir"]) for kw in no_conversion] == [tmp_path / "data" / f"cifar100_{SUBSET.name}" / "split"]
+
+
+def test_an_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"^unknown recipe 'adam': one of paper, authors$"):
+        S.variant_paths("cifar10", "ed", recipe="adam")

@@ -183,6 +183,7 @@ def test_one_run_end_to_end_into_table3(converted, weights, tmp_path):
     summary = json.loads((tmp_path / "table3.json").read_text())
     ed = next(c for c in summary["cells"] if c["method"] == "ed")
     assert ed["net"] == "alexnet" and ed["paper"] == 67.56 and ed["runs"][0]["last_accuracy"] is not None
+    assert (ed["runs"][0]["test_images"], ed["runs"][0]["videos"]) == (9, 3)   # what the final test read
 
 
 def _fake(folder: Path, acc: float, video: float, max_iter: int = 4):
