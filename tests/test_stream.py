@@ -287,3 +287,19 @@ def test_image_list_stream_errors_name_the_image_and_its_line(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'data': image .*2.png \(line 3 of list .*list.txt\) is 9x8, the first record is 8x8"):
         src.next_batch()
     src.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_data_layer_without_backend_reads_an_lmdb_folder(lmdb, tmp_path, stream):
+    """Caffe's DataParameter defaults to LEVELDB; a layer that leaves `backend` out but names an LMDB
+    folder is read as LMDB, and one naming a folder that is not an LMDB is refused by name."""
+    path, images, labels = lmdb
+    lp = _lp("Data", str(path), mirror=False)
+    lp.data_param.ClearField("backend")
+    src = make_source(lp, 1, stream=stream)
+    np.testing.assert_array_equal(src.next_batch()[1].numpy(), labels[:5])
+    if stream:
+        src.close()
+    lp.data_param.source = str(tmp_path)
+    with pytest.raises(ValueError, match=r"layer 'data': only the LMDB backend is supported"):
+        make_source(lp, 1, stream=stream)
