@@ -303,3 +303,19 @@ def test_a_data_layer_without_backend_reads_an_lmdb_folder(lmdb, tmp_path, strea
     lp.data_param.source = str(tmp_path)
     with pytest.raises(ValueError, match=r"layer 'data': only the LMDB backend is supported"):
         make_source(lp, 1, stream=stream)
+
+
+def test_an_input_layer_reads_the_lmdb_it_is_given_at_its_shapes_batch(lmdb):
+    """An Input layer (a deploy net) fed from an LMDB: its batch is the first dim of its shape unless given."""
+    path, images, labels = lmdb
+    lp = caffe_pb2.LayerParameter(name="data", type="Input")
+    lp.top.extend(["data"])
+    lp.input_param.shape.add().dim.extend([4, 3, 9, 8])
+    src = make_source(lp, 1, source=str(path))
+    x, y = src.next_batch()
+    assert tuple(x.shape) == (4, 3, 9, 8)
+    np.testing.assert_array_equal(x.numpy(), images[:4].astype(np.float32))
+    np.testing.assert_array_equal(y.numpy(), labels[:4])
+    assert make_source(lp, 1, source=str(path), batch_size=2).next_batch()[0].shape[0] == 2
+    with pytest.raises(ValueError, match="layer 'data': an Input layer has no data source"):
+        make_source(lp, 1)
