@@ -86,7 +86,7 @@ def score(statuses: dict[str, str], source_of: dict[str, str], equivalent: set[s
         counted = len(keys) - c["skipped"] - c["caught by type check"] - c["equivalent"]
         tested = counted - c["no tests"]
         lo, hi = wilson(killed, counted)
-        return {"sampled": len(keys), "killed": killed, "counts": dict(sorted(c.items())),
+        return {"sampled": len(keys), "counted": counted, "killed": killed, "counts": dict(sorted(c.items())),
                 "score": killed / counted if counted else None, "interval95": [lo, hi],
                 "score_tested": killed / tested if tested else None}
     by_file = {}
@@ -152,8 +152,9 @@ def main(argv=None) -> int:
                   **score(statuses_of(sample), source_of, equivalent), "source_of": source_of,
                   "verdicts": [str(v) for v in args.verdicts]}
     o = result["overall"]
-    print(f"mutation score (sample): {o['killed']}/{o['sampled']} = {100 * (o['score'] or 0):.1f}% "
-          f"[95% {100 * o['interval95'][0]:.1f}, {100 * o['interval95'][1]:.1f}]; not killed:")
+    left_out = f" ({o['sampled'] - o['counted']} of the {o['sampled']} left out)" if o["counted"] != o["sampled"] else ""
+    print(f"mutation score (sample): {o['killed']}/{o['counted']} = {100 * (o['score'] or 0):.1f}% "
+          f"[95% {100 * o['interval95'][0]:.1f}, {100 * o['interval95'][1]:.1f}]{left_out}; not killed:")
     for k, s in result["not_killed"].items():
         print(f"  {s:10s} {k}")
     if args.out:

@@ -91,4 +91,4 @@ def test_equivalent_verdicts_leave_the_denominator_and_a_sample_rescores(tmp_pat
     assert ms.main(["--rescore", str(sample), "--verdicts", str(verdicts), "--out", str(out)]) == 0
     again = json.loads(out.read_text())
     assert again["overall"]["score"] == pytest.approx(3 / 4) and again["seed"] == 2 and again["population"] == 99
-    assert again["verdicts"] == [str(verdicts)]
+    assert again["verdicts"] == [str(verdicts)] and again["overall"]["counted"] == 4
