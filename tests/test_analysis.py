@@ -370,8 +370,9 @@ def test_run_analysis_cache_keeps_what_it_reused_and_the_blob_reaches_every_part
     assert first["final"]["init_weights"] == (f"drawn again from {run / 'init.json'} "
                                               f"(sha256 {init_identity(run)[:12]}...)")
     said = []
-    A.analyze_run(run, delta=0.05, over_training=True, training_images=3, echo=said.append)
+    second = A.analyze_run(run, delta=0.05, over_training=True, training_images=3, echo=said.append)
     assert len(said) == 1 and "snapshots over training" in said[0]   # the final analysis reused
+    assert second["final"] == first["final"]
     said.clear()
     A.analyze_run(run, delta=0.05, over_training=True, training_images=3, echo=said.append)
     assert said == []

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from exdrop.engine import functional as Fx
 from exdrop.engine.layer_types import Accuracy, SoftmaxWithLoss
 from exdrop.proto import caffe_pb2
 from exdrop.engine.pylayer import TRAIN
@@ -265,3 +266,17 @@ def test_signal_classes_names_the_layer_and_the_label_shape_it_was_given():
                                          r"index per image, shape \(4,\)$"):
         signal_classes("gt", logits, torch.zeros(2, 3), where="drop")
     assert signal_classes("gt", logits, torch.tensor([[0], [2], [1], [1]])).tolist() == [0, 2, 1, 1]
+
+
+def test_standard_dropout_draws_a_mask_per_image_by_default():
+    g = torch.Generator().manual_seed(0)
+    y = Fx.standard_dropout(torch.ones(8, 64), generator=g)
+    assert len({tuple(row.tolist()) for row in y}) > 1          # not one mask shared by the batch
+
+
+def test_adaptive_dropout_keeps_the_dtype_of_its_input_whatever_the_pre_activation():
+    x = torch.rand(4, 6)
+    z = torch.randn(4, 6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    assert Fx.adaptive_dropout(x, pre_activation=z, training=True, generator=g).dtype == torch.float32
+    assert Fx.adaptive_dropout(x, pre_activation=z, training=False).dtype == torch.float32

@@ -172,6 +172,7 @@ def test_confusion_figure_writes_dark_cells_in_white():
     fig = ev.confusion_figure(np.array([[9, 1], [4, 6]]), ["a", "b"], "t")
     colours = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
     assert colours == {"0.90": "white", "0.10": "black", "0.40": "black", "0.60": "white"}
+    assert fig.axes[0].images[0].get_clim() == (0.0, 1.0)   # the colour scale is the fraction, 0 to 1
 
 
 @pytest.mark.parametrize("test_iter, refused", [(0, True), (1, False)])

@@ -373,3 +373,23 @@ def test_cifar100_converts_into_the_budgets_split_folder(no_conversion, tmp_path
 def test_an_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"^unknown recipe 'adam': one of paper, authors$"):
         S.variant_paths("cifar10", "ed", recipe="adam")
+
+
+def test_regime_reads_only_its_dataset_at_rate_half_and_names_the_paper_recipe_by_default(tmp_path):
+    _plan_of(tmp_path, {("none", 1): ([0.99], [(2, 0.5, 1.2), (4, 0.5, 1.4)]),
+                        ("standard_fc1", 1): ([0.8], [(4, 0.62, 1.1)])})
+    summary = S.collect(tmp_path)
+    summary.pop("recipe", None)
+    other = [{**c, "dataset": "cifar100", "runs": [{**r, "accuracy": 0.0} for r in c["runs"]]}
+             for c in summary["cells"] if c["method"] == "none"]
+    summary["cells"] += other
+    check = S.regime(summary)
+    assert check["recipe"] == "paper"
+    assert [s["held_out_accuracy"] for s in check["none"]] == [pytest.approx(0.5)]   # not cifar100's run
+
+
+def test_fig3_is_saved_at_110_dpi(tmp_path):
+    import matplotlib.image as mpimg
+    _plan_of(tmp_path, {("ed", 1): ([0.8], [(2, 0.45, 1.1), (4, 0.55, 1.0)])})
+    png = S.plot_fig3(S.collect(tmp_path), "cifar10", tmp_path / "fig3.png")
+    assert mpimg.imread(png).shape[:2] == (round(4.5 * 110), 7 * 110)
