@@ -381,3 +381,19 @@ def test_run_analysis_cache_keeps_what_it_reused_and_the_blob_reaches_every_part
     direct = A.analyze(run / "solver.prototxt", run / "snapshots" / "tiny_ed_iter_4.caffemodel", None, "conv1", None,
                        0.05, images=3, compression=False)
     assert res["over_training"]["rows"][-1]["neurons_on"] == pytest.approx(direct["neurons_on"])
+
+
+def test_run_analysis_runs_every_pass_on_the_device_asked_for(tiny_run, tmp_path, monkeypatch):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    devices, real = [], A.analyze
+
+    def analyze(*args, **kw):
+        devices.append(kw.get("device"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(A, "analyze", analyze)
+    A.analyze_run(run, delta=0.05, over_training=True, training_images=3, device="cpu", force=True,
+                  echo=lambda *a: None)
+    assert devices == ["cpu"] * 4          # the final pass, then iteration 0 and both snapshots

@@ -173,3 +173,12 @@ def test_video_list_not_matching_the_frames_gives_a_note(tmp_path):
     probs = np.full((4, 3), 1 / 3)
     res = video_accuracy(tmp_path / "test_lmdb", probs, np.zeros(4, int), each_image_once=True)
     assert res == {"video_accuracy": None, "video_note": f"{path}: 5 frames listed, 4 evaluated"}
+
+
+def test_run_info_of_a_run_its_nearest_plan_does_not_list_is_empty(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"runs": [{"key": "k", "dataset": "cifar10", "method": "ed",
+                                                              "rate": 0.5, "seed": 1, "folder": "elsewhere"}]}))
+    (tmp_path / "mine").mkdir()
+    assert A.run_info(tmp_path / "mine") == {}
+    (tmp_path / "plan.json").write_text("{ not json")
+    assert A.run_info(tmp_path / "mine") == {}

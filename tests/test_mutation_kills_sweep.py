@@ -393,3 +393,9 @@ def test_fig3_is_saved_at_110_dpi(tmp_path):
     _plan_of(tmp_path, {("ed", 1): ([0.8], [(2, 0.45, 1.1), (4, 0.55, 1.0)])})
     png = S.plot_fig3(S.collect(tmp_path), "cifar10", tmp_path / "fig3.png")
     assert mpimg.imread(png).shape[:2] == (round(4.5 * 110), 7 * 110)
+
+
+def test_paired_differences_default_to_cifar10(tmp_path):
+    _plan_of(tmp_path, {("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)]), ("ed", 1): ([0.7], [(4, 0.58, 1.2)])})
+    summary = S.collect(tmp_path)
+    assert S.paired(summary) == S.paired(summary, "cifar10") and S.paired(summary)
