@@ -397,3 +397,18 @@ def test_run_analysis_runs_every_pass_on_the_device_asked_for(tiny_run, tmp_path
     A.analyze_run(run, delta=0.05, over_training=True, training_images=3, device="cpu", force=True,
                   echo=lambda *a: None)
     assert devices == ["cpu"] * 4          # the final pass, then iteration 0 and both snapshots
+
+
+def test_run_analysis_is_redone_for_another_last_snapshot_and_says_when_delta_is_unknown(tiny_run, tmp_path):
+    """The cache key names the last snapshot's file, not only its time; a run whose data set is not
+    known and no --delta gets no conservative filters, and is told why."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    first = A.analyze_run(run, over_training=False, force=True, echo=lambda *a: None)
+    assert first["final"]["conservative_note"].startswith("no conservative filters: Table 5's Delta is per data set (")
+    assert first["final"]["conservative_note"].endswith("and this run's data set is not known: give --delta")
+    (run / "snapshots" / "tiny_ed_iter_4.caffemodel").rename(run / "snapshots" / "tiny_ed_iter_5.caffemodel")
+    said = []
+    again = A.analyze_run(run, over_training=False, echo=said.append)
+    assert again["iteration"] == 5 and any("iteration 5" in line for line in said)
