@@ -133,10 +133,9 @@ def main(argv=None) -> int:
     equivalent = equivalent_in(args.verdicts)
     if args.rescore:
         before = json.loads(args.rescore.read_text())
-        source_of = {k: source_file(k) for k in before["statuses"]}
-        result = {**{k: before[k] for k in ("seed", "n", "only", "population")},
-                  **score(before["statuses"], source_of, equivalent), "source_of": source_of,
-                  "verdicts": [str(v) for v in args.verdicts]}
+        header = {k: before[k] for k in ("seed", "n", "only", "population")}
+        statuses = before["statuses"]
+        source_of = {k: source_file(k) for k in statuses}
     else:
         generate()
         names = mutant_names()
@@ -147,10 +146,9 @@ def main(argv=None) -> int:
         if rc != 0:
             print(f"mutation_sample: mutmut run exited {rc}", file=sys.stderr)
             return rc
-        source_of = {k: names[k] for k in sample}
-        result = {"seed": args.seed, "n": args.n, "only": args.only, "population": len(names),
-                  **score(statuses_of(sample), source_of, equivalent), "source_of": source_of,
-                  "verdicts": [str(v) for v in args.verdicts]}
+        header = {"seed": args.seed, "n": args.n, "only": args.only, "population": len(names)}
+        statuses, source_of = statuses_of(sample), {k: names[k] for k in sample}
+    result = {**header, **score(statuses, source_of, equivalent), "verdicts": [str(v) for v in args.verdicts]}
     o = result["overall"]
     left_out = f" ({o['sampled'] - o['counted']} of the {o['sampled']} left out)" if o["counted"] != o["sampled"] else ""
     print(f"mutation score (sample): {o['killed']}/{o['counted']} = {100 * (o['score'] or 0):.1f}% "

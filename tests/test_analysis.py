@@ -358,13 +358,18 @@ def test_a_run_without_snapshots_reuses_its_kept_analysis_or_names_the_missing_f
         analyze_run(run, echo=said.append)
 
 
-def test_run_analysis_cache_keeps_what_it_reused_and_the_blob_reaches_every_part(tiny_run, tmp_path):
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    """A copy of the tiny run that a test may analyse again, rename in, or cache into."""
+    import shutil
+    shutil.copytree(tiny_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_run_analysis_cache_keeps_what_it_reused_and_the_blob_reaches_every_part(run):
     """The final analysis reused while the over-training curve is added is still reused next time; a
     blob given is the blob of the final analysis and of every over-training row."""
-    import shutil
     from exdrop.run.init_weights import init_identity
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
     quiet = lambda *a: None   # noqa: E731
     first = A.analyze_run(run, delta=0.05, over_training=False, force=True, echo=quiet)
     assert first["final"]["init_weights"] == (f"drawn again from {run / 'init.json'} "
@@ -383,10 +388,7 @@ def test_run_analysis_cache_keeps_what_it_reused_and_the_blob_reaches_every_part
     assert res["over_training"]["rows"][-1]["neurons_on"] == pytest.approx(direct["neurons_on"])
 
 
-def test_run_analysis_runs_every_pass_on_the_device_asked_for(tiny_run, tmp_path, monkeypatch):
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+def test_run_analysis_runs_every_pass_on_the_device_asked_for(run, monkeypatch):
     devices, real = [], A.analyze
 
     def analyze(*args, **kw):
@@ -399,12 +401,9 @@ def test_run_analysis_runs_every_pass_on_the_device_asked_for(tiny_run, tmp_path
     assert devices == ["cpu"] * 4          # the final pass, then iteration 0 and both snapshots
 
 
-def test_run_analysis_is_redone_for_another_last_snapshot_and_says_when_delta_is_unknown(tiny_run, tmp_path):
+def test_run_analysis_is_redone_for_another_last_snapshot_and_says_when_delta_is_unknown(run):
     """The cache key names the last snapshot's file, not only its time; a run whose data set is not
     known and no --delta gets no conservative filters, and is told why."""
-    import shutil
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
     first = A.analyze_run(run, over_training=False, force=True, echo=lambda *a: None)
     assert first["final"]["conservative_note"].startswith("no conservative filters: Table 5's Delta is per data set (")
     assert first["final"]["conservative_note"].endswith("and this run's data set is not known: give --delta")
