@@ -26,6 +26,7 @@ from test_sweep import _plan_of  # noqa: E402
 
 SUBSET = S.Budget("subset", "test budget: 10 train + 7 held-back images per class", train_per_class=10,
                   val_per_class=7, max_iter=4, stepvalue=2, test_interval=2, snapshot=2, display=1)
+REDUCED = next(b for b in S.BUDGETS.values() if b.train_per_class is not None)   # a CPU budget: a subset per class
 UCF_TINY = S.Budget("tiny-ucf", "test budget: 2 iterations at batch 2", max_iter=2, test_interval=0, snapshot=0,
                     display=1, batch_size=2, test_batch_size=3, test_iter=1)
 
@@ -243,7 +244,6 @@ def test_torchvision_pth_saved_on_a_gpu_loads_onto_the_cpu(tmp_path):
 def test_execute_counts_finished_runs_and_gives_each_worker_its_threads(tmp_path):
     """The first line counts the runs already finished; each worker process gets the thread count
     in both OMP_NUM_THREADS and MKL_NUM_THREADS (torch's CPU kernels read either)."""
-    import sys
     done = [tmp_path / "done1", tmp_path / "done2"]
     for folder in done:
         folder.mkdir()
@@ -321,12 +321,11 @@ def test_table_of_the_authors_recipe_keeps_its_budget_line(tmp_path):
 
 def test_ucf101_at_a_reduced_budget_says_how_to_run_it(tmp_path):
     src = _converted_ucf101(tmp_path / "ucf101_conv")
-    reduced = next(b for b in S.BUDGETS.values() if b.train_per_class is not None)
-    with pytest.raises(ValueError, match=rf"budget '{reduced.name}' subsets the training images per class, which is "
+    with pytest.raises(ValueError, match=rf"budget '{REDUCED.name}' subsets the training images per class, which is "
                                          r"defined for CNN-2 only; fine-tune on UCF101 at BUDGET=paper \(a GPU's "
                                          r"work\), or stop the runs early with --max-iter N \(MAX_ITER=N\): a reduced "
                                          r"budget, labelled so$"):
-        S.prepare_data("ucf101", str(src), reduced, tmp_path / "data", [1], progress=False)
+        S.prepare_data("ucf101", str(src), REDUCED, tmp_path / "data", [1], progress=False)
 
 
 def test_seeded_order_is_written_again_only_when_its_source_seed_or_size_changed(tmp_path):
@@ -358,11 +357,10 @@ def test_plan_txt_is_one_command_line_per_run(no_conversion, tmp_path):
 
 
 def test_caltech256_at_a_reduced_budget_says_why_not(tmp_path):
-    reduced = next(b for b in S.BUDGETS.values() if b.train_per_class is not None)
     with pytest.raises(ValueError, match=r"^the caltech256 data of the paper is already 50 train / 20 test images per "
                                          r"class; run it at BUDGET=paper \(no CPU budget is defined for 128x128 "
                                          r"CNN-2\)$"):
-        S.prepare_data("caltech256", "src", reduced, tmp_path / "data", [1], progress=False)
+        S.prepare_data("caltech256", "src", REDUCED, tmp_path / "data", [1], progress=False)
 
 
 def test_cifar100_converts_into_the_budgets_split_folder(no_conversion, tmp_path):
