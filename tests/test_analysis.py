@@ -24,6 +24,7 @@ from exdrop.engine.pylayer import TEST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import write_tiny  # noqa: E402
+import golden  # noqa: E402
 from make_dry import unquoted  # noqa: E402
 
 
@@ -86,6 +87,9 @@ def test_calibration_bins_and_ece_by_hand():
     # bins: (0.95, 0.95, 1.0) -> acc 2/3, conf 0.9667; (0.55, 0.55) -> acc 1, conf 0.55; (0.0) -> 0, 0
     want = (3 * abs(2 / 3 - 2.9 / 3) + 2 * abs(1 - 0.55) + 0) / 6
     assert A.expected_calibration_error(count, conf_sum, acc_sum) == pytest.approx(want)
+    # a confidence a rounding above 1 (a float32 softmax can give one) still falls in the last bin
+    above = torch.nextafter(torch.tensor([1.0]), torch.tensor([2.0]))
+    assert A.calibration_bins(above, torch.tensor([True]), bins=15)[0].tolist() == [0] * 14 + [1]
 
 
 # ---------------------------------------------------------------------- a tiny run, by hand
@@ -192,6 +196,14 @@ def test_run_analysis_matches_sums_by_hand(tiny_run):
     # the over-training cache names the iteration-0 weights its first row was computed from
     from exdrop.run.init_weights import init_identity
     assert saved["key_over"]["snapshots"][0] == [0, "iteration 0", init_identity(tiny_run)]
+    snaps = [tiny_run / "snapshots" / f"tiny_ed_iter_{it}.caffemodel" for it in (2, 4)]
+    assert saved["key_over"]["snapshots"][1:] == [[it, str(p), p.stat().st_mtime_ns] for it, p in zip((2, 4), snaps)]
+    assert saved["key_final"]["format"] == saved["key_over"]["format"] == A.FORMAT
+    # every over-training row carries the held-out metrics beside Table 5's, of its own 3 images
+    assert all(set(r) == {"iter", *A.METRICS, "accuracy", "nll", "ece", "conservative"} for r in rows)
+    assert all(r[k] is not None for r in rows for k in ("accuracy", "nll", "ece"))
+    assert rows[-1]["accuracy"] == pytest.approx((probs[:3].argmax(1) == y[:3]).mean())
+    assert rows[-1]["nll"] == pytest.approx(-np.log(probs[np.arange(3), y[:3]]).mean(), rel=1e-5)
     calls = []
     again = A.analyze_run(tiny_run, delta=0.05, training_images=3, echo=calls.append)
     assert calls == [] and again["final"] == saved["final"]
@@ -399,6 +411,31 @@ def test_run_analysis_runs_every_pass_on_the_device_asked_for(run, monkeypatch):
     A.analyze_run(run, delta=0.05, over_training=True, training_images=3, device="cpu", force=True,
                   echo=lambda *a: None)
     assert devices == ["cpu"] * 4          # the final pass, then iteration 0 and both snapshots
+
+
+def test_run_analysis_whole_against_its_golden_copy(tiny_run, run):
+    """Every key and number of analysis.json for the tiny run (final and over training), within 1e-4:
+    the checks above by hand cover the formulas, this one every field a report or figure reads."""
+    from exdrop.run.init_weights import init_identity
+    res = A.analyze_run(run, delta=0.05, over_training=True, training_images=3, force=True, echo=lambda *a: None)
+    init = init_identity(run)   # a digest of init.json, which names this machine's paths
+    text = json.dumps(res).replace(str(run), "<run>").replace(str(tiny_run.parent), "<tmp>")
+    text = text.replace(init, "<init sha256>").replace(init[:12], "<init sha256>")
+    res = json.loads(text)
+    res["final"]["seconds"] = None
+    res["key_final"]["weights"][1] = 0
+    for snap in res["key_over"]["snapshots"]:
+        snap[2] = 0 if isinstance(snap[2], int) else snap[2]
+    golden.check_close("analysis_tiny_run.json", res)
+
+
+def test_run_analysis_takes_delta_from_the_data_set_its_net_path_names(run):
+    """A run outside a sweep whose net is prototxt/cnn2/cifar10/...: Table 5's CIFAR-10 Delta."""
+    results = json.loads((run / "results.json").read_text())
+    results["net"] = str(run / "prototxt" / "cnn2" / "cifar10" / "train_val_ed.prototxt")
+    (run / "results.json").write_text(json.dumps(results))
+    res = A.analyze_run(run, over_training=False, force=True, echo=lambda *a: None)
+    assert res["final"]["delta"] == A.DELTA["cifar10"] and res["final"]["conservative"] is not None
 
 
 def test_run_analysis_is_redone_for_another_last_snapshot_and_says_when_delta_is_unknown(run):

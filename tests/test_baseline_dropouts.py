@@ -84,9 +84,13 @@ def test_curriculum_retain_schedule():
     assert Fx.curriculum_retain(123, 0.5, 0.0) == 1.0           # gamma 0: never drops
     thetas = [Fx.curriculum_retain(t, 0.3, 1e-3) for t in range(0, 10000, 500)]
     assert all(a > b for a, b in zip(thetas, thetas[1:])) and thetas[-1] > 0.7
-    for bad in ({"p": 1.0}, {"p": -0.1}, {"gamma": -1e-4}, {"gamma": float("nan")}, {"iteration": -1}):
+    for bad, msg in (({"p": 1.0}, r"dropout probability has to be in \[0, 1\), got 1.0 \(final retain"),
+                     ({"p": -0.1}, r"in \[0, 1\), got -0.1 "),
+                     ({"gamma": -1e-4}, r"Curriculum Dropout's gamma must be a finite number >= 0, got -0.0001$"),
+                     ({"gamma": float("nan")}, "gamma must be a finite number >= 0, got nan$"),
+                     ({"iteration": -1}, r"^Curriculum Dropout's iteration must be >= 0, got -1$")):
         args = {"iteration": 10, "p": 0.5, "gamma": 5e-4, **bad}
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=msg):
             Fx.curriculum_retain(**args)
 
 

@@ -148,6 +148,20 @@ def test_eb_pooling_any_magnitude(seed, ex, et, zeros, geom):
     _check(outm, ref_max(x, top, k, s, p), top, top.double().flatten(1).sum(1))
 
 
+def test_eb_avg_pooling_scales_each_channel_on_its_own():
+    """Average pooling never mixes channels, so each (image, channel) is scaled alone: a channel of
+    magnitude 1e-30 beside one of 1e30 keeps its EB values (scaled together, it would underflow)."""
+    rng = np.random.default_rng(4)
+    x = _arr(rng, (2, 2, 6, 6), 0)
+    x[:, 0] *= 1e30
+    x[:, 1] *= 1e-30
+    top = _top(rng, (2, 2, 3, 3), 0)
+    out = eb.eb_avg_pool2d(x, top, 2, 2, 0)
+    ref, z = ref_avg(x, top, 2, 2, 0)
+    _check(out, ref, top, _z_pos_mass(top, z))
+    assert (out[:, 1] > 0).all()
+
+
 @SETTINGS
 @given(SEED, EXP, EXP, st.integers(-40, 0), ZEROS, st.sampled_from([None, [1.0, 1.0], [2.0, 0.5], [1e-3, 3.0]]))
 def test_eb_eltwise_any_magnitude(seed, ea, eb_, et, zeros, coeffs):

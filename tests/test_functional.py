@@ -224,6 +224,15 @@ def test_standard_dropout_per_image_vs_shared():
             Fx.standard_dropout(x, bad)
 
 
+def test_standard_dropout_draws_its_mask_on_the_input_device():
+    """The mask is drawn where x lives, with no host copy ("meta" stands in for CUDA here: a mask
+    drawn on the host cannot multiply it)."""
+    for per_image in (True, False):
+        for shape in ((4, 6), (2, 3, 5, 5)):
+            y = Fx.standard_dropout(torch.ones(shape, device="meta"), 0.5, per_image=per_image)
+            assert y.device.type == "meta" and y.shape == shape
+
+
 def test_standard_dropout_module_eval_identity():
     m = StandardDropout(p=0.5, per_image=False).eval()
     x = torch.randn(3, 5)

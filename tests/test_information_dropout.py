@@ -219,6 +219,19 @@ def test_module_parameters_init_and_errors():
         Fx.information_blobs((2, 3, 4, 4), (2, 12))
 
 
+def test_information_blobs_default_bias_is_zero_and_both_blobs_are_float32_whatever_the_default_dtype():
+    """Caffe's blobs are float32: the filled weight and bias stay float32 under a float64 default."""
+    weight, bias = Fx.information_blobs((2, 5), (2, 3))
+    assert torch.equal(bias, torch.zeros(5))
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        blobs = Fx.information_blobs((2, 5), (2, 3), bias=0.25)
+    finally:
+        torch.set_default_dtype(saved)
+    assert [b.dtype for b in blobs] == [torch.float32, torch.float32] and torch.all(blobs[1] == 0.25)
+
+
 # ------------------------------------------------------------------ the Caffe layer, as Caffe drives it
 class Blob:
     """What a Caffe Python layer sees of a blob."""
@@ -391,6 +404,21 @@ def test_caffe_layer_test_phase_identity_and_setup(layer_cls):
             caffe_layer(layer_cls, [Blob(f), Blob(x)], param_str=bad)
     with pytest.raises(Exception, match="takes bottoms f"):
         caffe_layer(layer_cls, [Blob(f), Blob(x), Blob(x)])
+
+
+def test_caffe_layer_with_one_top_has_no_kl_gradient(layer_cls):
+    """Without the KL top nothing weights the KL: the gradients are those of two tops at loss_weight 0
+    (the first top's diff is not read as a loss weight)."""
+    f, x, G = _case_arrays("fc_x")
+    blobs = [b.data.copy() for b in caffe_layer(layer_cls, [Blob(f), Blob(x)]).blobs]
+    grads = []
+    for n_top, kl_weight in ((1, None), (2, 0.0)):
+        layer = caffe_layer(layer_cls, [Blob(f), Blob(x)], n_top=n_top, blobs=blobs)
+        _, _, df, dx = run_caffe_layer(layer, f, x, G, kl_weight=kl_weight, n_top=n_top)
+        grads.append([layer.blobs[0].diff.copy(), layer.blobs[1].diff.copy(), df, dx])
+    for one, two in zip(*grads):
+        np.testing.assert_array_equal(one, two)
+    assert np.abs(grads[0][0]).max() > 0   # the data term does reach W
 
 
 # ------------------------------------------------------------------ the engine

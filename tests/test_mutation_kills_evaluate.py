@@ -20,6 +20,7 @@ from exdrop.proto import io as cio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caffe_nets import write_tiny  # noqa: E402
 from test_sweep import _plan_of  # noqa: E402
+import golden  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,32 @@ def test_scored_images_leave_out_the_ignored_label(tiny):
     assert res["images"] == 6 and res["each_image_once"] is True
     assert res["scored_images"] == 4
     assert np.array(res["confusion"]).sum() == 4 and res["per_class_images"] == [2, 2, 0]
+
+
+def test_result_names_its_blobs_and_times_the_pass_to_milliseconds(tiny):
+    tmp, net, weights = tiny
+    res = ev.evaluate(net, weights)
+    assert (res["scores_blob"], res["label_blob"]) == ("ip2", "label")
+    assert isinstance(res["seconds"], float) and 0 < res["seconds"] == round(res["seconds"], 3)
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+def test_result_whole_against_its_golden_copy(tiny, iterations):
+    """Every field of `exdrop test`'s result for the tiny net (each image once; then 3 batches of 3,
+    wrapping around as Caffe does), numbers within 1e-4."""
+    tmp, net, weights = tiny
+    res = ev.evaluate(net, weights, iterations=iterations)
+    assert res["seconds"] > 0
+    res = json.loads(json.dumps({**res, "seconds": None}).replace(str(tmp), "<tmp>"))
+    golden.check_close(f"evaluate_tiny_iterations_{iterations}.json", res)
+
+
+def test_class_names_are_taken_only_when_there_is_one_per_class(tmp_path):
+    lmdb = tmp_path / "test_lmdb"
+    for classes, names, want in ((3, ["a", "b", "c"], ["a", "b", "c"]), (3, ["a", "b"], None), (3, [1, 2, 3], ["1", "2", "3"]),
+                                 (2, {"a": 0, "b": 1}, None), (2, "ab", None)):
+        (tmp_path / "meta.json").write_text(json.dumps({"classes": names}))
+        assert ev._class_names(lmdb, classes) == want, names
 
 
 # ---------------------------------------------------------------------- UCF101's video accuracy

@@ -294,3 +294,32 @@ def test_solver_prototxt_end_to_end():
     from exdrop.engine.solver import AdamSolver, Solver
     s = Solver(solver_param(type="Adam", base_lr=0.1, lr_policy="fixed"), [])
     assert isinstance(s, AdamSolver) and s.iter == 0
+
+
+def test_snapshot_model_path_is_the_learned_net_beside_the_state_or_its_own_name(tmp_path):
+    """A .solverstate's weights: its learned_net's file name in its own folder; a state that names
+    none (written by hand, or an old tool) takes the .caffemodel of its own name."""
+    from exdrop.engine.snapshot import snapshot_model_path
+    state = tmp_path / "snap_iter_3.solverstate"
+    for learned, model in (("/elsewhere/other_iter_3.caffemodel", "other_iter_3.caffemodel"),
+                           ("", "snap_iter_3.caffemodel")):
+        state.write_bytes(caffe_pb2.SolverState(iter=3, learned_net=learned).SerializeToString())
+        (tmp_path / model).write_bytes(b"")
+        assert snapshot_model_path(state) == tmp_path / model
+        (tmp_path / model).unlink()
+        with pytest.raises(FileNotFoundError, match=f"its weights {tmp_path / model} are missing"):
+            snapshot_model_path(state)
+
+
+def test_plain_state_keeps_plain_values_and_names_where_another_sits():
+    """An engine state saved for torch.load(weights_only=True): tensors (on the CPU), numpy arrays and
+    scalars as tensors and numbers, tuples as lists; anything else is refused by its place."""
+    import numpy as np
+    from exdrop.engine.snapshot import plain_state
+    got = plain_state({"t": torch.ones(2, requires_grad=True), "a": np.arange(3), "n": np.float32(1.5),
+                       "l": (1, "x", None, [True])})
+    assert torch.equal(got["t"], torch.ones(2)) and not got["t"].requires_grad
+    assert torch.equal(got["a"], torch.arange(3)) and got["n"] == 1.5 and type(got["n"]) is float
+    assert got["l"] == [1, "x", None, [True]]
+    with pytest.raises(TypeError, match=r"^engine state state\['opt'\]\[1\]\[0\] is a object, not a plain value$"):
+        plain_state({"opt": [1, (object(),)]})

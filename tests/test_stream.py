@@ -1,6 +1,9 @@
 """Data read from disk batch by batch (exdrop/data/stream.py), for data sets too large to hold in
 memory (UCF101 frames, ImageNet): the same batches as the resident source for a Data layer, one
 batch decoded ahead, exact resume, a process's part of a global batch, clear errors."""
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -319,3 +322,80 @@ def test_an_input_layer_reads_the_lmdb_it_is_given_at_its_shapes_batch(lmdb):
     assert make_source(lp, 1, source=str(path), batch_size=2).next_batch()[0].shape[0] == 2
     with pytest.raises(ValueError, match="layer 'data': an Input layer has no data source"):
         make_source(lp, 1)
+
+
+def test_stream_counts_epochs_as_the_resident_source(lmdb):
+    """The epoch in the saved state starts at 0 and counts as the resident source's does, one batch
+    ahead (the stream has already drawn the batch it decodes ahead)."""
+    path, _, _ = lmdb
+    resident = make_source(_lp("Data", str(path)), 0, seed=2, stream=False)
+    streamed = make_source(_lp("Data", str(path)), 0, seed=2, stream=True)
+    assert streamed.state_dict()["epoch"] == 0
+    epochs = []
+    for _ in range(8):
+        resident.next_batch()
+        epochs.append((streamed.state_dict()["epoch"], resident.state_dict()["epoch"]))
+        streamed.next_batch()
+    assert all(s == r for s, r in epochs) and epochs[-1][0] == 3   # 40 of 13 records drawn
+    streamed.close()
+
+
+def test_a_record_gone_from_the_lmdb_is_named_whatever_its_key_bytes(lmdb):
+    path, _, _ = lmdb
+    records = S.LMDBRecords(path)
+    records.keys[2] = b"gone\xff"   # a key that is not UTF-8, no longer in the LMDB
+    with pytest.raises(L.CorruptRecordError, match="record 'gone\ufffd' of LMDB .* is gone "
+                                                   r"\(the LMDB changed while it was read\)"):
+        records.read(2)
+    records.close()
+
+
+def test_a_one_record_lmdb_streams_that_record(tmp_path):
+    image = np.random.default_rng(5).integers(0, 256, (1, 3, 6, 6), dtype=np.uint8)
+    write_datum_lmdb(tmp_path / "one", image, np.array([3]))
+    src = make_source(_lp("Data", str(tmp_path / "one"), batch=3, crop=0, mirror=False), 1, stream=True)
+    x, y = src.next_batch()
+    want = image[0].astype(np.float32) - np.array([10, 20, 30], np.float32)[:, None, None]
+    np.testing.assert_array_equal(x.numpy(), np.stack([want] * 3))
+    assert y.tolist() == [3, 3, 3]
+    src.close()
+
+
+class _SlowRecords:
+    """Records whose reads take a while, counting the reads still running when close() comes."""
+
+    def __init__(self, records):
+        self.records, self.running, self.running_at_close = records, 0, None
+        self.labels, self.name = records.labels, records.name
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return len(self.records)
+
+    def read(self, i):
+        with self.lock:
+            self.running += 1
+        time.sleep(0.05)
+        try:
+            return self.records.read(i)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def close(self):
+        self.running_at_close = self.running
+        self.records.close()
+
+
+def test_close_waits_for_the_batch_in_flight_and_the_threads_are_named_for_the_layer(lmdb):
+    """close() lets the batch being decoded ahead finish before it closes the records (an LMDB
+    closed under a reading thread), and the prefetch thread carries the layer's name (what a
+    stack dump of a stuck run shows)."""
+    path, _, _ = lmdb
+    records = _SlowRecords(S.LMDBRecords(path))
+    src = S.StreamSource(records, 5, name="slowdata", threads=1)
+    assert any(t.name.startswith("prefetch-slowdata") for t in threading.enumerate())
+    src.next_batch()   # the next batch is being decoded now
+    src.close()
+    assert records.running_at_close == 0
+    assert not any(t.name.startswith(("prefetch-slowdata", "decode-slowdata")) for t in threading.enumerate())

@@ -1,0 +1,179 @@
+"""What a user reads, whole: the sweep's Tables 2-4 with their paired differences and regime check,
+and Fig. 3, each for hand-made runs, against the copies kept in tests/golden/ (tests/golden.py says
+how to write them again after a change made on purpose). The other tests check the numbers behind
+these outputs; these check that every word, digit, band and colour of the outputs stays put. Also
+`exdrop test`'s printed table and its confusion figure, for 3 to 101 classes."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exdrop.analysis import evaluate as E
+from exdrop.experiments import sweep as S
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import golden  # noqa: E402
+from test_sweep import _plan_of  # noqa: E402
+from test_mutation_kills_sweep import no_conversion  # noqa: E402,F401 (a fixture)
+
+OVERFIT = ([0.90, 0.97, 0.99, 1.0], [(2, 0.55, 1.20), (4, 0.50, 1.40)])   # loss min 1.20 at 2, last 1.40
+
+SWEEPS = {
+    # every part of the regime check passes over three seeds
+    "passes": {("none", 1): OVERFIT, ("none", 2): OVERFIT, ("none", 3): ([0.99], [(2, 0.52, 1.1), (4, 0.51, 1.3)]),
+               ("standard_fc1", 1): ([0.8], [(2, 0.52, 1.2), (4, 0.60, 1.1)]),
+               ("standard_fc1", 2): ([0.8], [(2, 0.50, 1.2), (4, 0.59, 1.1)]),
+               ("standard_fc1", 3): ([0.8], [(2, 0.50, 1.2), (4, 0.595, 1.1)]),
+               ("ed", 1): ([0.7], [(2, 0.41, 1.3), (4, 0.58, 1.2)]), ("ed", 3): ([0.7], [(2, 0.47, 1.3), (4, 0.60, 1.2)])},
+    # two seeds: Standard ahead, but the interval of two seeds is too wide to tell; bands for two seeds
+    "wide": {("none", 1): OVERFIT, ("none", 2): ([0.9, 0.98, 0.99, 0.99], [(2, 0.53, 1.25), (4, 0.51, 1.5)]),
+               ("standard_fc1", 1): ([0.8], [(2, 0.52, 1.2), (4, 0.60, 1.1)]),
+               ("standard_fc1", 2): ([0.8], [(2, 0.50, 1.2), (4, 0.59, 1.1)]),
+               ("ed", 1): ([0.7], [(2, 0.41, 1.3), (4, 0.58, 1.2)]), ("ed", 2): ([0.7], [(2, 0.47, 1.3), (4, 0.60, 1.2)]),
+               ("activation", 1): ([0.7], [(2, 0.44, 1.3), (4, 0.57, 1.25)])},
+    # No Dropout neither fits nor rises; Standard ahead by less than one seed's noise
+    "fails": {("none", 1): ([0.6, 0.7, 0.7], [(2, 0.5, 1.2), (4, 0.5, 1.1)]),
+              ("standard_fc1", 1): ([0.8], [(4, 0.51, 1.1)])},
+    # no Standard run yet: the check is not decided; one seed of Standard would be an anecdote
+    "undecided": {("none", 1): OVERFIT, ("ed", 1): ([0.7], [(2, 0.45, 1.2), (4, 0.55, 1.1)])},
+    # one seed each, Standard far enough ahead of No Dropout to pass on one seed
+    "one_seed": {("none", 1): OVERFIT, ("standard_fc1", 1): ([0.8], [(2, 0.5, 1.2), (4, 0.56, 1.1)])},
+}
+
+
+def _normalised(text: str, tmp_path: Path) -> str:
+    return text.replace(str(tmp_path), "<sweep>")
+
+
+@pytest.mark.parametrize("case", list(SWEEPS))
+def test_table2_with_its_paired_differences_regime_check_and_fig3(case, tmp_path, monkeypatch):
+    figures = golden.record_saved_figures(monkeypatch)
+    _plan_of(tmp_path, SWEEPS[case])
+    written = S.write_outputs(tmp_path, "2")
+    assert [p.name for p in written] == ["table2.md", "table2.json", "fig3_cifar10.png"]
+    golden.check(f"sweep_{case}_table2.md", _normalised((tmp_path / "table2.md").read_text(), tmp_path))
+    (fig3,) = figures
+    golden.check(f"sweep_{case}_fig3.json", fig3)
+    summary = json.loads(_normalised((tmp_path / "table2.json").read_text(), tmp_path))
+    golden.check(f"sweep_{case}_table2.json", summary)
+
+
+def _as_net(summary: dict, dataset: str, nets: dict) -> dict:
+    """The cells of ``summary`` copied as fine-tuned nets on ``dataset``, their accuracies shifted."""
+    out = copy.deepcopy(summary)
+    out["cells"] = []
+    for net, shift in nets.items():
+        for c in summary["cells"]:
+            cell = copy.deepcopy(c)
+            cell.update(dataset=dataset, net=net, paper=None)
+            if cell["mean"] is not None:
+                cell["mean"] += shift
+                cell["video_mean"], cell["video_std"], cell["video_seeds"] = cell["mean"] + 3, cell["std"], cell["seeds"]
+            for r in cell["runs"]:
+                r["curve"] = [[it, a + shift / 100] for it, a in r["curve"]]
+            out["cells"].append(cell)
+    return out
+
+
+def test_table3_rows_of_fine_tuned_nets_with_video_accuracy_and_their_fig3(tmp_path, monkeypatch):
+    _plan_of(tmp_path, SWEEPS["passes"])
+    summary = _as_net(S.collect(tmp_path), "ucf101", {"alexnet": -5.0, "vgg16": 2.0})
+    golden.check("sweep_table3.md", _normalised(S.table_markdown(summary, "3"), tmp_path))
+    figures = golden.record_saved_figures(monkeypatch)
+    S.plot_fig3(summary, "ucf101", tmp_path / "fig3_ucf101.png")
+    golden.check("sweep_ucf101_fig3.json", figures[0])
+
+
+def test_table4_rates_as_columns(tmp_path):
+    _plan_of(tmp_path, SWEEPS["passes"])
+    summary = S.collect(tmp_path)
+    for c in list(summary["cells"]):
+        if c["method"] in ("ed", "standard_fc1"):
+            summary["cells"].append({**copy.deepcopy(c), "rate": 0.25,
+                                     "mean": None if c["method"] == "ed" else c["mean"] - 1.5})
+    golden.check("sweep_table4.md", _normalised(S.table_markdown(summary, "4"), tmp_path))
+
+
+# ---------------------------------------------------------------------- exdrop test's report
+def _result(k: int, named: bool, video: bool = False) -> dict:
+    """A hand-made `exdrop test` result over k classes (the last one without images)."""
+    rng = np.random.default_rng(k)
+    confusion = rng.integers(0, 6, (k, k)) * (rng.random((k, k)) < 0.3) + np.diag(rng.integers(3, 9, k))
+    confusion[-1] = 0
+    per_class = confusion.sum(1)
+    acc = [None if n == 0 else float(confusion[i, i] / n) for i, n in enumerate(per_class)]
+    result = {"net": "prototxt/cnn2/cifar10/train_val_ed.prototxt", "weights": "run/snapshots/cnn2_iter_400.caffemodel",
+              "data": "data/cifar10/test_lmdb", "data_split": "the official test split", "images": int(per_class.sum()),
+              "iterations": 3, "batch_size": 100, "reading": "each image once", "accuracy": 0.61234, "loss": 1.23456,
+              "backend": "engine", "device": "cpu", "num_classes": k, "confusion": confusion.tolist(),
+              "classes": [f"class{i}" for i in range(k)] if named else None,
+              "per_class_images": per_class.tolist(), "per_class_accuracy": acc}
+    if video:
+        result.update(video_accuracy=0.7, videos=12, loss=None, data_split=None)
+    return result
+
+
+@pytest.mark.parametrize("k,named", [(3, True), (12, False), (45, True), (101, False)])
+def test_report_figure_and_json_of_a_confusion_matrix(k, named, tmp_path, monkeypatch):
+    figures = golden.record_saved_figures(monkeypatch)
+    result = _result(k, named)
+    paths = E.write_report(result, tmp_path / "final_test")
+    assert json.loads(paths["json"].read_text()) == result and paths["png"].is_file()
+    golden.check(f"test_report_{k}_classes_figure.json", figures[0])
+
+
+@pytest.mark.parametrize("k,video,rows", [(3, False, 20), (3, True, 20), (12, False, 8), (45, True, 20)])
+def test_exdrop_test_table(k, video, rows):
+    golden.check(f"test_table_{k}_classes{'_video' if video else ''}_max{rows}.txt",
+                 E.format_table(_result(k, k != 12, video), max_rows=rows) + "\n")
+
+
+# ---------------------------------------------------------------------- the sweep's run folders
+RUNS = {
+    # (dataset, method, rate, net, recipe, budget, data extras)
+    "cifar10_ed_r0.25_authors_cpu-200ep": ("cifar10", "ed", 0.25, "cnn2", "authors", "cpu-200ep",
+                                           {"counts": {"train": 2000, "val_per_class": [10] * 10}}),
+    "cifar10_information_paper_cpu": ("cifar10", "information", 0.5, "cnn2", "paper", "cpu",
+                                      {"counts": {"train": 5000, "val_per_class": [500] * 10}}),
+    "cifar10_ed_alive_authors_paper": ("cifar10", "ed_alive", 0.5, "cnn2", "authors", "paper", {}),
+    "ucf101_alexnet_curriculum_paper": ("ucf101", "curriculum", 0.5, "alexnet", "paper", "paper",
+                                        {"root": "frames/", "evaluate": "data/ucf101/split1"}),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_a_sweep_run_folder_and_its_commands(name, tmp_path):
+    """The net and solver prototxts a sweep writes for one run, and its training (and final test)
+    command: the sweep's data, rate, seed, budget, recipe, KL weight and weights, and nothing else."""
+    dataset, method, rate, net, recipe, budget, extra = RUNS[name]
+    data = {"train": {2: str(tmp_path / "train_seed2_lmdb")}, "val": {2: str(tmp_path / "val_lmdb")}, **extra}
+    weights = str(tmp_path / "bvlc_alexnet.caffemodel") if net != "cnn2" else None
+    run = S.Run(dataset, method, rate, 2, tmp_path / "run", net=net, weights=weights, recipe=recipe)
+    S.write_run(run, S.BUDGETS[budget], data, python="python3", device="cpu")
+    parts = ["# net.prototxt", (run.folder / "net.prototxt").read_text(),
+             "# sweep_solver.prototxt", run.solver.read_text(), "# plan.txt", S._plan_line(run)]
+    text = "\n".join(parts).replace(str(tmp_path.resolve()), "<tmp>").replace(str(tmp_path), "<tmp>")
+    golden.check(f"sweep_run_{name}.txt", text.replace(str(S.ROOT), "<repo>"))
+
+
+def test_a_sweep_plan_and_what_a_smaller_plan_keeps(no_conversion, tmp_path):
+    """plan.json and plan.txt of a Table 4 style sweep (two rates, a method without a rate, two seeds);
+    then a plan of one method, after one run of the first finished: that run is kept in plan.json."""
+    out = tmp_path / "sweep"
+    budget = S.BUDGETS["cpu-200ep"]
+    S.plan(out, ["cifar10"], ["none", "ed"], [0.25, 0.5], [1, 2], budget, {"cifar10": "src"}, device="cpu",
+           progress=False, recipe="authors")
+    first = (out / "plan.json").read_text(), (out / "plan.txt").read_text()
+    (out / "cifar10" / "none_r0.5" / "seed1" / "results.json").write_text(json.dumps({"status": "finished"}))
+    S.plan(out, ["cifar10"], ["ed"], [0.5], [1], budget, {"cifar10": "src"}, device="cpu", progress=False,
+           recipe="authors")
+    second = (out / "plan.json").read_text(), (out / "plan.txt").read_text()
+    for name, (js, txt) in (("plan_first", first), ("plan_second", second)):
+        text = js + "\n# plan.txt\n" + txt
+        text = text.replace(sys.executable, "<python>").replace(str(tmp_path), "<tmp>").replace(str(S.ROOT), "<repo>")
+        golden.check(f"sweep_{name}.txt", text)
