@@ -177,3 +177,85 @@ def test_a_sweep_plan_and_what_a_smaller_plan_keeps(no_conversion, tmp_path):
         text = js + "\n# plan.txt\n" + txt
         text = text.replace(sys.executable, "<python>").replace(str(tmp_path), "<tmp>").replace(str(S.ROOT), "<repo>")
         golden.check(f"sweep_{name}.txt", text)
+
+
+# ---------------------------------------------------------------------- data layers' batches
+SOURCES = {   # name: (layer type, phase, stream, make_source keywords, layer edits)
+    "data_train_resident": ("Data", 0, False, {}, {}),
+    "data_train_stream": ("Data", 0, True, {}, {}),
+    "data_train_auto": ("Data", 0, None, {}, {}),
+    "data_test_stream_gray_scaled": ("Data", 1, True, {}, {"force_gray": True, "scale": 0.5}),
+    "data_test_resident_color_skip": ("Data", 1, False, {}, {"force_color": True, "rand_skip": 5}),
+    "data_train_stream_part_batch6": ("Data", 0, True, {"batch_size": 6, "part": slice(2, 5)}, {}),
+    "data_train_resident_part_batch6": ("Data", 0, False, {"batch_size": 6, "part": slice(2, 5)}, {}),
+    "list_train_stream_shuffle": ("ImageData", 0, True, {}, {"shuffle": True}),
+    "list_train_resident_shuffle": ("ImageData", 0, False, {}, {"shuffle": True}),
+    "list_test_stream_gray": ("ImageData", 1, True, {}, {"is_color": False}),   # (no resize: OpenCV's rounding varies)
+    "list_test_auto_skip": ("ImageData", 1, None, {}, {"rand_skip": 4}),
+    "input_test": ("Input", 1, None, {"batch_size": 4}, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """13 records of 3x9x8 as a Datum LMDB and as PNG files with a list."""
+    import cv2
+    from exdrop.data import write_datum_lmdb
+    tmp = tmp_path_factory.mktemp("golden_sources")
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (13, 3, 9, 8), dtype=np.uint8)
+    labels = rng.integers(0, 4, 13)
+    write_datum_lmdb(tmp / "db", images, labels)
+    lines = []
+    for k, (img, y) in enumerate(zip(images, labels)):
+        cv2.imwrite(str(tmp / f"{k}.png"), img.transpose(1, 2, 0))
+        lines.append(f"{k}.png {y}")
+    (tmp / "list.txt").write_text("\n".join(lines) + "\n")
+    return tmp
+
+
+def _layer(kind: str, folder: Path, edits: dict):
+    from exdrop.proto import caffe_pb2
+    lp = caffe_pb2.LayerParameter(name="data", type=kind, top=["data", "label"])
+    tp = lp.transform_param
+    tp.crop_size, tp.mirror = 6, True
+    tp.mean_value.extend([10, 20, 30] if not edits.get("force_gray") and edits.get("is_color", True) else [15])
+    for key in ("force_gray", "force_color", "scale"):
+        if key in edits:
+            setattr(tp, key, edits[key])
+    if kind == "Data":
+        lp.data_param.source, lp.data_param.batch_size = str(folder / "db"), 5
+        lp.data_param.backend = caffe_pb2.DataParameter.LMDB
+        lp.data_param.rand_skip = edits.get("rand_skip", 0)
+    elif kind == "ImageData":
+        ip = lp.image_data_param
+        ip.source, ip.batch_size, ip.root_folder = str(folder / "list.txt"), 5, str(folder) + "/"
+        for key in ("shuffle", "new_height", "new_width", "is_color", "rand_skip"):
+            if key in edits:
+                setattr(ip, key, edits[key])
+    else:
+        lp.input_param.shape.add().dim.extend([4, 3, 9, 8])
+    return lp
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_a_data_layers_source_and_its_first_batches(name, records):
+    """For each kind of data layer, phase and way of reading: the source's kind and shapes, and four
+    batches (a digest of the images, the labels), seeded."""
+    from exdrop.data import make_source
+    kind, phase, stream, kw, edits = SOURCES[name]
+    src = make_source(_layer(kind, records, edits), phase, seed=11, stream=stream,
+                      source=str(records / "db") if kind == "Input" else None, **kw)
+    try:
+        batches = []
+        for _ in range(4):
+            x, y = src.next_batch()
+            batches.append({"shape": list(x.shape), "dtype": str(x.dtype), "sum": float(x.double().sum()),
+                            "sum_sq": float((x.double() ** 2).sum()), "first_row": x.flatten(1)[:, :3].tolist(),
+                            "labels": y.tolist()})
+        got = {"source": type(src).__name__, "top_shapes": [list(s) for s in src.top_shapes()],
+               "repr": repr(src).replace(str(records), "<tmp>"), "batches": batches}
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+    golden.check(f"source_{name}.json", got)
