@@ -92,6 +92,30 @@ def test_result_whole_against_its_golden_copy(tiny, iterations):
     golden.check_close(f"evaluate_tiny_iterations_{iterations}.json", res)
 
 
+def test_an_accuracy_layer_scoring_along_another_axis_and_two_test_data_layers_are_refused(tiny):
+    tmp, net, weights = tiny
+    text = net.read_text()
+    assert text.count('top: "accuracy" }') == 1
+    other_axis = tmp / "axis2.prototxt"
+    other_axis.write_text(text.replace('top: "accuracy" }', 'top: "accuracy" accuracy_param { axis: 2 } }'))
+    with pytest.raises(ValueError, match=r"axis2.prototxt: layer 'accuracy' scores along axis 2; exdrop test scores "
+                                         r"one class vector per image \(axis 1\)$"):
+        ev.evaluate(other_axis, weights)
+    param = cio.read_net_prototxt(net)
+    test_data = next(lp for lp in param.layer if lp.type == "Data" and lp.include and lp.include[0].phase == 1)
+    second = param.layer.add()
+    second.CopyFrom(test_data)
+    second.name = "data2"
+    del second.top[:]
+    second.top.extend(["data2", "label2"])
+    two = tmp / "two_data.prototxt"
+    from google.protobuf import text_format
+    two.write_text(text_format.MessageToString(param))
+    with pytest.raises(ValueError, match=r"two_data.prototxt: the TEST phase has 2 data layers \('data', 'data2'\); "
+                                         r"exdrop test evaluates nets with one$"):
+        ev.evaluate(two, weights)
+
+
 def test_class_names_are_taken_only_when_there_is_one_per_class(tmp_path):
     lmdb = tmp_path / "test_lmdb"
     for classes, names, want in ((3, ["a", "b", "c"], ["a", "b", "c"]), (3, ["a", "b"], None), (3, [1, 2, 3], ["1", "2", "3"]),

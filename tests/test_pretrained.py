@@ -187,6 +187,10 @@ def test_pretrained_errors_name_the_file(tmp_path):
     torch.save({"features.0.weight": torch.zeros(4, 3, 3, 3)}, alexnet_like)
     with pytest.raises(ValueError, match="1 convolution weights, the net has 3 Convolution layers"):
         load_pretrained(net, alexnet_like, input_transform(param))
+    as_pt = tmp_path / "other.pt"   # torch.save's other suffix: read as a state dict too, not a caffemodel
+    torch.save({"features.0.weight": torch.zeros(4, 3, 3, 3)}, as_pt)
+    with pytest.raises(ValueError, match="other.pt: 1 convolution weights, the net has 3 Convolution layers"):
+        load_pretrained(net, as_pt, input_transform(param))
     three_convs = tmp_path / "three_convs.pth"
     torch.save({**{f"features.{i}.weight": torch.zeros(4, 3, 3, 3) for i in (0, 3, 6)},
                 "classifier.0.weight": torch.zeros(10, 4)}, three_convs)
