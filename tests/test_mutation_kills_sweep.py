@@ -69,6 +69,24 @@ def test_progress_flag_reaches_the_converter(no_conversion, tmp_path, budget):
     assert [bool(kw["progress"]) for kw in no_conversion] == [True, False]
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "caltech256"])
+def test_each_dataset_hands_its_source_and_progress_flag_to_its_converter(monkeypatch, tmp_path, dataset):
+    """A source that exists goes to the dataset's converter as it is (official_source looks the
+    dataset up by its own name), with the progress flag, for CIFAR-10, CIFAR-100 and Caltech-256."""
+    calls = []
+
+    def convert(source, out_dir, progress=True, **kw):
+        calls.append((source, progress))
+        return {"train": _lmdb(Path(out_dir) / "train_lmdb", 4, 0), "val": "v", "counts": {"train": 4}}
+    monkeypatch.setattr(D, {"cifar10": "prepare_cifar10", "cifar100": "prepare_cifar100",
+                            "caltech256": "prepare_caltech256"}[dataset], convert)
+    src = tmp_path / "archive.tar.gz"
+    src.write_bytes(b"")
+    for progress in (True, False):
+        S.prepare_data(dataset, str(src), S.BUDGETS["paper"], tmp_path / f"data_{progress}", [1], progress=progress)
+    assert calls == [(str(src), True), (str(src), False)]
+
+
 def _lmdb(path: Path, n: int, first_label: int) -> str:
     """A tiny Datum LMDB whose labels (first_label, first_label + 1, ...) identify each record."""
     images = np.arange(n * 3 * 2 * 2, dtype=np.uint8).reshape(n, 3, 2, 2)
