@@ -383,3 +383,12 @@ def test_run_log_keeps_its_columns_when_a_row_or_an_old_log_has_more(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == BASE_COLUMNS + ["accuracy"]
     assert [(r["iter"], r["phase"], r["accuracy"]) for r in rows] == [("0", "test", "0.1"), ("1", "train", "0.5")]
+
+
+def test_plan_run_folder_is_inside_the_sweep_else_the_recorded_folder(tmp_path):
+    from exdrop.run.runlog import plan_run_folder
+    (tmp_path / "cifar10" / "ed" / "seed1").mkdir(parents=True)
+    entry = {"in_sweep": "cifar10/ed/seed1", "folder": "/elsewhere/cifar10/ed/seed1"}
+    assert plan_run_folder(tmp_path, entry) == tmp_path / "cifar10" / "ed" / "seed1"
+    assert plan_run_folder(tmp_path, {**entry, "in_sweep": "cifar10/ed/seed2"}) == Path(entry["folder"])
+    assert plan_run_folder(tmp_path, {"in_sweep": "gone"}) == Path("")   # an old plan without either

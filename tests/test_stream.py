@@ -399,3 +399,23 @@ def test_close_waits_for_the_batch_in_flight_and_the_threads_are_named_for_the_l
     src.close()
     assert records.running_at_close == 0
     assert not any(t.name.startswith(("prefetch-slowdata", "decode-slowdata")) for t in threading.enumerate())
+
+
+def test_list_records_without_a_root_resize_and_name_an_image_they_cannot_decode(tmp_path):
+    """An image list of absolute paths needs no root folder; new_height x new_width resizes each
+    image; an image OpenCV cannot decode is named with its line."""
+    import cv2
+    rng = np.random.default_rng(3)
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 256, (8, 9, 3), dtype=np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"{p} {k}\n" for k, p in enumerate(paths)))
+    records = S.ListRecords(tmp_path / "list.txt")
+    img, label = records.read(2)
+    assert img.shape == (3, 8, 9) and label == 2
+    resized = S.ListRecords(tmp_path / "list.txt", new_height=5, new_width=7)
+    assert resized.read(0)[0].shape == (3, 5, 7)
+    paths[1].write_bytes(b"not an image")
+    with pytest.raises(FileNotFoundError, match=f"^could not load image {paths[1]} \\(line 2 of list "):
+        records.read(1)
