@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import golden  # noqa: E402
 from test_sweep import _plan_of  # noqa: E402
 from test_mutation_kills_sweep import no_conversion  # noqa: E402,F401 (a fixture)
+from test_stream import lmdb  # noqa: E402,F401 (a fixture)
 
 OVERFIT = ([0.90, 0.97, 0.99, 1.0], [(2, 0.55, 1.20), (4, 0.50, 1.40)])   # loss min 1.20 at 2, last 1.40
 
@@ -197,21 +198,16 @@ SOURCES = {   # name: (layer type, phase, stream, make_source keywords, layer ed
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    """13 records of 3x9x8 as a Datum LMDB and as PNG files with a list."""
+def records(lmdb):
+    """test_stream's 13 records of 3x9x8 as a Datum LMDB, and as PNG files with a list beside it."""
     import cv2
-    from exdrop.data import write_datum_lmdb
-    tmp = tmp_path_factory.mktemp("golden_sources")
-    rng = np.random.default_rng(7)
-    images = rng.integers(0, 256, (13, 3, 9, 8), dtype=np.uint8)
-    labels = rng.integers(0, 4, 13)
-    write_datum_lmdb(tmp / "db", images, labels)
+    path, images, labels = lmdb
     lines = []
     for k, (img, y) in enumerate(zip(images, labels)):
-        cv2.imwrite(str(tmp / f"{k}.png"), img.transpose(1, 2, 0))
+        cv2.imwrite(str(path.parent / f"{k}.png"), img.transpose(1, 2, 0))
         lines.append(f"{k}.png {y}")
-    (tmp / "list.txt").write_text("\n".join(lines) + "\n")
-    return tmp
+    (path.parent / "list.txt").write_text("\n".join(lines) + "\n")
+    return path.parent
 
 
 def _layer(kind: str, folder: Path, edits: dict):
