@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from exdrop.analysis import evaluate as E
 from exdrop.experiments import sweep as S
@@ -234,24 +235,46 @@ def _layer(kind: str, folder: Path, edits: dict):
     return lp
 
 
+def _batch_record(x, y) -> dict:
+    return {"shape": list(x.shape), "dtype": str(x.dtype), "sum": float(x.double().sum()),
+            "sum_sq": float((x.double() ** 2).sum()), "first_row": x.flatten(1)[:, :3].tolist(), "labels": y.tolist()}
+
+
+def _state_record(state: dict) -> dict:
+    """A source's saved state as plain data: small tensors listed, a generator's state by digest."""
+    import hashlib
+    out = {}
+    for key, v in sorted(state.items()):
+        if isinstance(v, torch.Tensor):
+            v = v.tolist() if v.numel() <= 64 and v.dtype != torch.uint8 else \
+                {"shape": list(v.shape), "sha256": hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()}
+        out[key] = v
+    return out
+
+
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_a_data_layers_source_and_its_first_batches(name, records):
-    """For each kind of data layer, phase and way of reading: the source's kind and shapes, and four
-    batches (a digest of the images, the labels), seeded."""
+    """For each kind of data layer, phase and way of reading: the source's kind and shapes, four
+    batches (a digest of the images, the labels), seeded, and the state it saves then; a source of
+    another seed given that state goes on with the same two batches."""
     from exdrop.data import make_source
     kind, phase, stream, kw, edits = SOURCES[name]
-    src = make_source(_layer(kind, records, edits), phase, seed=11, stream=stream,
-                      source=str(records / "db") if kind == "Input" else None, **kw)
+
+    def source(seed):
+        return make_source(_layer(kind, records, edits), phase, seed=seed, stream=stream,
+                           source=str(records / "db") if kind == "Input" else None, **kw)
+    src, again = source(11), source(99)
     try:
-        batches = []
-        for _ in range(4):
-            x, y = src.next_batch()
-            batches.append({"shape": list(x.shape), "dtype": str(x.dtype), "sum": float(x.double().sum()),
-                            "sum_sq": float((x.double() ** 2).sum()), "first_row": x.flatten(1)[:, :3].tolist(),
-                            "labels": y.tolist()})
+        batches = [_batch_record(*src.next_batch()) for _ in range(4)]
+        state = src.state_dict()
+        again.load_state_dict(state)
+        after = [_batch_record(*src.next_batch()) for _ in range(2)]
+        assert [_batch_record(*again.next_batch()) for _ in range(2)] == after
         got = {"source": type(src).__name__, "top_shapes": [list(s) for s in src.top_shapes()],
-               "repr": repr(src).replace(str(records), "<tmp>"), "batches": batches}
+               "repr": repr(src).replace(str(records), "<tmp>"), "batches": batches,
+               "state": _state_record(state), "after_resume": after}
     finally:
-        if hasattr(src, "close"):
-            src.close()
+        for s in (src, again):
+            if hasattr(s, "close"):
+                s.close()
     golden.check(f"source_{name}.json", got)
