@@ -278,3 +278,44 @@ def test_a_data_layers_source_and_its_first_batches(name, records):
             if hasattr(s, "close"):
                 s.close()
     golden.check(f"source_{name}.json", got)
+
+
+def test_a_sweep_of_runs_in_every_state_collected(tmp_path):
+    """A sweep whose runs are finished, interrupted (a snapshot to resume from), never started,
+    stopped short of max_iter, and fine-tuned with or without their final test: collect()'s
+    summary and Tables 2 and 3 of it."""
+    import dataclasses
+    from test_sweep import TINY, _log_run
+
+    def folder(*parts):
+        return tmp_path.joinpath(*parts)
+
+    _log_run(folder("cifar10", "ed", "seed1"), [0.7], [(2, 0.41, 1.3), (4, 0.58, 1.2)])
+    _log_run(folder("cifar10", "ed", "seed2"), [0.7], [(2, 0.44, 1.3)])
+    (folder("cifar10", "ed", "seed2", "results.json")).write_text(json.dumps({"status": "interrupted", "iterations": 2,
+                                                                              "max_iter": 4}))
+    folder("cifar10", "ed", "seed2", "snapshots").mkdir()
+    (folder("cifar10", "ed", "seed2", "snapshots", "s_iter_2.solverstate")).write_bytes(b"")
+    _log_run(folder("cifar10", "none", "seed1"), [0.9], [(2, 0.5, 1.2)], max_iter=2)   # finished at 2 of 4
+    (folder("cifar10", "none", "seed1", "results.json")).write_text(json.dumps({"status": "finished", "iterations": 2,
+                                                                                "max_iter": 4, "seconds": 12.5}))
+    for seed, test in ((1, {"weights": "x/alexnet_ed_iter_4.caffemodel", "accuracy": 0.61, "video_accuracy": 0.7,
+                            "images": 30, "videos": 6}),
+                       (2, {"weights": "x/alexnet_ed_iter_2.caffemodel", "accuracy": 0.5}),   # an older snapshot's
+                       (3, None)):
+        run = folder("ucf101", "alexnet", "ed", f"seed{seed}")
+        _log_run(run, [0.6], [(4, 0.55, 1.4)])
+        if test is not None:
+            (run / S.FINAL_TEST).mkdir()
+            (run / S.FINAL_TEST / "test.json").write_text(json.dumps(test))
+    runs = [{"key": f"cifar10/{m}_r0.5/seed{s}", "dataset": "cifar10", "method": m, "rate": 0.5, "seed": s,
+             "folder": "/elsewhere", "in_sweep": f"cifar10/{m}/seed{s}", "command": []}
+            for m, s in (("ed", 1), ("ed", 2), ("ed", 3), ("none", 1))]
+    runs += [{"key": f"ucf101/alexnet/ed_r0.5/seed{s}", "dataset": "ucf101", "net": "alexnet", "method": "ed",
+              "rate": 0.5, "seed": s, "folder": "/elsewhere", "in_sweep": f"ucf101/alexnet/ed/seed{s}", "command": [],
+              "evaluate": ["exdrop", "test"]} for s in (1, 2, 3)]
+    (tmp_path / "plan.json").write_text(json.dumps({"budget": dataclasses.asdict(TINY), "runs": runs}))
+    summary = S.collect(tmp_path)
+    golden.check("sweep_every_state_collected.json", json.loads(_normalised(json.dumps(summary), tmp_path)))
+    cifar, ucf = ({**summary, "cells": [c for c in summary["cells"] if c["dataset"] == d]} for d in ("cifar10", "ucf101"))
+    golden.check("sweep_every_state_tables.md", S.table_markdown(cifar, "2") + "\n" + S.table_markdown(ucf, "3"))
