@@ -429,6 +429,19 @@ def test_run_analysis_whole_against_its_golden_copy(tiny_run, run):
     golden.check_close("analysis_tiny_run.json", res)
 
 
+def test_analysis_of_a_convolution_blob_on_a_few_images_against_its_golden_copy(tiny_run):
+    """analyze() at conv1 (a 4-d blob: units are feature maps) on the first 4 images, with the
+    iteration-0 weights for the conservative filters, within 1e-4 of the copy kept."""
+    from exdrop.run.init_weights import iteration0_weights
+    with iteration0_weights(tiny_run) as init:
+        res = A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_2.caffemodel", None,
+                        "conv1", init, 0.01, images=4)
+    assert res.pop("init_weights") == str(init) and res["seconds"] >= 0
+    res["seconds"] = None
+    text = json.dumps(res).replace(str(tiny_run), "<run>").replace(str(tiny_run.parent), "<tmp>")
+    golden.check_close("analysis_tiny_conv1_4_images.json", json.loads(text))
+
+
 def test_run_analysis_takes_delta_from_the_data_set_its_net_path_names(run):
     """A run outside a sweep whose net is prototxt/cnn2/cifar10/...: Table 5's CIFAR-10 Delta."""
     results = json.loads((run / "results.json").read_text())
