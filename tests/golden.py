@@ -1,8 +1,9 @@
 """Golden outputs: a report, table or figure of hand-made inputs compared whole with the copy kept in
 ``tests/golden/``, so that any change to what a user reads (a word, a digit, a colour, a band) fails
-a test and is looked at. After a change made on purpose, write the copies again and review the diff:
+a test and is looked at. After a change made on purpose, write the copies again (every test that
+uses one has "golden" in its name or file) and review the diff:
 
-    EXDROP_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_outputs.py
+    EXDROP_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests -k golden
 
 A figure is compared through :func:`figure_record`: what each axes draws (its lines' data, colours
 and widths, filled bands, texts, labels, limits, legend) and how it is saved, rounded to 6 digits,
