@@ -319,3 +319,33 @@ def test_a_sweep_of_runs_in_every_state_collected(tmp_path):
     golden.check("sweep_every_state_collected.json", json.loads(_normalised(json.dumps(summary), tmp_path)))
     cifar, ucf = ({**summary, "cells": [c for c in summary["cells"] if c["dataset"] == d]} for d in ("cifar10", "ucf101"))
     golden.check("sweep_every_state_tables.md", S.table_markdown(cifar, "2") + "\n" + S.table_markdown(ucf, "3"))
+
+
+# ---------------------------------------------------------------------- a run's log
+def test_a_run_log_resumed_at_each_point_it_can_be(tmp_path):
+    """log.csv and its summary after a first run (train rows each iteration, tests at 0, 4 and 8 on
+    two test nets) and a resume at iteration 4 or 8, retesting there or not, with each display
+    interval; then the continued run's rows."""
+    from exdrop.run.runlog import RunLog
+    out = []
+    for resume in (4, 8):
+        for retest in (True, False):
+            for display in (None, 0, 2, 3):
+                folder = tmp_path / f"r{resume}_{retest}_{display}"
+                first = RunLog(folder, ["loss", "accuracy"])
+                for it in range(9):
+                    first.add({"iter": it, "phase": "train", "lr": 0.01, "elapsed_s": it * 0.5, "loss": 2.0 - it / 10})
+                    if it % 4 == 0:
+                        for net in ("test", "test1"):
+                            first.add({"iter": it, "phase": net, "lr": 0.01, "elapsed_s": it * 0.5 + 0.1,
+                                       "loss": 1.5 - it / 20, "accuracy": 0.3 + it / 40 + (net == "test1") / 100})
+                first.finish({"status": "interrupted"})
+                again = RunLog(folder, ["accuracy", "loss"], resume_iter=resume, retest_at_resume=retest, display=display)
+                for it in range(resume, resume + 2):
+                    again.add({"iter": it, "phase": "train", "lr": 0.001, "elapsed_s": 9.0 + it, "loss": 1.0 / 3})
+                again.add({"iter": resume + 1, "phase": "test", "lr": 0.001, "elapsed_s": 20.0, "loss": 0.9,
+                           "accuracy": 0.1})
+                again.finish({"status": "finished", **again.summary()})
+                out += [f"## resume {resume}, retest {retest}, display {display}", (folder / "log.csv").read_text(),
+                        (folder / "results.json").read_text(), ""]
+    golden.check("run_log_resumes.txt", "\n".join(out))
