@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -349,3 +350,45 @@ def test_a_run_log_resumed_at_each_point_it_can_be(tmp_path):
                 out += [f"## resume {resume}, retest {retest}, display {display}", (folder / "log.csv").read_text(),
                         (folder / "results.json").read_text(), ""]
     golden.check("run_log_resumes.txt", "\n".join(out))
+
+
+# ---------------------------------------------------------------------- a sweep's execution
+_RECORD = ("import json, os, sys; folder, finish, code = sys.argv[1], sys.argv[2] == '1', int(sys.argv[3]); "
+           "open(folder + '/env_' + sys.argv[4] + '.json', 'w').write(json.dumps({k: os.environ.get(k) for k in "
+           "('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'CUDA_VISIBLE_DEVICES')})); "
+           "finish and open(folder + '/results.json', 'w').write(json.dumps({'status': 'finished', 'iterations': 8, "
+           "'max_iter': 8})); "
+           "print('stdout of', sys.argv[4]); raise SystemExit(code)")
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_a_sweep_executes_each_kind_of_run(tmp_path, gpus):
+    """What `exdrop sweep` says and gives each process for runs already finished, finished now,
+    stopped early (exit 0 before max_iter), failing, resumed from a snapshot, and fine-tuned with
+    a final test after training; on the CPU (threads) and over 2 GPUs (round-robin)."""
+    def run(name, finish="1", code="0", evaluate=False, state=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        if state == "finished":
+            (folder / "results.json").write_text(json.dumps({"status": "finished", "iterations": 8, "max_iter": 8}))
+        elif state == "started":
+            (folder / "snapshots").mkdir()
+            (folder / "snapshots" / "s_iter_4.solverstate").write_bytes(b"")
+        r = S.Run("cifar10", name, 0.5, 1, folder, command=[sys.executable, "-c", _RECORD, str(folder), finish, code,
+                                                              "train"])
+        if evaluate:
+            r.evaluate = [sys.executable, "-c", _RECORD, str(folder), "1", "0", "test"]
+        return r
+    runs = [run("already", state="finished"), run("finishes"), run("stops", finish="0"), run("fails", code="3"),
+            run("resumes", state="started"), run("tuned", evaluate=True)]
+    said = []
+    report = S.execute(runs, workers=1, threads=3, gpus=gpus, echo=said.append)
+    text = "\n".join(said) + "\n" + json.dumps(report) + "\n"
+    for r in runs[1:]:
+        for step in ("train", "test"):
+            env = r.folder / f"env_{step}.json"
+            if env.is_file():
+                text += f"{r.folder.name} {step}: {env.read_text()}\n"
+        text += f"{r.folder.name} stdout.log: {(r.folder / 'stdout.log').read_text()!r}\n"
+    text = re.sub(r" in \d+ s", " in N s", re.sub(r"after \d+ s", "after N s", text)).replace(str(tmp_path), "<tmp>")
+    golden.check(f"sweep_execute_gpus{gpus}.txt", text)
