@@ -392,3 +392,46 @@ def test_a_sweep_executes_each_kind_of_run(tmp_path, gpus):
         text += f"{r.folder.name} stdout.log: {(r.folder / 'stdout.log').read_text()!r}\n"
     text = re.sub(r" in \d+ s", " in N s", re.sub(r"after \d+ s", "after N s", text)).replace(str(tmp_path), "<tmp>")
     golden.check(f"sweep_execute_gpus{gpus}.txt", text)
+
+
+# ---------------------------------------------------------------------- pretrained weights
+PTH = {   # name: how the torchvision-style state dict differs from CNN-2's own
+    "whole": {},
+    "nested": {"nest": True},
+    "one_linear_of_another_shape": {"reshape": "classifier.1.weight"},
+    "first_conv_without_bias": {"drop": "features.0.bias"},
+}
+
+
+@pytest.mark.parametrize("name", list(PTH))
+def test_a_torchvision_state_dict_loaded_into_cnn2(name, tmp_path):
+    """load_pretrained of a seeded state dict into CNN-2 (the first convolution converted to the
+    prototxt's input convention): its report and a digest of every blob after it."""
+    from exdrop.engine.net import Net
+    from exdrop.engine.pretrained import input_transform, load_pretrained
+    from exdrop.engine.pylayer import TEST
+    from exdrop.experiments.bench import with_input_layer
+    from exdrop.proto import io as cio
+    param = cio.read_net_prototxt(S.ROOT / "prototxt/cnn2/cifar10/train_val_ed.prototxt")
+    torch.manual_seed(0)
+    net = Net(with_input_layer(param, TEST, 1, (3, 32, 32)), TEST, torch.device("cpu"), "cnn2")
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for kind, prefix in (("Convolution", "features"), ("InnerProduct", "classifier")):
+        for i, layer in enumerate(lp for lp in net.layer_list if lp.type == kind and len(lp.blobs)):
+            state[f"{prefix}.{i}.weight"] = torch.randn(tuple(layer.blobs[0].shape), generator=g)
+            state[f"{prefix}.{i}.bias"] = torch.randn(tuple(layer.blobs[1].shape), generator=g)
+    how = PTH[name]
+    if "reshape" in how:
+        state[how["reshape"]] = state[how["reshape"]][:, :-1].contiguous()
+    if "drop" in how:
+        del state[how["drop"]]
+    pth = tmp_path / f"{name}.pth"
+    torch.save({"state_dict": state} if how.get("nest") else state, pth)
+    report = load_pretrained(net, pth, input_transform(param))
+    blobs = {f"{layer.name}.{i}": [list(b.shape), float(b.detach().double().sum()), float(b.detach().double().abs().sum()),
+                                   b.detach().flatten()[:3].tolist()]
+             for layer in net.layer_list for i, b in enumerate(layer.blobs)}
+    golden.check_close(f"pretrained_cnn2_{name}.json",
+                       {"report": json.loads(json.dumps(report, default=str).replace(str(tmp_path), "<tmp>")),
+                        "transform": input_transform(param), "blobs": blobs})
