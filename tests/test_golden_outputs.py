@@ -435,3 +435,26 @@ def test_a_torchvision_state_dict_loaded_into_cnn2(name, tmp_path):
     golden.check_close(f"pretrained_cnn2_{name}.json",
                        {"report": json.loads(json.dumps(report, default=str).replace(str(tmp_path), "<tmp>")),
                         "transform": input_transform(param), "blobs": blobs})
+
+
+def test_ucf101_data_of_a_converted_folder_and_what_is_said_when_a_part_is_missing(tmp_path):
+    """prepare_data for UCF101: the data dict and each seed's order of train.txt; then the error for
+    a folder missing each part in turn (val_lmdb standing in for test_lmdb)."""
+    import shutil
+    from test_mutation_kills_sweep import _converted_ucf101
+    src = _converted_ucf101(tmp_path / "ucf101_conv")
+    info = S.prepare_data("ucf101", str(src), S.BUDGETS["paper"], tmp_path / "data", [1, 2], progress=False)
+    out = [json.dumps(info, indent=1, sort_keys=True)]
+    out += [f"# seed {s}\n" + Path(info["train"][s]).read_text() for s in (1, 2)]
+    (src / "test_lmdb").rename(src / "val_lmdb")
+    out.append(json.dumps(S.prepare_data("ucf101", str(src), S.BUDGETS["paper"], tmp_path / "data", [3],
+                                         progress=False)["val"]))
+    for part in ("train.txt", "frames", "val_lmdb", "test_videos.json", "meta.json"):
+        broken = tmp_path / f"without_{part}"
+        shutil.copytree(src, broken)
+        target = broken / part
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(FileNotFoundError) as err:
+            S.prepare_data("ucf101", str(broken), S.BUDGETS["paper"], tmp_path / "data", [1], progress=False)
+        out.append(str(err.value))
+    golden.check("sweep_ucf101_data.txt", "\n".join(out).replace(str(tmp_path), "<tmp>") + "\n")

@@ -274,7 +274,7 @@ def _ucf101_lists(src: Path, budget: Budget, out: Path, seeds) -> dict:
     test = next((src / s for s in ("val_lmdb", "test_lmdb") if (src / s / "data.mdb").is_file()), None)
     missing = [name for name, ok in (("train.txt", (src / "train.txt").is_file()),
                                      ("frames/", (src / "frames").is_dir()),
-                                     ("test_lmdb/", test is not None),
+                                     ("test_lmdb/ or val_lmdb/", test is not None),
                                      ("test_videos.json", (src / "test_videos.json").is_file()),
                                      ("meta.json", (src / "meta.json").is_file())) if not ok]
     if missing:
