@@ -222,7 +222,8 @@ def test_module_parameters_init_and_errors():
 def test_information_blobs_default_bias_is_zero_and_both_blobs_are_float32_whatever_the_default_dtype():
     """Caffe's blobs are float32: the filled weight and bias stay float32 under a float64 default."""
     weight, bias = Fx.information_blobs((2, 5), (2, 3))
-    assert torch.equal(bias, torch.zeros(5))
+    assert torch.equal(bias, torch.zeros(5)) and weight.shape == (5, 3)
+    assert Fx.information_blobs((2, 5))[0].shape == (5, 5)   # alpha from the noised blob itself
     saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:

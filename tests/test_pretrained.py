@@ -228,6 +228,10 @@ def test_fetch_downloads_through_a_part_file_and_checks_the_sha1(tmp_path, monke
     assert path == tmp_path / "weights" / "small.caffemodel" and path.read_bytes() == payload
     assert fetched == [(url, "small.caffemodel.part")] and not (tmp_path / "weights" / "small.caffemodel.part").exists()
     assert P.fetch("small.caffemodel", tmp_path / "weights") == path and len(fetched) == 1   # already here
+    monkeypatch.chdir(tmp_path)   # by default into data/weights, where the sweep looks for Model Zoo files
+    from exdrop.experiments.sweep import WEIGHTS_DIR
+    assert P.fetch("small.caffemodel") == Path(WEIGHTS_DIR) / "small.caffemodel" == Path("data/weights/small.caffemodel")
+    assert (tmp_path / "data" / "weights" / "small.caffemodel").read_bytes() == payload
     path.write_bytes(b"truncated")
     with pytest.raises(ValueError, match=r"small.caffemodel: sha1 [0-9a-f]{40} is not the Model Zoo file's"):
         P.fetch("small.caffemodel", tmp_path / "weights")

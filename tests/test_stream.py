@@ -219,12 +219,39 @@ def test_stream_resumed_on_another_device_kind_reseeds_from_its_seed(lmdb):
     resumed = []
     for _ in range(2):
         b = make_source(_lp("Data", str(path)), 0, seed=99, stream=True)
-        b.load_state_dict(state)
+        with pytest.warns(UserWarning, match="reseeding"):
+            b.load_state_dict(state)
         resumed.append([b.next_batch()[0] for _ in range(3)])
         b.close()
     for x1, x2 in zip(*resumed):
         torch.testing.assert_close(x2, x1, rtol=0, atol=0)
     a.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_state_from_another_device_kind_reseeds_by_one_rule_and_says_so(lmdb, stream):
+    """Streamed or resident, a state saved on another device kind reseeds the crop / mirror generator
+    from the saved seed and position (seed * 1000003 + cursor + epoch), with a warning naming the layer."""
+    path, _, _ = lmdb
+    a = make_source(_lp("Data", str(path)), 0, seed=3, stream=stream)
+    for _ in range(4):   # past an epoch: cursor and epoch both count
+        a.next_batch()
+    state = {**a.state_dict(), "rng_device": "elsewhere"}
+    assert state["epoch"] >= 1 and state["cursor"] > 0
+    b = make_source(_lp("Data", str(path)), 0, seed=99, stream=stream)
+    with pytest.warns(UserWarning, match="layer 'data': data RNG state saved on elsewhere, now on cpu; reseeding"):
+        b.load_state_dict(state)
+    want = torch.Generator().manual_seed((3 * 1000003 + state["cursor"] + state["epoch"]) % 2 ** 62)
+    assert torch.equal(b.gen.get_state(), want.get_state())
+    for s in (a, b):
+        getattr(s, "close", lambda: None)()
+
+
+def test_a_streamed_source_is_on_the_device_it_is_given(lmdb):
+    path, _, _ = lmdb
+    src = make_source(_lp("Data", str(path)), 0, device="cpu:0", seed=1, stream=True)
+    assert src.device == torch.device("cpu", 0) and src.next_batch()[0].device == torch.device("cpu")
+    src.close()
 
 
 def test_stream_decodes_in_the_records_dtype(lmdb):

@@ -27,7 +27,8 @@ import torch
 from exdrop.data.lmdb_datum import close_shared, open_shared, read_image
 from exdrop.proto.io import read_binaryproto_mean
 
-__all__ = ["BatchSource", "DataTransformer", "resolve_source", "load_image_list_data", "read_list_entries"]
+__all__ = ["BatchSource", "DataTransformer", "resolve_source", "load_image_list_data", "read_list_entries",
+           "restore_generator"]
 
 TRAIN, TEST = 0, 1
 _MAKE_HINT = ("Create the data first (e.g. `make data-cifar10`, or exdrop.data.prepare_cifar10 / "
@@ -156,6 +157,20 @@ class DataTransformer:
         return x
 
 
+def restore_generator(gen: torch.Generator, st: dict, device: torch.device, name: str, cursor: int,
+                      epoch: int) -> None:
+    """A saved source state's crop / mirror generator: set as saved on the same device kind; a state
+    saved on another kind (whose generator state cannot be set here) reseeds it from the saved seed
+    and the position (``cursor``, ``epoch``), the same for every resume, with a warning: the crops
+    and mirrors then differ from the original run's."""
+    if st.get("rng_device") == device.type:
+        gen.set_state(st["rng_state"])
+        return
+    warnings.warn(f"layer '{name}': data RNG state saved on {st.get('rng_device')}, now on "
+                  f"{device.type}; reseeding (crops/mirrors will differ from the original run)")
+    gen.manual_seed((int(st["seed"]) * 1000003 + cursor + epoch) % 2 ** 62)
+
+
 class BatchSource:
     """Batches from an in-memory dataset (uint8 or float32 (N,C,H,W) + int64 labels) on ``device``.
 
@@ -241,12 +256,7 @@ class BatchSource:
         self.cursor, self.epoch = int(st["cursor"]), int(st.get("epoch", 0))
         if st.get("order") is not None:
             self.order = st["order"].to(self.device)
-        if st.get("rng_device") == self.device.type:
-            self.gen.set_state(st["rng_state"])
-        else:
-            warnings.warn(f"layer '{self.name}': data RNG state saved on {st.get('rng_device')}, now on "
-                          f"{self.device.type}; reseeding (crops/mirrors will differ from the original run)")
-            self.gen.manual_seed((int(st["seed"]) * 1000003 + self.cursor + self.epoch) % 2 ** 62)
+        restore_generator(self.gen, st, self.device, self.name, self.cursor, self.epoch)
 
     def to(self, device):
         device = torch.device(device)

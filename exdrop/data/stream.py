@@ -26,7 +26,7 @@ from exdrop.proto import caffe_pb2
 
 from exdrop.data.lmdb_datum import CorruptRecordError, close_shared, open_shared, read_image
 from exdrop.data.sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
-                                 read_list_entries, resolve_source)
+                                 read_list_entries, resolve_source, restore_generator)
 
 # decoded images above this many bytes are read from disk batch by batch, below it held in memory
 RESIDENT_BYTES = 4 << 30
@@ -183,10 +183,7 @@ class StreamSource(BatchSource):
         self.cursor, self.epoch = int(st["cursor"]), int(st["epoch"])
         self.order = st.get("order")
         self.order_gen.set_state(st["order_rng"])
-        if st.get("rng_device") == self.device.type:
-            self.gen.set_state(st["rng_state"])
-        else:
-            self.gen.manual_seed((int(st["seed"]) * 1000003 + self.cursor + self.epoch) % 2 ** 62)
+        restore_generator(self.gen, st, self.device, self.name, self.cursor, self.epoch)
         self._pending_idx = st["pending"].numpy().astype(np.int64)
         self._pending = self._ahead.submit(self._load, self._pending_idx)
 
