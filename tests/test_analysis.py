@@ -69,6 +69,11 @@ def test_relevance_masks_switch_off_the_fewest_units_reaching_p_c():
     off = [set(np.flatnonzero(~m[0].numpy())) for m in least]
     # ascending p_EB: unit 3 (0), unit 2 (0.2), unit 1 (0.3), unit 0 (0.5)
     assert off == [set(), {3, 2}, {3, 2, 1}, {3, 2, 1, 0}]
+    # a mass ahead that reaches p_c only up to float32 rounding has reached it: the mass ahead of 0.92 is
+    # (0.01 + 0.07 + 0.92) - 0.92, 0.0799999833 in float32, below 0.08's 0.0799999982
+    p = torch.tensor([[0.01, 0.07, 0.92]])
+    assert float(p.cumsum(1)[0, 2] - p[0, 2]) < float(torch.tensor(0.08))
+    assert A.relevance_keep_masks(p, [0.08], most_first=False)[0, 0].tolist() == [False, False, True]
 
 
 def test_random_masks_switch_off_exactly_k_units_per_image():
@@ -440,6 +445,27 @@ def test_analysis_of_a_convolution_blob_on_a_few_images_against_its_golden_copy(
     res["seconds"] = None
     text = json.dumps(res).replace(str(tiny_run), "<run>").replace(str(tiny_run.parent), "<tmp>")
     golden.check_close("analysis_tiny_conv1_4_images.json", json.loads(text))
+
+
+def test_analysis_of_one_image_is_that_images_values(tiny_run):
+    a, y, w2, b2 = _by_hand(tiny_run)
+    f = A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", images=1,
+                  compression=False)
+    assert f["images"] == 1 and f["neurons_on"] == (a[0] > 0).sum() and f["neurons_on_std_images"] == 0
+    assert f["entropy_act"] == pytest.approx(_entropy(a[:1])[0], rel=1e-5)
+
+
+def test_run_analysis_shows_progress_only_when_asked_and_says_why_a_run_has_no_conservative_filters(run, capsys):
+    """A run folder from before the iteration-0 weights were recorded (neither init.json nor
+    init.caffemodel): its final analysis says so in place of the conservative filters."""
+    (run / "init.json").unlink()
+    capsys.readouterr()
+    res = A.analyze_run(run, delta=0.05, over_training=False, force=True, progress=True, echo=lambda *a: None)
+    assert "test" in capsys.readouterr().err
+    assert res["final"]["conservative_note"] == (f"{run} has neither init.json nor init.caffemodel (runs from before the "
+                                                 "iteration-0 weights were recorded): no conservative filters")
+    A.analyze_run(run, delta=0.05, over_training=False, force=True, echo=lambda *a: None)
+    assert capsys.readouterr().err == ""
 
 
 def test_run_analysis_takes_delta_from_the_data_set_its_net_path_names(run):
