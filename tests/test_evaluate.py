@@ -190,8 +190,20 @@ def test_missing_data_is_named_with_the_way_to_convert(run, tmp_path):
     with pytest.raises(ValueError, match=r"not a converted LMDB or dataset folder.*exdrop data"):
         ev.evaluate(solver, _snap(out, MAX_ITER), data=tmp / "tiny" / "images")
     gone = _net_copy(tmp, "gone.prototxt", (str(tmp / "tiny" / "db" / "val_lmdb"), str(tmp_path / "no_lmdb")))
-    with pytest.raises(FileNotFoundError, match=r"TEST data layer 'data' reads '.*no_lmdb'.*exdrop data"):
+    with pytest.raises(FileNotFoundError, match=r"TEST data layer 'data' reads '.*no_lmdb', which does not exist "
+                                                r"\(relative to the current folder .*\); convert the data once with "
+                                                r".*exdrop data.*, or run from the folder that the prototxt's relative "
+                                                r"paths start from$"):
         ev.evaluate(gone, _snap(out, MAX_ITER))
+    with pytest.raises(FileNotFoundError, match=r"^.*nowhere.prototxt: no such solver or net prototxt$"):
+        ev.evaluate(tmp_path / "nowhere.prototxt", _snap(out, MAX_ITER))
+    text = (tmp / "tiny" / "tiny_ed.prototxt").read_text()
+    no_test_data = tmp_path / "no_test_data.prototxt"   # the TEST phase's Data layer made a TRAIN one
+    no_test_data.write_text(text.replace("phase: TEST", "phase: TRAIN"))
+    assert text.count("phase: TEST") >= 1
+    with pytest.raises(ValueError, match=r"no_test_data.prototxt: the TEST phase has no Data or ImageData layer to "
+                                         r"read images from$"):
+        ev.evaluate(no_test_data, _snap(out, MAX_ITER))
 
 
 def test_cli_converts_a_raw_cifar_source_into_data_dir(run, tmp_path, monkeypatch):

@@ -307,8 +307,12 @@ def test_snapshot_model_path_is_the_learned_net_beside_the_state_or_its_own_name
         (tmp_path / model).write_bytes(b"")
         assert snapshot_model_path(state) == tmp_path / model
         (tmp_path / model).unlink()
-        with pytest.raises(FileNotFoundError, match=f"its weights {tmp_path / model} are missing"):
+        with pytest.raises(FileNotFoundError, match=f"^{state}: its weights {tmp_path / model} are missing \\(the "
+                                                    f"solver state names learned_net {learned or '[(]none[)]'}; Caffe's "
+                                                    "snapshots keep the .caffemodel beside the .solverstate\\)$"):
             snapshot_model_path(state)
+    with pytest.raises(FileNotFoundError, match=f"^snapshot {tmp_path / 'gone.solverstate'} not found$"):
+        snapshot_model_path(tmp_path / "gone.solverstate")
 
 
 def test_plain_state_keeps_plain_values_and_names_where_another_sits():

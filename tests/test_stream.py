@@ -446,3 +446,8 @@ def test_list_records_without_a_root_resize_and_name_an_image_they_cannot_decode
     paths[1].write_bytes(b"not an image")
     with pytest.raises(FileNotFoundError, match=f"^could not load image {paths[1]} \\(line 2 of list "):
         records.read(1)
+    from test_bad_inputs_cli import _huge_png
+    paths[2].write_bytes(_huge_png())   # a header past OpenCV's pixel limit: OpenCV raises, named here
+    with pytest.raises(ValueError, match=f"^cannot decode image image {paths[2]} \\(line 3 of list .*list.txt\\): "
+                                         "its header claims more pixels"):
+        records.read(2)

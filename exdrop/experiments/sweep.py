@@ -842,6 +842,8 @@ def table_markdown(summary: dict, table: str) -> str:
         lines += ["Test accuracy (%), mean +- std over seeds (n = seeds finished), the paper's figure in [brackets] "
                   "(a mean of five models; the paper gives no std). Fine-tuned nets: the frame accuracy of each "
                   f"run's final snapshot on every test frame once (`RUN/{FINAL_TEST}/test.json`).", ""]
+    if not rows:
+        return "\n".join(lines + ["No run in this sweep's plan.json yet."]) + "\n"
     first = "Dataset (CNN-2)" if scratch else "Dataset (net)"
 
     def methods_of(keep) -> list:
@@ -925,8 +927,8 @@ def write_outputs(out: Path, table: str) -> list[Path]:
     md = out / f"table{table}.md"
     nets = [NET_LABELS[n] for n in NETS if any(c["net"] == n for c in summary["cells"])] or ["CNN-2"]
     tuned = " fine-tuned from ImageNet" if any(c["net"] != "cnn2" for c in summary["cells"]) else ""
-    md.write_text(f"# Table {table}: {', '.join(nets)}{tuned}, "
-                  f"{', '.join(sorted({c['dataset'] for c in summary['cells']}))}\n\n"
+    md.write_text(f"# Table {table}: " + ", ".join([", ".join(nets) + tuned]
+                                                   + sorted({c['dataset'] for c in summary['cells']})) + "\n\n"
                   + table_markdown(summary, table))
     js = out / f"table{table}.json"
     written = [md, js]
