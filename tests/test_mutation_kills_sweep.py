@@ -415,3 +415,46 @@ def test_paired_differences_default_to_cifar10(tmp_path):
     _plan_of(tmp_path, {("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)]), ("ed", 1): ([0.7], [(4, 0.58, 1.2)])})
     summary = S.collect(tmp_path)
     assert S.paired(summary) == S.paired(summary, "cifar10") and S.paired(summary)
+
+
+def test_a_missing_variant_names_the_dataset_and_the_fine_tuned_net():
+    with pytest.raises(FileNotFoundError, match=r"^no prototxt for method 'adaptive' on ucf101 \(alexnet\): .*"
+                                                r"prototxt/alexnet/ucf101/train_val_adaptive.prototxt$"):
+        S.variant_paths("ucf101", "adaptive", "alexnet")
+    with pytest.raises(FileNotFoundError, match=r"^no prototxt for method 'ed' on cifar100 under the authors recipe "
+                                                r"\(defined for cifar10 only\): "):
+        S.variant_paths("cifar100", "ed", recipe="authors")
+
+
+def test_a_plan_without_a_recipe_is_a_paper_recipe_plan_and_keeps_its_finished_runs(no_conversion, tmp_path):
+    """plan.json from before recipes were recorded: its finished runs are kept by a later paper-recipe plan."""
+    out = tmp_path / "sweep"
+    S.plan(out, ["cifar10"], ["none", "ed"], [0.5], [1], SUBSET, {"cifar10": "src"}, progress=False)
+    (out / "cifar10" / "none" / "seed1" / "results.json").write_text(json.dumps({"status": "finished", "iterations": 4,
+                                                                                "max_iter": 4}))
+    old = json.loads((out / "plan.json").read_text())
+    del old["recipe"]
+    (out / "plan.json").write_text(json.dumps(old))
+    S.plan(out, ["cifar10"], ["ed"], [0.5], [1], SUBSET, {"cifar10": "src"}, progress=False)
+    assert [r["key"] for r in json.loads((out / "plan.json").read_text())["runs"]] == ["cifar10/ed_r0.5/seed1",
+                                                                                      "cifar10/none_r0.5/seed1"]
+
+
+def test_an_ablation_changes_only_the_excitation_dropout_layers(monkeypatch, tmp_path):
+    """A net with another Python layer beside Excitation Dropout: the ablation's param_str goes to the
+    Excitation Dropout layer alone."""
+    net_path, solver = S.variant_paths("cifar10", "ed")
+    text = net_path.read_text()
+    extra = ('layer { name: "noise" type: "Python" bottom: "ip2" top: "ip2" python_param { module: "standard_dropout" '
+             'layer: "StandardDropout" param_str: "{\'dropout_ratio\': 0.3}" } }\n')
+    custom, own_solver = tmp_path / "train_val_ed.prototxt", tmp_path / "solver_ed.prototxt"
+    custom.write_text(text + extra)
+    own_solver.write_text(solver.read_text())
+    monkeypatch.setattr(S, "variant_paths", lambda *a, **k: (custom, own_solver))
+    monkeypatch.setattr(S, "ROOT", tmp_path)   # the run folder names its prototxts relative to the repository
+    data = {"train": {1: str(tmp_path / "t")}, "val": {1: str(tmp_path / "v")}}
+    run = S.write_run(S.Run("cifar10", "ed_norescale", 0.5, 1, tmp_path / "run"), SUBSET, data)
+    written = cio.read_net_prototxt(run.folder / "net.prototxt")
+    params = {lp.name: lp.python_param.param_str for lp in written.layer if lp.type == "Python"}
+    assert params["noise"] == "{'dropout_ratio': 0.3}"
+    assert [("'rescale': False" in p) for name, p in params.items() if name != "noise"] == [True]
