@@ -198,6 +198,7 @@ def test_global_batch_must_split(fixture):
 
 def test_world_from_torchrun_environment():
     assert dist.world_from_env({}) == dist.ONE
+    assert dist.world_from_env({"WORLD_SIZE": "", "RANK": "0"}) == dist.ONE   # set but empty: one process
     assert dist.world_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == dist.World(3, 4, 1)
     with pytest.raises(RuntimeError, match="torchrun"):
         dist.world_from_env({"WORLD_SIZE": "2"})
