@@ -458,3 +458,17 @@ def test_an_ablation_changes_only_the_excitation_dropout_layers(monkeypatch, tmp
     params = {lp.name: lp.python_param.param_str for lp in written.layer if lp.type == "Python"}
     assert params["noise"] == "{'dropout_ratio': 0.3}"
     assert [("'rescale': False" in p) for name, p in params.items() if name != "noise"] == [True]
+
+
+def test_execute_divides_the_cores_among_the_workers_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(S.os, "cpu_count", lambda: 8)
+    record = ("import json, os, sys; open(sys.argv[1] + '/env.json', 'w').write(json.dumps(os.environ['OMP_NUM_THREADS']))")
+    folders = [tmp_path / f"r{i}" for i in range(2)]
+    runs = []
+    for i, folder in enumerate(folders):
+        folder.mkdir()
+        runs.append(S.Run("cifar10", "ed", 0.5, i + 1, folder, command=[sys.executable, "-c", record, str(folder)]))
+    said = []
+    S.execute(runs, workers=2, gpus=0, echo=said.append)
+    assert said[0] == "sweep: 2 runs, 0 finished, 2 to run with 2 worker(s), 4 thread(s) each"
+    assert [json.loads((f / "env.json").read_text()) for f in folders] == ["4", "4"]
