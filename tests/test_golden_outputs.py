@@ -380,8 +380,8 @@ def test_a_sweep_executes_each_kind_of_run(tmp_path, gpus):
         if evaluate:
             r.evaluate = [sys.executable, "-c", _RECORD, str(folder), "1", "0", "test"]
         return r
-    runs = [run("already", state="finished"), run("finishes"), run("stops", finish="0"), run("fails", code="3"),
-            run("resumes", state="started"), run("tuned", evaluate=True)]
+    runs = [run("already", state="finished"), run("finishes"), run("tuned", evaluate=True), run("stops", finish="0"),
+            run("fails", code="3"), run("resumes", state="started")]   # a final test goes next, before the others
     said = []
     report = S.execute(runs, workers=1, threads=3, gpus=gpus, echo=said.append)
     text = "\n".join(said) + "\n" + json.dumps(report) + "\n"

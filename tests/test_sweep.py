@@ -266,6 +266,7 @@ def test_ctrl_c_stops_the_sweep_and_loses_nothing(image_tree, tmp_path):
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 130, out
     assert "waiting for 2 run(s) to write their snapshots" in out
+    assert out.rstrip().endswith("sweep: stopped; the same command again skips the finished runs and resumes the others")
     for f in folders:
         assert S.status(f) == "started", (f / "stdout.log").read_text()
         assert json.loads((f / "results.json").read_text())["status"] == "interrupted"
