@@ -156,8 +156,12 @@ def test_curriculum_numpy_layer(layers_mod):
     cls = layers_mod["CurriculumDropout"]
     assert cls.needs_iteration and cls.is_dropout
     layer = make_layer(cls, "{'dropout_ratio': 0.25, 'gamma': 0.01}", shape=(200, 500))
-    with pytest.raises(RuntimeError, match="iteration"):
+    with pytest.raises(RuntimeError) as info:
         run(layer, np.ones((200, 500), np.float32))
+    assert str(info.value) == (
+        "CurriculumDropout in TRAIN needs the solver's iteration t for its retain probability theta(t): train with "
+        "`exdrop train --backend caffe` (exdrop.caffe.backend sets layer.iteration = solver.iter before each step), "
+        "or set the layer's `iteration` attribute yourself")
     layer.iteration = 100
     theta = 0.25 * math.exp(-1) + 0.75
     torch.manual_seed(3)

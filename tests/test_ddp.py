@@ -291,3 +291,10 @@ def test_host_collectives_call_torch_distributed_as_rank_0_sends(monkeypatch):
     assert dist.any_over(dist.ONE, True) is True and dist.any_over(dist.ONE, False) is False
     dist.barrier(dist.ONE)
     assert calls == []
+    # close ends only a group this launch made: never one that a single process's caller set up
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda: calls.append("destroy"))
+    for initialized, w, destroys in ((True, dist.ONE, False), (False, world, False), (True, world, True)):
+        monkeypatch.setattr(tdist, "is_initialized", lambda: initialized)
+        calls.clear()
+        dist.close(w)
+        assert calls == ["destroy"] * destroys, (initialized, w)

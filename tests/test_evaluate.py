@@ -326,6 +326,12 @@ def test_caffe_backend_gives_the_engines_numbers(run, sharp):
         assert caffe["accuracy"] == pytest.approx(engine["accuracy"], abs=1e-6)
         assert caffe["confusion"] == engine["confusion"]
         assert caffe["loss"] == pytest.approx(engine["loss"], rel=1e-5)
+    # one batch, its progress shown
+    engine = ev.evaluate(solver, _snap(out, MAX_ITER), iterations=1)
+    caffe = ev.evaluate(solver, _snap(out, MAX_ITER), iterations=1, backend="caffe", progress=True)
+    assert caffe["iterations"] == engine["iterations"] == 1 and caffe["images"] == engine["images"]
+    assert caffe["accuracy"] == pytest.approx(engine["accuracy"], abs=1e-6)
+    assert caffe["loss"] == pytest.approx(engine["loss"], rel=1e-5)
     # a run trained by real Caffe: its own logged numbers, from its own snapshot, in Caffe and in the engine
     caffe_run = tmp / "caffe_run"
     assert main(["train", str(solver), "--backend", "caffe", "--out", str(caffe_run), "--max-iter", "10",

@@ -47,6 +47,12 @@ SWEEPS = {
     "undecided": {("none", 1): OVERFIT, ("ed", 1): ([0.7], [(2, 0.45, 1.2), (4, 0.55, 1.1)])},
     # one seed each, Standard far enough ahead of No Dropout to pass on one seed
     "one_seed": {("none", 1): OVERFIT, ("standard_fc1", 1): ([0.8], [(2, 0.5, 1.2), (4, 0.56, 1.1)])},
+    # no No Dropout run yet: nothing of the check is decided
+    "no_none": {("standard_fc1", 1): ([0.8], [(2, 0.5, 1.2), (4, 0.56, 1.1)]),
+                ("ed", 1): ([0.7], [(2, 0.45, 1.2), (4, 0.55, 1.1)])},
+    # a No Dropout log without a training accuracy row: its fit is unknown, not a number
+    "none_without_train_rows": {("none", 1): ([], OVERFIT[1]),
+                                ("standard_fc1", 1): ([0.8], [(2, 0.5, 1.2), (4, 0.56, 1.1)])},
 }
 
 
@@ -401,6 +407,8 @@ PTH = {   # name: how the torchvision-style state dict differs from CNN-2's own
     "nested": {"nest": True},
     "one_linear_of_another_shape": {"reshape": "classifier.1.weight"},
     "first_conv_without_bias": {"drop": "features.0.bias"},
+    # 2- and 4-dimensional tensors that are not weights (a weight-norm direction, a table): ignored
+    "with_other_tensors": {"extra": {"features.0.weight_v": (2, 3, 3, 3), "classifier.position_table": (4, 8)}},
 }
 
 
@@ -427,6 +435,8 @@ def test_a_torchvision_state_dict_loaded_into_cnn2(name, tmp_path):
         state[how["reshape"]] = state[how["reshape"]][:, :-1].contiguous()
     if "drop" in how:
         del state[how["drop"]]
+    for key, shape in how.get("extra", {}).items():
+        state[key] = torch.randn(shape, generator=g)
     pth = tmp_path / f"{name}.pth"
     torch.save({"state_dict": state} if how.get("nest") else state, pth)
     report = load_pretrained(net, pth, input_transform(param))

@@ -400,6 +400,9 @@ def test_caffe_layer_test_phase_identity_and_setup(layer_cls):
     assert not fixed.blobs[0].data.any() and np.all(fixed.blobs[1].data == 2.0)
     for bad, msg in (("{'max_alpha': 0}", "max_alpha must be a finite number > 0"),
                      ("{'weight_std': -1}", "weight_std must be None or a finite number >= 0"),
+                     ("{'bias': True}", r"bias must be a finite number, got True$"),
+                     ("{'bias': 1e999}", r"bias must be a finite number, got inf$"),
+                     ("{'bias': 'x'}", r"bias must be a finite number, got 'x'$"),
                      ("{'p': 0.5}", r"unknown param_str keys \['p'\]")):
         with pytest.raises(ValueError, match=msg):
             caffe_layer(layer_cls, [Blob(f), Blob(x)], param_str=bad)

@@ -68,6 +68,13 @@ def test_a_changed_net_is_refused_never_used(solver, tmp_path):
         # the analysis goes on without the conservative filters and says why
         res = A.analyze_run(run, delta=0.05, over_training=False, echo=lambda *a: None)
         assert "conservative" not in res["final"] and "differ from the ones" in res["final"]["conservative_note"]
+        # over training too, without iteration 0; the cache's key names exactly the snapshots analysed
+        res = A.analyze_run(run, delta=0.05, training_images=2, echo=lambda *a: None)
+        assert [r["iter"] for r in res["over_training"]["rows"]] == [2]
+        assert [s[0] for s in res["key_over"]["snapshots"]] == [2] and res["key_final"]["init"] is None
+        cached = json.loads((run / "analysis" / "analysis.json").read_text())
+        assert cached["key_over"] == res["key_over"] and set(cached["key_over"]) == {"format", "data", "blob",
+                                                                                     "delta", "snapshots", "images"}
     finally:
         net.write_text(text)
 

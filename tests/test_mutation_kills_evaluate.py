@@ -142,6 +142,11 @@ def test_video_accuracy_averages_each_videos_frame_softmaxes(tmp_path):
     assert (probs.argmax(1) == labels).mean() == 0.5   # the frame accuracy differs from the video one
     res = ev.video_accuracy(lmdb, probs, labels, True)
     assert res == {"video_accuracy": pytest.approx(2 / 3), "videos": 3}
+    # frames of another split or order: refused, naming the list
+    with pytest.raises(ValueError) as info:
+        ev.video_accuracy(lmdb, probs, np.array([0, 1, 1, 1, 1, 2]), True)
+    assert str(info.value) == (f"{tmp_path / 'test_videos.json'}: the videos' labels do not match the LMDB's "
+                               "frames (another split or order?)")
 
 
 # ---------------------------------------------------------------------- the sweep summary

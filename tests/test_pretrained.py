@@ -203,6 +203,11 @@ def test_pretrained_errors_name_the_file(tmp_path):
                                          r"conversion of a torchvision first convolution needs \(a mean_file is not "
                                          r"supported\)$"):
         input_transform(no_mean)
+    one_mean = caffe_pb2.NetParameter(name="gray")
+    data = one_mean.layer.add(name="data", type="ImageData")
+    data.transform_param.mean_value.append(117.0)   # one value: every channel's
+    data.transform_param.scale = 0.5
+    assert input_transform(one_mean) == {"mean_bgr": (117.0, 117.0, 117.0), "scale": 0.5}
 
 
 def test_fetch_downloads_through_a_part_file_and_checks_the_sha1(tmp_path, monkeypatch):

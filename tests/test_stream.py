@@ -254,6 +254,36 @@ def test_a_streamed_source_is_on_the_device_it_is_given(lmdb):
     src.close()
 
 
+def test_a_move_within_the_device_kind_keeps_the_crops_of_both_sources(lmdb):
+    """``cpu`` to ``cpu:0`` keeps the crop / mirror generator, streamed or resident (one rule,
+    ``sources.move_generator``): the moved sources draw the crops of one never moved."""
+    path, _, _ = lmdb
+    unmoved = make_source(_lp("Data", str(path)), 0, seed=1, stream=False)
+    want = [unmoved.next_batch()[0] for _ in range(3)]
+    for stream in (True, False):
+        src = make_source(_lp("Data", str(path)), 0, seed=1, stream=stream)
+        gen = src.gen
+        assert src.to("cpu:0") is src and src.gen is gen and src.device == torch.device("cpu", 0)
+        for batch in want:
+            assert torch.equal(src.next_batch()[0], batch)
+        if stream:
+            src.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_streamed_source_on_cuda_crops_there_and_moves_as_a_resident_one(lmdb):
+    path, _, _ = lmdb
+    streamed = make_source(_lp("Data", str(path)), 0, device="cuda", seed=1, stream=True)
+    resident = make_source(_lp("Data", str(path)), 0, device="cuda", seed=1, stream=False)
+    assert streamed.gen.device.type == "cuda"
+    for _ in range(2):
+        a, b = streamed.next_batch()[0], resident.next_batch()[0]
+        assert a.is_cuda and torch.equal(a, b)
+    streamed.to("cpu"), resident.to("cpu")   # another kind: both reseed from one draw, alike
+    assert torch.equal(streamed.next_batch()[0], resident.next_batch()[0])
+    streamed.close()
+
+
 def test_stream_decodes_in_the_records_dtype(lmdb):
     """The batch decoded ahead keeps the records' uint8 (a quarter of float32's host memory and copy)."""
     path, _, _ = lmdb
@@ -282,27 +312,6 @@ def test_stream_force_gray_and_force_color_reach_the_records(tmp_path):
         for _ in range(3):
             torch.testing.assert_close(streamed.next_batch()[0], resident.next_batch()[0], rtol=0, atol=0)
         streamed.close()
-
-
-def test_stream_moved_to_another_device_reseeds_from_its_own_generator(lmdb):
-    """`to(device)` (here "cpu:0", a device that is not "cpu" to torch) re-creates the crop/mirror
-    generator on the new device from a draw of the old one: the same source moved twice gives the
-    same batches, another seed other batches, and moving to the device it is on changes nothing."""
-    path, _, _ = lmdb
-    runs = {}
-    for key, seed in (("a", 3), ("a again", 3), ("b", 4)):
-        src = make_source(_lp("Data", str(path)), 0, seed=seed, stream=True)
-        src.next_batch()
-        old = src.gen
-        assert src.to("cpu") is src and src.device == torch.device("cpu") and src.gen is old
-        assert src.to("cpu:0") is src and src.device == torch.device("cpu:0") and src.gen is not old
-        runs[key] = [src.next_batch() for _ in range(4)]
-        assert all(y.device.type == "cpu" for _, y in runs[key])
-        src.close()
-    for (x1, y1), (x2, y2) in zip(runs["a"], runs["a again"]):
-        torch.testing.assert_close(x2, x1, rtol=0, atol=0)
-        torch.testing.assert_close(y2, y1)
-    assert any(not torch.equal(x1, x2) for (x1, _), (x2, _) in zip(runs["a"], runs["b"]))
 
 
 def test_image_list_stream_errors_name_the_image_and_its_line(tmp_path):

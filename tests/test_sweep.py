@@ -324,6 +324,14 @@ def _plan_of(tmp_path, cells: dict) -> None:
                                                     "recipe": "authors"}))
 
 
+def test_regime_without_a_no_dropout_run_decides_nothing(tmp_path):
+    """regime() of a sweep whose No Dropout has no finished run (here none at all): every part None."""
+    _plan_of(tmp_path, {("standard_fc1", 1): ([0.8], [(4, 0.60, 1.1)]), ("standard_fc1", 2): ([0.8], [(4, 0.59, 1.1)])})
+    check = S.regime(S.collect(tmp_path))
+    assert check["none"] == [] and check["standard_minus_none"]["mean"] is None
+    assert [check[k] for k in ("overfits", "held_out_loss_rises", "dropout_helps", "ok")] == [None] * 4
+
+
 def test_regime_check_and_paired_table_on_hand_made_runs(tmp_path):
     overfit = ([0.90, 0.97, 0.99, 1.0], [(2, 0.55, 1.20), (4, 0.50, 1.40)])   # loss min 1.20, last 1.40
     _plan_of(tmp_path, {("none", 1): overfit, ("none", 2): overfit,

@@ -157,6 +157,18 @@ class DataTransformer:
         return x
 
 
+def move_generator(gen: torch.Generator, old: torch.device, new: torch.device) -> torch.Generator:
+    """A source's crop / mirror generator after its move from ``old`` to ``new``: the same one on
+    the same device kind (``cpu`` and ``cpu:0`` alike); on another kind, a generator there seeded
+    from one draw of the old one, so the crops go on deterministically."""
+    if new.type == old.type:
+        return gen
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=old).item())
+    moved = torch.Generator(device=new)
+    moved.manual_seed(seed)
+    return moved
+
+
 def restore_generator(gen: torch.Generator, st: dict, device: torch.device, name: str, cursor: int,
                       epoch: int) -> None:
     """A saved source state's crop / mirror generator: set as saved on the same device kind; a state
@@ -267,10 +279,7 @@ class BatchSource:
             self.order = self.order.to(device)
         self.transformer.to(device)
         self._ar_b = self._ar_b.to(device)
-        if device.type != self.device.type:
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.gen, device=self.device).item())
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(seed)
+        self.gen = move_generator(self.gen, self.device, device)
         self.device = device
         return self
 

@@ -26,7 +26,7 @@ from exdrop.proto import caffe_pb2
 
 from exdrop.data.lmdb_datum import CorruptRecordError, close_shared, open_shared, read_image
 from exdrop.data.sources import (TRAIN, BatchSource, DataTransformer, _load_lmdb, _phase, load_image_list_data,
-                                 read_list_entries, resolve_source, restore_generator)
+                                 move_generator, read_list_entries, resolve_source, restore_generator)
 
 # decoded images above this many bytes are read from disk batch by batch, below it held in memory
 RESIDENT_BYTES = 4 << 30
@@ -191,14 +191,12 @@ class StreamSource(BatchSource):
         device = torch.device(device)
         if device == self.device:
             return self
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.gen, device=self.device).item())
+        self.gen = move_generator(self.gen, self.device, device)
         self.device = device
         self.transformer.to(device)
         self._local_idx = self._local_idx.to(device)
         if self.labels is not None:
             self.labels = self.labels.to(device)
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed)
         return self
 
     def close(self) -> None:
