@@ -34,6 +34,10 @@ def test_alive_count_is_eqn3_on_the_alive_units_alone():
     # at p = 1/K a unit is kept with probability P, whatever the layer's width
     assert Fx.retain_probability(torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]]), 0.5,
                                  torch.tensor([[3]]))[0, :3].tolist() == pytest.approx([0.5] * 3)
+    # the probabilities keep the shares' dtype, whatever the count's (an int, a float64, a bfloat16 layer)
+    for dtype in (torch.float32, torch.bfloat16):
+        for count in (torch.tensor([[3], [6]]), torch.tensor([[3.0], [6.0]], dtype=torch.float64)):
+            assert Fx.retain_probability(share.to(dtype), 0.5, count).dtype == dtype, (dtype, count.dtype)
     # a feature map counts as alive when any position is positive
     conv = torch.zeros(1, 3, 2, 2)
     conv[0, 1, 1, 0] = 0.1

@@ -67,7 +67,9 @@ def test_a_pth_whose_shapes_all_differ_is_refused(tiny, tmp_path, capsys):
                 "classifier.1.weight": torch.zeros(2, 7)}, pth)
     assert _train(solver, pth, tmp_path / "r", "--net", str(net)) == 1
     err = capsys.readouterr().err
-    assert f"{pth}: --weights loaded no layer" in err and "shapes differ" in err
+    assert err == (f"exdrop: error: {pth}: --weights loaded no layer of the net (torchvision state dict; shapes "
+                   "differ: features.0.weight (5, 3, 3, 3) -> conv1 (4, 3, 3, 3); classifier.0.weight (7, 9) -> ip1 "
+                   "(16, 144); classifier.1.weight (2, 7) -> ip2 (3, 16)): training would start from the fillers\n")
 
 
 def test_a_partial_load_is_shown_under_quiet(tiny, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -241,8 +242,11 @@ def test_without_an_accuracy_layer_the_softmax_scores_are_used(run, sharp):
     assert res["loss"] == with_acc["loss"] and res["confusion"] == with_acc["confusion"]
     neither = _net_copy(tmp, "neither.prototxt", (acc_line, ""),
                         ('layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }', ""))
-    with pytest.raises(ValueError, match="neither an Accuracy nor a SoftmaxWithLoss layer"):
+    with pytest.raises(ValueError) as info:
         ev.evaluate(neither, sharp)
+    assert str(info.value) == (f"{neither}: the TEST net has neither an Accuracy nor a SoftmaxWithLoss layer, so no "
+                               "blob holds class scores next to a label; add one, e.g. layer { name: \"accuracy\" "
+                               "type: \"Accuracy\" bottom: \"<scores>\" bottom: \"label\" top: \"accuracy\" }")
 
 
 def test_weights_errors_name_the_file_layer_and_shapes(run, tmp_path, capsys):
@@ -269,8 +273,19 @@ def test_a_deploy_net_and_bad_counts_are_refused(run, tmp_path):
                       'inner_product_param { num_output: 3 } }\n')
     with pytest.raises(ValueError, match=r"layer 'data' is an Input \(a deploy net\)"):
         ev.evaluate(deploy, _snap(out, MAX_ITER))
+    legacy = tmp_path / "legacy_deploy.prototxt"   # the old deploy form: net-level input fields
+    legacy.write_text('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n' + deploy.read_text().split("\n", 1)[1])
+    with pytest.raises(ValueError, match=r"^" + re.escape(f"{legacy}: its 'input' fields is an Input (a deploy net)")):
+        ev.evaluate(legacy, _snap(out, MAX_ITER))
     with pytest.raises(ValueError, match="--iterations 0"):
         ev.evaluate(solver, _snap(out, MAX_ITER), iterations=0)
+
+
+def test_progress_is_a_bar_that_clears_its_line(run, sharp, capsys):
+    tmp, _, _ = run
+    ev.evaluate(tmp / "tiny" / "tiny_ed.prototxt", sharp, progress=True)
+    err = capsys.readouterr().err
+    assert "test: " in err and "batch" in err and "\n" not in err and err.endswith("\r")
 
 
 def test_test_time_mirrors_are_seeded_and_leave_torchs_generator_alone(run, sharp):

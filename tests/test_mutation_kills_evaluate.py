@@ -74,6 +74,25 @@ def test_scored_images_leave_out_the_ignored_label(tiny):
     assert np.array(res["confusion"]).sum() == 4 and res["per_class_images"] == [2, 2, 0]
 
 
+def test_a_test_videos_list_beside_the_lmdb_adds_the_video_accuracy(tmp_path):
+    """`exdrop test` of an LMDB with test_videos.json beside it (as `make data-ucf101` writes): the
+    videos' accuracy from the evaluated labels; one frame per video, it is the frames' accuracy."""
+    from exdrop.data.lmdb_datum import DatumLMDB
+    write_tiny(tmp_path / "tiny")
+    net = tmp_path / "tiny" / "tiny_ed.prototxt"
+    torch.manual_seed(0)
+    from exdrop.engine.net import Net
+    from exdrop.engine.pylayer import TRAIN
+    from exdrop.engine.snapshot import save_weights
+    save_weights(Net(cio.read_net_prototxt(net), TRAIN, "cpu", "tiny"), tmp_path / "w.caffemodel")
+    val = Path(ev._layer_source(ev._test_data_layer(ev.load_test_net(net))))
+    _, labels = DatumLMDB(val).read_all()
+    (val.parent / "test_videos.json").write_text(json.dumps(
+        {"videos": [{"frames": 1, "label": int(y)} for y in labels]}))
+    res = ev.evaluate(net, tmp_path / "w.caffemodel")
+    assert res["videos"] == len(labels) == res["images"] and res["video_accuracy"] == pytest.approx(res["accuracy"])
+
+
 def test_result_names_its_blobs_and_times_the_pass_to_milliseconds(tiny):
     tmp, net, weights = tiny
     res = ev.evaluate(net, weights)
