@@ -131,6 +131,9 @@ def test_missing_weights_and_data_fail_at_plan_time(converted, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match=r"bvlc_alexnet.caffemodel \(http://dl.caffe.berkeleyvision.org"):
         S.plan(tmp_path / "sw", ["ucf101"], ["ed"], [0.5], [1], TINY, {"ucf101": str(converted)}, nets=["alexnet"])
     assert not (tmp_path / "sw").exists()   # nothing written
+    with pytest.raises(ValueError) as info:   # no net of the dataset's among those asked for
+        S.plan(tmp_path / "sw", ["cifar10"], ["ed"], [0.5], [1], TINY, {}, nets=["alexnet", "vgg16"])
+    assert str(info.value) == "--nets alexnet,vgg16: cifar10 runs cnn2" and not (tmp_path / "sw").exists()
     assert cli.main(["sweep", "--table", "3", "--nets", "vgg19", "--data", f"ucf101={converted}", "--plan-only",
                      "--weights", f"vgg19={tmp_path / 'missing.caffemodel'}", "--out", str(tmp_path / "sw")]) == 1
     err = capsys.readouterr().err
