@@ -153,6 +153,9 @@ RUNS = {
     "cifar10_ed_alive_authors_paper": ("cifar10", "ed_alive", 0.5, "cnn2", "authors", "paper", {}),
     "ucf101_alexnet_curriculum_paper": ("ucf101", "curriculum", 0.5, "alexnet", "paper", "paper",
                                         {"root": "frames/", "evaluate": "data/ucf101/split1"}),
+    # a sweep on real Caffe: its final test on the CPU, where pycaffe runs
+    "ucf101_alexnet_ed_caffe": ("ucf101", "ed", 0.5, "alexnet", "paper", "paper",
+                                {"root": "frames/", "evaluate": "data/ucf101/split1"}, {"backend": "caffe", "device": "auto"}),
 }
 
 
@@ -160,11 +163,11 @@ RUNS = {
 def test_a_sweep_run_folder_and_its_commands(name, tmp_path):
     """The net and solver prototxts a sweep writes for one run, and its training (and final test)
     command: the sweep's data, rate, seed, budget, recipe, KL weight and weights, and nothing else."""
-    dataset, method, rate, net, recipe, budget, extra = RUNS[name]
+    dataset, method, rate, net, recipe, budget, extra, *how = RUNS[name]
     data = {"train": {2: str(tmp_path / "train_seed2_lmdb")}, "val": {2: str(tmp_path / "val_lmdb")}, **extra}
     weights = str(tmp_path / "bvlc_alexnet.caffemodel") if net != "cnn2" else None
     run = S.Run(dataset, method, rate, 2, tmp_path / "run", net=net, weights=weights, recipe=recipe)
-    S.write_run(run, S.BUDGETS[budget], data, python="python3", device="cpu")
+    S.write_run(run, S.BUDGETS[budget], data, python="python3", **{"device": "cpu", **(how[0] if how else {})})
     parts = ["# net.prototxt", (run.folder / "net.prototxt").read_text(),
              "# sweep_solver.prototxt", run.solver.read_text(), "# plan.txt", S._plan_line(run)]
     text = "\n".join(parts).replace(str(tmp_path.resolve()), "<tmp>").replace(str(tmp_path), "<tmp>")

@@ -134,6 +134,13 @@ def test_missing_weights_and_data_fail_at_plan_time(converted, tmp_path, monkeyp
     with pytest.raises(ValueError) as info:   # no net of the dataset's among those asked for
         S.plan(tmp_path / "sw", ["cifar10"], ["ed"], [0.5], [1], TINY, {}, nets=["alexnet", "vgg16"])
     assert str(info.value) == "--nets alexnet,vgg16: cifar10 runs cnn2" and not (tmp_path / "sw").exists()
+    # a sweep on real Caffe that its runs could not train: refused before anything is written
+    with pytest.raises(ValueError, match=r"^--backend caffe --device cuda: the Caffe backend runs on CPU only"):
+        S.plan(tmp_path / "sw", ["cifar10"], ["ed"], [0.5], [1], TINY, {}, device="cuda", backend="caffe")
+    with pytest.raises(ValueError, match=r"^--backend caffe: budget cpu-200ep trains with --amp bf16, which the Caffe "
+                                         r"backend does not support; give --amp '' \(float32\)"):
+        S.plan(tmp_path / "sw", ["cifar10"], ["ed"], [0.5], [1], S.BUDGETS["cpu-200ep"], {}, backend="caffe")
+    assert not (tmp_path / "sw").exists()
     assert cli.main(["sweep", "--table", "3", "--nets", "vgg19", "--data", f"ucf101={converted}", "--plan-only",
                      "--weights", f"vgg19={tmp_path / 'missing.caffemodel'}", "--out", str(tmp_path / "sw")]) == 1
     err = capsys.readouterr().err

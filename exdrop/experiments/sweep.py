@@ -468,6 +468,12 @@ def plan(out: Path, datasets, methods, rates, seeds, budget: Budget, sources: di
     :data:`WEIGHTS_DIR`), checked before anything is written; ``recipe``: a key of :data:`RECIPES`
     (every variant is checked to exist before anything is written)."""
     out = Path(out)
+    if backend == "caffe" and device not in ("auto", "cpu"):
+        raise ValueError(f"--backend caffe --device {device}: the Caffe backend runs on CPU only (`make caffe` builds "
+                         "pycaffe without CUDA); drop --device or use the engine backend")
+    if backend == "caffe" and budget.amp:
+        raise ValueError(f"--backend caffe: budget {budget.name} trains with --amp {budget.amp}, which the Caffe "
+                         "backend does not support; give --amp '' (float32) or use the engine backend")
     for dataset in datasets:
         for net in nets_of(dataset):
             if nets is None or net in nets:
