@@ -291,6 +291,18 @@ def test_host_collectives_call_torch_distributed_as_rank_0_sends(monkeypatch):
     assert dist.any_over(dist.ONE, True) is True and dist.any_over(dist.ONE, False) is False
     dist.barrier(dist.ONE)
     assert calls == []
+    # init: NCCL on CUDA with a gloo group for the host-side flags, gloo alone on the CPU
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(tdist, "new_group", lambda backend: calls.append(("group", backend)) or "host group")
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    for device, want, host in (("cuda", [("init", "nccl"), ("group", "gloo")], "host group"),
+                               ("cpu", [("init", "gloo")], None)):
+        calls.clear()
+        dist.init(world, torch.device(device))
+        assert calls == want and dist._host_group == host, device
+    calls.clear()
+    dist.init(dist.ONE, torch.device("cpu"))   # one process: no group
+    assert calls == []
     # close ends only a group this launch made: never one that a single process's caller set up
     monkeypatch.setattr(tdist, "destroy_process_group", lambda: calls.append("destroy"))
     for initialized, w, destroys in ((True, dist.ONE, False), (False, world, False), (True, world, True)):
