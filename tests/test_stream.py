@@ -252,6 +252,8 @@ def test_a_streamed_source_is_on_the_device_it_is_given(lmdb):
     src = make_source(_lp("Data", str(path)), 0, device="cpu:0", seed=1, stream=True)
     assert src.device == torch.device("cpu", 0) and src.next_batch()[0].device == torch.device("cpu")
     src.close()
+    resident = make_source(_lp("Data", str(path)), 0, device="cpu:0", seed=1, stream=False)
+    assert isinstance(resident, S.BatchSource) and resident.device == torch.device("cpu", 0)
 
 
 def test_a_move_within_the_device_kind_keeps_the_crops_of_both_sources(lmdb):
