@@ -460,6 +460,18 @@ def test_an_ablation_changes_only_the_excitation_dropout_layers(monkeypatch, tmp
     assert [("'rescale': False" in p) for name, p in params.items() if name != "noise"] == [True]
 
 
+def test_execute_runs_each_command_in_the_repository_that_planned_it(tmp_path, monkeypatch):
+    """`python -m exdrop` puts the working folder first on sys.path: run from the repository (a
+    worktree's, say), the runs import its exdrop, whatever folder the sweep was started from."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "r"
+    folder.mkdir()
+    record = "import os, sys; open(sys.argv[1] + '/cwd.txt', 'w').write(os.getcwd())"
+    S.execute([S.Run("cifar10", "ed", 0.5, 1, folder, command=[sys.executable, "-c", record, str(folder)])],
+              workers=1, gpus=0, echo=lambda *a: None)
+    assert (folder / "cwd.txt").read_text() == str(S.ROOT)
+
+
 def test_execute_divides_the_cores_among_the_workers_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(S.os, "cpu_count", lambda: 8)
     record = ("import json, os, sys; open(sys.argv[1] + '/env.json', 'w').write(json.dumps(os.environ['OMP_NUM_THREADS']))")
