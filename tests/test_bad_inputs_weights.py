@@ -30,31 +30,26 @@ def test_an_empty_caffemodel_loads_nothing_and_is_refused(tiny, tmp_path, capsys
     assert f"{empty}: --weights loaded no layer of the net" in err and "conv1, ip1, ip2" in err
 
 
-def test_the_caffe_backend_refuses_a_caffemodel_of_other_layer_names_as_the_engine(tiny, tmp_path, capsys):
-    """Real Caffe's copy_from would start from the fillers without a word: refused before it."""
-    require_pycaffe("exdrop train --backend caffe --weights")
+@pytest.mark.parametrize("backend", ["engine", "caffe"])
+def test_a_caffemodel_with_other_layer_names_is_refused(tiny, tmp_path, capsys, backend):
+    """Real Caffe's copy_from would start from the fillers without a word: refused before it, on
+    either backend, naming the net's learnable layers and the file's."""
+    if backend == "caffe":
+        require_pycaffe("exdrop train --backend caffe --weights")
     solver, weights = tiny
     param = cio.read_caffemodel(weights)
     for lp in param.layer:
         lp.name = "other_" + lp.name
     renamed = tmp_path / "renamed.caffemodel"
     cio.write_caffemodel(param, renamed)
-    assert _train(solver, renamed, tmp_path / "r", "--backend", "caffe") == 1
+    assert _train(solver, renamed, tmp_path / "r", "--backend", backend) == 1
     err = capsys.readouterr().err
-    assert (f"{renamed}: --weights loaded no layer of the net (caffemodel; the net's learnable layers are conv1, "
-            "ip1, ip2, the file names other_conv1, other_ip1, other_ip2): training would start from the fillers") in err
-
-
-def test_a_caffemodel_with_other_layer_names_is_refused(tiny, tmp_path, capsys):
-    solver, weights = tiny
-    param = cio.read_caffemodel(weights)
-    for lp in param.layer:
-        lp.name = "other_" + lp.name
-    renamed = tmp_path / "renamed.caffemodel"
-    cio.write_caffemodel(param, renamed)
-    assert _train(solver, renamed, tmp_path / "r") == 1
-    err = capsys.readouterr().err
-    assert "names none of them" in err and "other_ip1" not in err.split("learnable layers are")[1].split(",")[0]
+    if backend == "engine":
+        assert "names none of them" in err and "other_ip1" not in err.split("learnable layers are")[1].split(",")[0]
+    else:
+        assert (f"{renamed}: --weights loaded no layer of the net (caffemodel; the net's learnable layers are conv1, "
+                "ip1, ip2, the file names other_conv1, other_ip1, other_ip2): training would start from the "
+                "fillers") in err
 
 
 def test_a_pth_whose_shapes_all_differ_is_refused(tiny, tmp_path, capsys):
