@@ -23,20 +23,23 @@ from test_sweep import _plan_of  # noqa: E402
 import golden  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """write_tiny's net and LMDBs (6 validation images, 2 per class a, b, c) with seeded random
-    weights: (folder, net prototxt, weights)."""
+def _tiny_with_weights(tmp: Path) -> tuple[Path, Path, Path]:
+    """write_tiny's net and LMDBs (6 validation images, 2 per class a, b, c) in ``tmp`` with seeded
+    random weights: (folder, net prototxt, weights)."""
     from exdrop.engine.net import Net
     from exdrop.engine.pylayer import TRAIN
     from exdrop.engine.snapshot import save_weights
-    tmp = tmp_path_factory.mktemp("eval_kills")
     write_tiny(tmp / "tiny")
     net = tmp / "tiny" / "tiny_ed.prototxt"
     torch.manual_seed(0)
     weights = tmp / "w.caffemodel"
     save_weights(Net(cio.read_net_prototxt(net), TRAIN, "cpu", "tiny"), weights)
     return tmp, net, weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_with_weights(tmp_path_factory.mktemp("eval_kills"))
 
 
 # ---------------------------------------------------------------------- labels and scored images
@@ -78,18 +81,12 @@ def test_a_test_videos_list_beside_the_lmdb_adds_the_video_accuracy(tmp_path):
     """`exdrop test` of an LMDB with test_videos.json beside it (as `make data-ucf101` writes): the
     videos' accuracy from the evaluated labels; one frame per video, it is the frames' accuracy."""
     from exdrop.data.lmdb_datum import DatumLMDB
-    write_tiny(tmp_path / "tiny")
-    net = tmp_path / "tiny" / "tiny_ed.prototxt"
-    torch.manual_seed(0)
-    from exdrop.engine.net import Net
-    from exdrop.engine.pylayer import TRAIN
-    from exdrop.engine.snapshot import save_weights
-    save_weights(Net(cio.read_net_prototxt(net), TRAIN, "cpu", "tiny"), tmp_path / "w.caffemodel")
+    _, net, weights = _tiny_with_weights(tmp_path)   # its own copy: the list is written beside the LMDB
     val = Path(ev._layer_source(ev._test_data_layer(ev.load_test_net(net))))
     _, labels = DatumLMDB(val).read_all()
     (val.parent / "test_videos.json").write_text(json.dumps(
         {"videos": [{"frames": 1, "label": int(y)} for y in labels]}))
-    res = ev.evaluate(net, tmp_path / "w.caffemodel")
+    res = ev.evaluate(net, weights)
     assert res["videos"] == len(labels) == res["images"] and res["video_accuracy"] == pytest.approx(res["accuracy"])
 
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from exdrop.caffe.backend import load_caffe
+from exdrop.caffe.backend import check_cpu_device, load_caffe
 from exdrop.data import DatumLMDB
 from exdrop.engine.backend import net_params, pick_device
 from exdrop.engine.net import DATA_TYPES, Net, filter_layers
@@ -408,9 +408,7 @@ class _CaffeParams:
 
 
 def _run_caffe(tn, lp, score, weights, sizes, device, progress):
-    if device not in (None, "", "auto", "cpu"):
-        raise ValueError(f"the Caffe backend runs on CPU only (`make caffe` builds pycaffe without CUDA); "
-                         f"drop --device {device} or use the engine backend")
+    check_cpu_device(device)
     caffe = load_caffe()
     caffe.set_random_seed(tn.seed)
     with tempfile.TemporaryDirectory(prefix="exdrop_test_") as tmp:

@@ -38,6 +38,13 @@ from exdrop.proto import caffe_pb2
 CPU = caffe_pb2.SolverParameter.CPU
 
 
+def check_cpu_device(device) -> None:
+    """pycaffe here is built without CUDA: any device but the CPU (or none, "auto") is refused."""
+    if device not in (None, "", "auto", "cpu"):
+        raise ValueError(f"the Caffe backend runs on CPU only (`make caffe` builds pycaffe without CUDA); "
+                         f"drop --device {device} or use the engine backend")
+
+
 def load_caffe():
     """pycaffe in CPU mode, able to load the Python layers of ``layers/``."""
     caffe = import_caffe()
@@ -136,9 +143,7 @@ class CaffeBackend(Backend):
     name = "caffe"
 
     def __init__(self, cfg):
-        if cfg.device not in (None, "", "auto", "cpu"):
-            raise ValueError(f"the Caffe backend runs on CPU only (`make caffe` builds pycaffe without CUDA); "
-                             f"drop --device {cfg.device} or use the engine backend")
+        check_cpu_device(cfg.device)
         unsupported = [flag for flag, on in (("--amp", cfg.amp), ("--channels-last", cfg.channels_last),
                                              ("batch_size", cfg.batch_size)) if on]
         if unsupported:

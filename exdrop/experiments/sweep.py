@@ -61,6 +61,7 @@ import numpy as np
 
 from exdrop import paper
 from exdrop import data as D
+from exdrop.caffe.backend import check_cpu_device
 from exdrop.data import DatumLMDB, write_datum_lmdb
 from exdrop.engine.pretrained import MODEL_ZOO
 from exdrop.engine.pylayer import parse_param_str
@@ -468,9 +469,11 @@ def plan(out: Path, datasets, methods, rates, seeds, budget: Budget, sources: di
     :data:`WEIGHTS_DIR`), checked before anything is written; ``recipe``: a key of :data:`RECIPES`
     (every variant is checked to exist before anything is written)."""
     out = Path(out)
-    if backend == "caffe" and device not in ("auto", "cpu"):
-        raise ValueError(f"--backend caffe --device {device}: the Caffe backend runs on CPU only (`make caffe` builds "
-                         "pycaffe without CUDA); drop --device or use the engine backend")
+    if backend == "caffe":
+        try:
+            check_cpu_device(device)
+        except ValueError as exc:
+            raise ValueError(f"--backend caffe --device {device}: {exc}") from None
     if backend == "caffe" and budget.amp:
         raise ValueError(f"--backend caffe: budget {budget.name} trains with --amp {budget.amp}, which the Caffe "
                          "backend does not support; give --amp '' (float32) or use the engine backend")
