@@ -87,3 +87,13 @@ def test_the_exdrop_command_trains_a_shipped_prototxt(fresh_env):
     assert (res["status"], res["iterations"]) == ("finished", 1), done.stdout + done.stderr
     assert res["guided_layers"] == ["drop"]   # the ED layer of the shipped net, loaded from the shipped layers/
     assert Path(res["net"]).resolve().is_relative_to(Path(shipped).resolve())   # the shipped net, found from the solver
+
+
+def test_a_tests_subprocess_imports_the_checkout_under_test(tmp_path):
+    """tests/conftest.py: a subprocess started from another folder imports this checkout's exdrop
+    (a worktree's, or mutmut's mutated copy), never the one the editable install points at."""
+    import exdrop
+    out = subprocess.run([sys.executable, "-c", "import exdrop, layers; print(exdrop.__file__); print(layers.__path__[0])"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    assert Path(out[0]).resolve() == Path(exdrop.__file__).resolve()
+    assert Path(out[1]).resolve() == Path(exdrop.__file__).resolve().parent.parent / "layers"
