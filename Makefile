@@ -114,7 +114,8 @@ help:
 	@echo "make mutation-sample       the same selection's score estimated from SAMPLE=<n> mutants drawn at random with"
 	@echo "                           SEED=<n> (default 300, 1), with its 95% interval and the survivors named;"
 	@echo "                           MUTANTS='<glob>' draws from a subset; SAMPLE_OUT=<json> (default docs/mutation-sample.json);"
-	@echo "                           VERDICTS=<md> leaves the mutants its table marks equivalent out of the score"
+	@echo "                           VERDICTS='<md> ...' (default: every docs/mutation-survivors*.md) leaves the mutants"
+	@echo "                           their tables mark equivalent out of the score"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -160,12 +161,13 @@ mutation:
 SAMPLE ?= 300
 SEED ?= 1
 SAMPLE_OUT ?= docs/mutation-sample.json
+VERDICTS ?= $(sort $(wildcard docs/mutation-survivors*.md))
 mutation-sample:
 	$(PY) -m pip install -q "$(MUTMUT_SPEC)"
 	rm -rf mutants
 	EXDROP_CAFFE_DIR=$(CURDIR)/build/caffe $(PY) tests/mutation_sample.py --n $(call q,$(SAMPLE)) --seed $(call q,$(SEED)) \
 	  --max-children $$(nproc) $(if $(MUTANTS),--only $(call q,$(MUTANTS))) --out $(call q,$(SAMPLE_OUT)) \
-	  $(if $(VERDICTS),--verdicts $(call q,$(VERDICTS)))
+	  $(foreach v,$(VERDICTS),--verdicts $(call q,$(v)))
 
 caffe:
 	PYTHON=$(PY) bash scripts/build_caffe.sh build/caffe
