@@ -249,6 +249,9 @@ def test_contrastive_eb_and_switched_off_units_by_hand(tiny_run):
 def test_analysis_errors_name_the_problem(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         A.analyze_run(tmp_path)
+    missing = tiny_run / "snapshots" / "tiny_ed_iter_99.caffemodel"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(missing))}: no such .caffemodel$"):
+        A.analyze(tiny_run / "solver.prototxt", missing)
     with pytest.raises(ValueError, match="no blob 'nope'"):
         A.analyze(tiny_run / "solver.prototxt", tiny_run / "snapshots" / "tiny_ed_iter_4.caffemodel", blob="nope")
     with pytest.raises(ValueError, match="blob 'label' has shape .*not a layer of units"):

@@ -310,3 +310,24 @@ def test_host_collectives_call_torch_distributed_as_rank_0_sends(monkeypatch):
         calls.clear()
         dist.close(w)
         assert calls == ["destroy"] * destroys, (initialized, w)
+
+
+def test_sum_and_mean_over_an_active_world_keep_each_tensors_shape_and_dtype(monkeypatch):
+    """sum_over packs the tensors into one float32 all-reduce and unpacks them in order, each in its
+    own shape and dtype, times ``scale``; mean_over scales by 1 / size (torch.distributed stood in for:
+    three processes holding the same values)."""
+    import torch.distributed as tdist
+    reduced = []
+    monkeypatch.setattr(tdist, "all_reduce", lambda t: reduced.append(t.numel()) or t.mul_(3))
+    world = dist.World(rank=2, size=3)
+    a = torch.arange(6, dtype=torch.float64).view(2, 3)
+    b = torch.tensor([1.5, -2.0, 0.25, 4.0])
+    c = torch.tensor(7, dtype=torch.int64)
+    sa, sb, sc = dist.sum_over(world, [a, b, c])
+    assert reduced == [11]
+    for got, want in ((sa, 3 * a), (sb, 3 * b), (sc, 3 * c)):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    ma, mb = dist.mean_over(world, [a, b])
+    assert torch.equal(ma, a) and torch.equal(mb, b) and ma.dtype == torch.float64
+    assert dist.sum_over(world, [a], scale=0.5)[0].tolist() == (1.5 * a).tolist()
+    assert dist.sum_over(dist.ONE, [a])[0] is a and dist.sum_over(world, []) == [] and reduced == [11, 10, 6]

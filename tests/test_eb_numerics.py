@@ -162,6 +162,25 @@ def test_eb_avg_pooling_scales_each_channel_on_its_own():
     assert (out[:, 1] > 0).all()
 
 
+@pytest.mark.parametrize("kernel", ["linear", "conv2d"])
+def test_eb_scales_each_image_on_its_own(kernel):
+    """Images of one batch at magnitudes 1e30 and 1e-30: each keeps its float64 EB values (scaled
+    together by the batch's largest value, the small image would underflow to 0)."""
+    rng = np.random.default_rng(5)
+    if kernel == "linear":
+        x, w = _arr(rng, (2, 17), 0), _arr(rng, (11, 17), 0, signed=True)
+        top = _top(rng, (2, 11), 0)
+    else:
+        x, w = _arr(rng, (2, 4, 7, 6), 0), _arr(rng, (6, 4, 3, 3), 0, signed=True)
+        top = _top(rng, (2, 6, 5, 4), 0)
+    x[0] *= 1e30
+    x[1] *= 1e-30
+    out = eb.eb_linear(x, w, top) if kernel == "linear" else eb.eb_conv2d(x, w, top)
+    ref, z = ref_linear(x, w, top) if kernel == "linear" else ref_conv(x, w, top, 1, 0, 1)
+    _check(out, ref, top, _z_pos_mass(top, z))
+    assert (out[1] > 0).any()
+
+
 @SETTINGS
 @given(SEED, EXP, EXP, st.integers(-40, 0), ZEROS, st.sampled_from([None, [1.0, 1.0], [2.0, 0.5], [1e-3, 3.0]]))
 def test_eb_eltwise_any_magnitude(seed, ea, eb_, et, zeros, coeffs):

@@ -310,6 +310,10 @@ def test_confusion_figure_normalises_rows_and_drops_cell_text_from_100_classes()
     assert sorted(t.get_text() for t in ax.texts) == ["0.25", "0.25", "0.25", "0.50", "0.75"]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
     assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog", "emu"]
+    # up to 10 classes, names of up to 4 letters lie flat; a longer name turns them upright
+    for names, angle in ((["frog", "deer", "bird"], 0.0), (["frogs", "deer", "bird"], 90.0)):
+        flat = ev.confusion_figure(cm, names, "t").axes[0]
+        assert {t.get_rotation() for t in flat.get_xticklabels()} == {angle}
     big = ev.confusion_figure(np.eye(120, dtype=int) * 3 + 1, None, "t")
     assert len(big.axes[0].texts) == 0 and np.allclose(big.axes[0].images[0].get_array().sum(1), 1.0)
     assert len(ev.confusion_figure(np.eye(99, dtype=int), None, "t").axes[0].texts) == 99

@@ -215,8 +215,10 @@ def test_module_parameters_init_and_errors():
         InformationDropout(units=3, max_alpha=0)
     with pytest.raises(ValueError, match="built without `units`"):
         InformationDropout()(torch.ones(2, 3))
-    with pytest.raises(ValueError, match=r"1x1 convolution of its input, which must be \(B, C_x, 4, 4\)"):
-        Fx.information_blobs((2, 3, 4, 4), (2, 12))
+    with pytest.raises(ValueError, match=r"1x1 convolution of its input, which must be \(B, C_x, 4, 5\), got \(2, 12\)$"):
+        Fx.information_blobs((2, 3, 4, 5), (2, 12))
+    with pytest.raises(ValueError, match=r"^max_alpha must be > 0, got 0.0$"):
+        Fx.information_dropout(torch.ones(2, 3), None, torch.ones(3, 3), torch.zeros(3), max_alpha=0.0)
 
 
 def test_information_blobs_default_bias_is_zero_and_both_blobs_are_float32_whatever_the_default_dtype():
@@ -235,9 +237,10 @@ def test_information_blobs_default_bias_is_zero_and_both_blobs_are_float32_whate
 
 # ------------------------------------------------------------------ the Caffe layer, as Caffe drives it
 class Blob:
-    """What a Caffe Python layer sees of a blob."""
+    """What a Caffe Python layer sees of a blob; a new one holds nothing until a layer reshapes it
+    (Caffe's ``Net`` makes each top an empty ``Blob``)."""
 
-    def __init__(self, arr=None, shape=()):
+    def __init__(self, arr=None, shape=(0,)):
         self.data = np.array(arr, np.float32) if arr is not None else np.zeros(shape, np.float32)
         self.diff = np.zeros_like(self.data)
 

@@ -342,6 +342,27 @@ def test_summary_best_accuracy_is_the_max_not_the_last(tmp_path):
     assert s["best_test_accuracy"] == pytest.approx(0.4) and s["test_accuracy"] == pytest.approx(0.05)
 
 
+def test_a_resumed_log_with_empty_cells_reads_them_as_missing(tmp_path):
+    """A kept row's empty cell (a test net without an accuracy, a train row's test columns) is a missing
+    value in the summary, not a float() error."""
+    from exdrop.run.runlog import RunLog
+    (tmp_path / "log.csv").write_text("iter,phase,lr,elapsed_s,accuracy,loss\r\n"
+                                      "2,train,0.1,1.0,,0.9\r\n2,test,0.1,1.0,0.3,0.8\r\n4,test,0.1,2.0,,0.7\r\n")
+    log = RunLog(tmp_path, ["loss", "accuracy"], resume_iter=5, retest_at_resume=False)
+    assert log.summary() == {"test_accuracy": None, "test_loss": pytest.approx(0.7),
+                             "best_test_accuracy": pytest.approx(0.3), "train_loss": pytest.approx(0.9)}
+
+
+def test_a_fresh_log_over_an_old_one_starts_empty(tmp_path):
+    """``--overwrite``: a log that is not resumed keeps none of the rows already in the folder."""
+    from exdrop.run.runlog import RunLog
+    _first_run(tmp_path)
+    assert len(_log_rows(tmp_path)) == 5
+    log = RunLog(tmp_path, ["loss", "accuracy"])
+    assert log.rows == [] and _log_rows(tmp_path) == []
+    log.finish({})
+
+
 def test_budget_is_full_at_the_solvers_max_iter():
     from exdrop.run.runlog import budget
     assert budget(20, 20).startswith("full")

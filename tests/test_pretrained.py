@@ -51,6 +51,20 @@ def test_conv1_conversion_is_exact_inside_the_image(transform):
     assert (y_c[..., 0, :] - y_t[..., 0, :]).abs().max() > 1e-3     # the padding differs: the border does not agree
 
 
+def test_conv1_conversion_is_float64_to_the_last_bit():
+    """mean / 255 - torchvision's mean nearly cancels, so the conversion runs in float64: the bias is
+    the float64 value rounded once (a float32 Model Zoo mean would move it by up to ~1e-6)."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(256, 3, 3, 3, generator=g) * 0.05, torch.randn(256, generator=g) * 0.1
+    transform = VGG_MEAN
+    w64 = w.numpy().astype(np.float64)[:, ::-1] * (255 * np.array(TORCHVISION_STD)).reshape(1, 3, 1, 1)
+    offset = (np.array(transform["mean_bgr"][::-1]) / 255 - np.array(TORCHVISION_MEAN)) / np.array(TORCHVISION_STD)
+    b64 = b.numpy().astype(np.float64) - (w64.sum(axis=(2, 3)) * offset).sum(1)
+    w_t, b_t = caffe_to_torch_conv1(w, b, transform)
+    np.testing.assert_allclose(w_t.numpy(), w64, rtol=1e-7)
+    np.testing.assert_allclose(b_t.numpy(), b64, rtol=1e-7, atol=1e-9)
+
+
 def _vgg16_v1(path: Path, names_shapes, seed=0) -> dict:
     """A V1 (Model Zoo format) caffemodel with the given layers: legacy 4-d dims, He-scaled random
     weights, small biases; returns the arrays."""

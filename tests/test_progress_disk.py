@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from exdrop.run import train as train_module
-from exdrop.engine.snapshot import prune_snapshots
+from exdrop.engine.snapshot import prune_snapshots, snapshot_state_path
 from exdrop.run.train import Trainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,6 +123,14 @@ def test_resumed_bar_shows_the_loss_from_its_first_iteration(tiny, tmp_path, mon
     state = out / "snapshots" / "tiny_ed_iter_10.solverstate"
     Trainer(_cfg(tiny, out, max_iter=12, resume=str(state), progress=True)).run()
     assert _Bar.instances[0].postfix and "loss" in _Bar.instances[0].postfix
+
+
+def test_each_weights_file_names_its_solverstate():
+    """Caffe's pairs: X.caffemodel with X.solverstate, X.caffemodel.h5 with X.solverstate.h5."""
+    for model, state in (("a/x_iter_4.caffemodel", "a/x_iter_4.solverstate"),
+                         ("a/x_iter_4.caffemodel.h5", "a/x_iter_4.solverstate.h5"),
+                         ("a/x_iter_4.engine.pt", "a/x_iter_4.engine.pt")):
+        assert snapshot_state_path(model) == Path(state)
 
 
 def test_keep_snapshots(tiny, tmp_path):

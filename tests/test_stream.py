@@ -82,6 +82,8 @@ def test_stream_resumes_exactly(lmdb):
         torch.testing.assert_close(y2, y1)
     with pytest.raises(ValueError, match="held in memory"):
         b.load_state_dict(make_source(_lp("Data", str(path)), 0, stream=False).state_dict())
+    with pytest.raises(ValueError, match=f"the saved data state is for 7 records, this source reads {b.n} records"):
+        b.load_state_dict({**state, "n": 7})
     a.close()
     b.close()
 
@@ -385,6 +387,25 @@ def test_a_record_gone_from_the_lmdb_is_named_whatever_its_key_bytes(lmdb):
     with pytest.raises(L.CorruptRecordError, match="record 'gone\ufffd' of LMDB .* is gone "
                                                    r"\(the LMDB changed while it was read\)"):
         records.read(2)
+    records.close()
+
+
+def test_records_keep_one_read_transaction_per_thread(lmdb):
+    """LMDB's rule: a thread reads through one transaction, opened at its first read and reused."""
+    import threading
+    path, _, _ = lmdb
+    records = S.LMDBRecords(path)
+    opened, env = [], records.db._env
+    records.db._env = type("Env", (), {"begin": lambda self, **kw: opened.append(kw) or env.begin(**kw)})()
+    try:
+        for i in (0, 1, 2):
+            records.read(i)
+        worker = threading.Thread(target=records.read, args=(3,))
+        worker.start()
+        worker.join()
+    finally:
+        records.db._env = env
+    assert opened == [{"buffers": True}] * 2   # one for this thread, one for the worker
     records.close()
 
 
