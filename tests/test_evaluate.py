@@ -298,6 +298,18 @@ def test_test_time_mirrors_are_seeded_and_leave_torchs_generator_alone(run, shar
     assert torch.equal(state, torch.get_rng_state())
     assert a["loss"] == b["loss"] and a["confusion"] == b["confusion"]
     assert a["loss"] != ev.evaluate(tmp / "tiny" / "tiny_ed.prototxt", sharp)["loss"]   # it does flip
+    tn = ev.load_test_net(net)
+    assert ev.engine_test_net(tn, sharp).source == tn.source == str(net)   # its errors name the file
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_test_net_on_cuda_leaves_the_gpus_generator_alone(run, sharp):
+    tmp, _, _ = run
+    tn = ev.load_test_net(tmp / "tiny" / "tiny_ed.prototxt")
+    torch.cuda.manual_seed(12345)
+    state = torch.cuda.get_rng_state()
+    ev.engine_test_net(tn, sharp, "cuda")
+    assert torch.equal(state, torch.cuda.get_rng_state())
 
 
 # ---------------------------------------------------------------------- the report

@@ -358,7 +358,7 @@ def engine_test_net(tn: EvalNet, weights, device="cpu") -> Net:
     with the ``.caffemodel`` ``weights``: what ``exdrop test``, the analysis and the saliency maps
     run. The data source's generator (mirrors) is drawn from the solver's seed, as in training."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tn.seed)
+        torch.random.default_generator.manual_seed(tn.seed)   # the CPU's alone: a GPU's stays the caller's
         net = Net(tn.param, TEST, pick_device(device), tn.source)
     try:
         load_weights(net, weights, strict_missing=True)
