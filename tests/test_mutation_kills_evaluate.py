@@ -117,6 +117,15 @@ def test_an_accuracy_layer_scoring_along_another_axis_and_two_test_data_layers_a
     with pytest.raises(ValueError, match=r"axis2.prototxt: layer 'accuracy' scores along axis 2; exdrop test scores "
                                          r"one class vector per image \(axis 1\)$"):
         ev.evaluate(other_axis, weights)
+    from google.protobuf import text_format
+    loss_only = cio.read_net_prototxt(net)   # no Accuracy layer: the loss's softmax axis is the one read
+    kept = [lp for lp in loss_only.layer if lp.type != "Accuracy"]
+    del loss_only.layer[:]
+    loss_only.layer.extend(kept)
+    next(lp for lp in loss_only.layer if lp.type == "SoftmaxWithLoss").softmax_param.axis = 2
+    (tmp / "loss_axis2.prototxt").write_text(text_format.MessageToString(loss_only))
+    with pytest.raises(ValueError, match=r"loss_axis2.prototxt: layer 'loss' scores along axis 2"):
+        ev.evaluate(tmp / "loss_axis2.prototxt", weights)
     param = cio.read_net_prototxt(net)
     test_data = next(lp for lp in param.layer if lp.type == "Data" and lp.include and lp.include[0].phase == 1)
     second = param.layer.add()
@@ -125,7 +134,6 @@ def test_an_accuracy_layer_scoring_along_another_axis_and_two_test_data_layers_a
     del second.top[:]
     second.top.extend(["data2", "label2"])
     two = tmp / "two_data.prototxt"
-    from google.protobuf import text_format
     two.write_text(text_format.MessageToString(param))
     with pytest.raises(ValueError, match=r"two_data.prototxt: the TEST phase has 2 data layers \('data', 'data2'\); "
                                          r"exdrop test evaluates nets with one$"):
@@ -260,6 +268,15 @@ def test_a_solver_whose_test_iter_is_zero_is_refused(tiny, tmp_path, test_iter, 
             ev.evaluate(solver, weights)
     else:
         assert ev.evaluate(solver, weights)["iterations"] == 1
+
+
+def test_a_solver_without_test_nets_is_scored_on_its_net(tiny, tmp_path):
+    """No test_iter: no test net, so `exdrop test` scores the solver's net in the TEST phase, and says so."""
+    _, net, _ = tiny
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 10\n')
+    tn = ev.load_test_net(solver)
+    assert tn.source == f"{net} (net of {solver})" and tn.test_iter is None
 
 
 def test_load_test_net_says_what_a_file_is_not(tmp_path):
