@@ -7,6 +7,7 @@ writes, a command `exdrop test` accepts, quiet), and a torchvision .pth saved on
 the CPU. Each test is small: converters are replaced by fakes where only their arguments matter."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import zipfile
@@ -34,7 +35,7 @@ UCF_TINY = S.Budget("tiny-ucf", "test budget: 2 iterations at batch 2", max_iter
 def _fake_converter(calls: list, folder: Path):
     """A stand-in for prepare_cifar10/100: records its keyword arguments, converts nothing."""
     def convert(source, out_dir, **kw):
-        calls.append({**kw, "out_dir": out_dir})
+        calls.append({**kw, "out_dir": out_dir, "source": source})
         return {"train": str(folder / "train_lmdb"), "val": str(folder / "val_lmdb"), "counts": {"train": 1}}
     return convert
 
@@ -58,6 +59,30 @@ def test_cifar100_subset_holds_back_val_per_class_of_its_100_classes(no_conversi
     (kw,) = no_conversion
     assert kw["val_size"] == 7 * 100
     assert kw["limit_per_class"] == 17
+
+
+def test_a_subset_without_held_back_images_takes_train_per_class_alone(no_conversion, tmp_path):
+    """train_per_class and no val_per_class: each class gives exactly its training images, and no
+    validation set is carved out (the official test split is the held-out set)."""
+    S.prepare_data("cifar10", "src", dataclasses.replace(SUBSET, val_per_class=None), tmp_path / "data", [1],
+                   progress=False)
+    (kw,) = no_conversion
+    assert kw["limit_per_class"] == 10 and kw["val_size"] is None
+
+
+def test_a_plan_with_no_source_reads_the_datasets_default_archive(no_conversion, tmp_path, monkeypatch):
+    """No --data for a dataset: the plan converts its default source (DATASETS), data/<archive>."""
+    monkeypatch.chdir(tmp_path)
+    S.plan(tmp_path / "sw", ["cifar10"], ["none"], [0.5], [1], SUBSET, {}, device="cpu", progress=False)
+    assert [Path(kw["out_dir"]).parent.name for kw in no_conversion] == ["cifar10_subset"]
+    assert no_conversion[0]["source"] == "data/cifar-10-python.tar.gz"
+
+
+def test_a_previous_plan_without_runs_keeps_nothing(tmp_path):
+    """A plan.json of the same budget and recipe that lists no runs (cut short) leaves no run to keep."""
+    budget = dataclasses.asdict(SUBSET)
+    (tmp_path / "plan.json").write_text(json.dumps({"recipe": "paper", "budget": budget}))
+    assert S._kept_runs(tmp_path, budget, "paper", set()) == []
 
 
 @pytest.mark.parametrize("budget", [SUBSET, S.BUDGETS["paper"]], ids=["subset", "whole"])
