@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -483,6 +484,12 @@ def test_an_ablation_changes_only_the_excitation_dropout_layers(monkeypatch, tmp
     params = {lp.name: lp.python_param.param_str for lp in written.layer if lp.type == "Python"}
     assert params["noise"] == "{'dropout_ratio': 0.3}"
     assert [("'rescale': False" in p) for name, p in params.items() if name != "noise"] == [True]
+    # an Excitation Dropout layer whose param_str cannot be read: the error names the file and the layer
+    ed_name = next(name for name in params if name != "noise")
+    custom.write_text(text.replace("param_str: \"{'dropout_ratio': 0.5}\"", "param_str: \"{'dropout_ratio': }\""))
+    assert custom.read_text() != text
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(custom))}: layer '{ed_name}': cannot parse"):
+        S.write_run(S.Run("cifar10", "ed_norescale", 0.5, 1, tmp_path / "run2"), SUBSET, data)
 
 
 def test_execute_runs_each_command_in_the_repository_that_planned_it(tmp_path, monkeypatch):
