@@ -38,21 +38,23 @@ def fresh_env(tmp_path_factory):
         (shutil.copytree(s, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
          if s.is_dir() else shutil.copy2(s, src / name))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
-          str(src)], cwd=tmp)
+          str(src)], cwd=tmp, env=_clean_env())
     wheel = next((tmp / "dist").glob("exdrop-*.whl"))
     venv = tmp / "venv"
-    _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)], cwd=tmp)
+    _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)], cwd=tmp,
+         env=_clean_env())
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
     (purelib / "project_dependencies.pth").write_text("\n".join(deps) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
-          "--no-index", str(wheel)], cwd=tmp)
+          "--no-index", str(wheel)], cwd=tmp, env=_clean_env())   # a PYTHONPATH checkout would pass for installed
     work = tmp / "work"
     work.mkdir()
     return venv / "bin", work
 
 
 def _clean_env():
+    """The environment without what points at the checkout (tests/conftest.py sets PYTHONPATH to it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EXDROP_HOME", "VIRTUAL_ENV")}
     return env
 
