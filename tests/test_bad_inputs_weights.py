@@ -1,5 +1,7 @@
 """`--weights` that loads nothing, or loads blobs in the wrong layout: refused, naming the file, the
 layer and the blob; a partial load says which layers keep their fillers even under --quiet."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,26 @@ def test_a_caffemodel_with_other_layer_names_is_refused(tiny, tmp_path, capsys, 
         assert (f"{renamed}: --weights loaded no layer of the net (caffemodel; the net's learnable layers are conv1, "
                 "ip1, ip2, the file names other_conv1, other_ip1, other_ip2): training would start from the "
                 "fillers") in err
+
+
+def test_a_strict_load_names_the_layer_the_file_lacks(tiny, tmp_path):
+    """`exdrop test` and the analysis load every learnable layer (strict_missing): a file without one
+    is an error naming the file and that layer."""
+    from exdrop.engine.net import Net
+    from exdrop.engine.pylayer import TEST
+    from exdrop.engine.snapshot import load_weights
+    solver, weights = tiny
+    param = cio.read_caffemodel(weights)
+    kept = [lp for lp in param.layer if lp.name != "ip2"]
+    del param.layer[:]
+    param.layer.extend(kept)
+    partial = tmp_path / "no_ip2.caffemodel"
+    cio.write_caffemodel(param, partial)
+    net_param = cio.read_net_prototxt(solver.parent / cio.read_solver_prototxt(solver).net)
+    net = Net(net_param, TEST, "cpu", "tiny")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(partial))}: has no layer 'ip2'$"):
+        load_weights(net, partial, strict_missing=True)
+    assert "ip1" in load_weights(net, partial)   # not strict: the layers it has
 
 
 def test_a_pth_whose_shapes_all_differ_is_refused(tiny, tmp_path, capsys):
