@@ -37,17 +37,17 @@ def fresh_env(tmp_path_factory):
         s = ROOT / name
         (shutil.copytree(s, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
          if s.is_dir() else shutil.copy2(s, src / name))
+    env = _clean_env()   # with the checkout on PYTHONPATH, pip would take the wheel as installed already
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
-          str(src)], cwd=tmp, env=_clean_env())
+          str(src)], cwd=tmp, env=env)
     wheel = next((tmp / "dist").glob("exdrop-*.whl"))
     venv = tmp / "venv"
-    _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)], cwd=tmp,
-         env=_clean_env())
+    _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)], cwd=tmp, env=env)
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
     (purelib / "project_dependencies.pth").write_text("\n".join(deps) + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps",
-          "--no-index", str(wheel)], cwd=tmp, env=_clean_env())   # a PYTHONPATH checkout would pass for installed
+          "--no-index", str(wheel)], cwd=tmp, env=env)
     work = tmp / "work"
     work.mkdir()
     return venv / "bin", work
