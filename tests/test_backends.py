@@ -84,6 +84,26 @@ def test_engine_run_folder(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_cpu_run_and_its_rebuilt_weights_leave_the_gpu_generators_alone(tmp_path, monkeypatch):
+    """A run seeds the generators of its own device: on the CPU, the CPU's alone. So a CPU run and
+    iteration0_weights (which draws a run's fillers again, on the CPU, inside the caller's process) never
+    reseed a caller's GPU stream, and the rebuild leaves the caller's CPU stream as it was."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    solver = write_tiny(tmp_path)
+    out = tmp_path / "run"
+    assert exdrop_main(["train", str(solver), "--out", str(out), *OVERRIDES]) == 0
+    assert torch.initial_seed() == 5   # the solver's random_seed (--seed 5) did seed the CPU
+    from exdrop.run.init_weights import iteration0_weights
+    torch.manual_seed(11)
+    before = torch.random.get_rng_state()
+    with iteration0_weights(out) as path:
+        assert path is not None and path.is_file()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert reseeded == [11]   # the test's own torch.manual_seed(11), nothing from the run or the rebuild
+
+
 def test_tensorboard_event_files_hold_the_log_rows(tmp_path):
     """--tensorboard DIR: every number of log.csv as a TensorBoard scalar (phase/column, at its iteration)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

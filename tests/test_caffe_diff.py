@@ -667,15 +667,19 @@ def _train(solver: Path, out: Path, *args: str, backend: str = "caffe") -> int:
     return exdrop_main(["train", str(solver), "--backend", backend, "--out", str(out), "--quiet", *args])
 
 
-def test_train_caffe_input_layers(caffe, tmp_path):
+def test_train_caffe_input_layers(caffe, tmp_path, monkeypatch):
     """The Caffe backend in the shared loop: hook, log, results, solver.prototxt and Caffe
     snapshots, on an Input-layer net (whatever the data and LMDB situation; Caffe trains on the
-    zero-filled Input blobs)."""
+    zero-filled Input blobs). Caffe runs on the CPU here: the solver's seed reaches torch's CPU
+    generator (the guided layers' masks) and no GPU generator."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
     net_path = write_cnn2(tmp_path / "train_val_ed.prototxt", "ed", TRAIN, 20)
     out = tmp_path / "run"
     rc = _train(_solver_for(net_path, tmp_path), out, "--max-iter", "4", "--display", "2",
                 "--test-interval", "4", "--test-iter", "1")
-    assert rc == 0
+    assert rc == 0 and reseeded == []
+    assert torch.initial_seed() == cio.read_solver_prototxt(out / "solver.prototxt").random_seed
     res = _check_run(out, 4, 2)
     # all-zero images labelled 0: the trained weights (shared into the test net, as Caffe's
     # Solver::Test does) predict 0; the test net's own filler weights would give ln(10)

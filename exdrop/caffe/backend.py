@@ -163,7 +163,7 @@ class CaffeBackend(Backend):
         self.test_sources = [src for _, src in tests]
         if sp.random_seed >= 0:  # Caffe seeds itself from the solver; the masks are drawn with torch
             np.random.seed(sp.random_seed)
-            torch.manual_seed(sp.random_seed)
+            torch.random.default_generator.manual_seed(sp.random_seed)   # CPU mode: no GPU generator to touch
         self.solver = caffe_solver(caffe, sp)
         self.net = self.solver.net  # kept: the hooks hold it weakly
         self.test_nets = list(self.solver.test_nets)

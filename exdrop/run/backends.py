@@ -45,8 +45,10 @@ class EngineBackend(Backend):
         seed = sp.random_seed
         if world.active and seed < 0:   # one seed for all: the same fillers and data order everywhere
             seed = dist.broadcast(world, int(torch.randint(0, 2 ** 31 - 1, (1,)).item()))
-        if seed >= 0:
-            torch.manual_seed(seed)
+        if seed >= 0:   # the CPU's generator (fillers, data order), and the GPUs' only when the run is on one
+            torch.random.default_generator.manual_seed(seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed_all(seed)
         (train_param, train_src), tests = net_params(sp, cfg.solver)
         self.train_net = Net(train_param, TRAIN, self.device, train_src, batch_size=cfg.batch_size, world=world)
         self.test_nets = []
