@@ -370,6 +370,35 @@ def test_regime_check_and_paired_table_on_hand_made_runs(tmp_path):
     assert check["dropout_helps"] is True and check["ok"] is False   # one seed: 10 points > the 1.9 noise
 
 
+@pytest.mark.parametrize("standard, none, helps", [
+    ([59.52], [56.06], True),                  # one seed: 3.46 > the 1.9 noise
+    ([51.0], [50.0], False),                   # one seed inside the noise
+    ([59.52, 60.12], [56.06, 57.30], True),    # 3.46 and 2.82: each seed clears the noise, though two seeds' t
+                                               # interval [-0.93, +7.21] holds 0 (the float32 runs of this project)
+    ([60.0, 51.5], [50.0, 50.0], False),       # 10 and 1.5: one seed inside the noise, the interval holds 0
+    ([51.5, 51.6, 51.7, 51.5], [50.0] * 4, True),   # no seed clears 1.9, but four agree: interval [+1.42, +1.73]
+    ([52.0, 52.1, 70.0], [50.0] * 3, True),    # every seed clears the noise, however wide the interval
+    ([52.0, 58.0, 50.5], [50.0] * 3, False),   # 2, 8 and 0.5: neither rule
+])
+def test_regime_dropout_helps_on_every_seed_or_by_the_interval(standard, none, helps, tmp_path):
+    """Standard beats No Dropout beyond the seed noise when every seed's gap exceeds one seed's noise
+    (1.9 points) or the paired 95% interval lies above 0: adding a seed that agrees never turns a pass
+    into a failure, as the bare interval of two seeds (12.7 standard errors wide) would."""
+    overfit = ([0.90, 0.97, 0.99, 1.0], [(2, 0.55, 1.20), (4, 0.50, 1.40)])
+    runs = {}
+    for seed, (a, b) in enumerate(zip(standard, none), 1):
+        runs[("standard_fc1", seed)] = ([0.8], [(4, a / 100, 1.1)])
+        runs[("none", seed)] = (overfit[0], [(2, 0.45, 1.20), (4, b / 100, 1.40)])
+    _plan_of(tmp_path, runs)
+    check = S.regime(S.collect(tmp_path))
+    assert check["standard_minus_none_by_seed"] == pytest.approx([a - b for a, b in zip(standard, none)], abs=1e-4)
+    assert check["dropout_helps"] is helps and check["ok"] is helps
+    line = S.regime_markdown(check).splitlines()[-1]
+    assert line.endswith("beyond the seed noise (every seed's gap > 1.9 points, or the interval above 0): "
+                         + ("yes" if helps else "**no**"))
+    assert ("(per seed: " in line) is (len(standard) > 1)
+
+
 def test_committed_sweep_is_not_retrained(image_tree, tmp_path, monkeypatch):
     """A sweep folder holding only its finished runs' small files (results.json, log.csv; no
     snapshots, as committed) plans again on another machine and runs nothing; a later plan with
