@@ -373,6 +373,7 @@ def test_regime_check_and_paired_table_on_hand_made_runs(tmp_path):
 @pytest.mark.parametrize("standard, none, helps", [
     ([59.52], [56.06], True),                  # one seed: 3.46 > the 1.9 noise
     ([51.0], [50.0], False),                   # one seed inside the noise
+    ([51.9], [50.0], False),                   # exactly the noise is not beyond it ("> 1.9")
     ([59.52, 60.12], [56.06, 57.30], True),    # 3.46 and 2.82: each seed clears the noise, though two seeds' t
                                                # interval [-0.93, +7.21] holds 0 (the float32 runs of this project)
     ([60.0, 51.5], [50.0, 50.0], False),       # 10 and 1.5: one seed inside the noise, the interval holds 0
